@@ -1,0 +1,438 @@
+"""Shared pieces of SynViTA: the paper's equations, then the plumbing every stage uses.
+
+Paper: Zanella et al., "Can Text-to-Video Generation help Video-Language Alignment?", CVPR 2025.
+
+Part 1 holds one small pure function per equation (Eqs. 1-7, Table 4, footnote 2), tensors in and
+tensors out, with the formula in the docstring. Part 2 holds the plumbing: torchrun setup, seeds,
+CSV and file helpers, video reading, and the video LLM that computes f(V, t).
+"""
+import contextlib
+import csv
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# =================================================================================================
+# Part 1: the equations
+# =================================================================================================
+# Notation: a = logit_Yes - logit_No is the "alignment logit" of one (video, text) pair, so that
+# f = sigmoid(a). Losses take alignment logits and use logsigmoid, which never produces log(0).
+#
+# NOTE (deviation): the paper writes every loss as a SUM over the i examples; we return the MEAN
+# (sum / n) so that the loss scale, and hence the learning rate, does not depend on the batch size.
+
+
+def alignment_score(logit_yes, logit_no):
+    """Eq. (1): f(V,t) = P(Yes|V,t) / (P(Yes|V,t) + P(No|V,t)) = sigmoid(logit_Yes - logit_No).
+
+    The two-way softmax over {Yes, No} equals a sigmoid of the logit difference; this form never
+    overflows, even for logits of +-1e4."""
+    return torch.sigmoid(logit_yes - logit_no)
+
+
+def loss_real(a_pos, a_neg):
+    """Eq. (2): L_real = -1/n sum_i [ log f(V_i, t_i+) + log(1 - f(V_i, t_i-)) ].
+
+    a_pos: (n,) alignment logits of (real video, its caption t+);
+    a_neg: (n,) alignment logits of (real video, the LLM-written negative t-).
+    log f = logsigmoid(a) and log(1 - f) = logsigmoid(-a)."""
+    return -(F.logsigmoid(a_pos) + F.logsigmoid(-a_neg)).mean()
+
+
+def loss_syn(a_target, a_real):
+    """Eq. (3): L_syn = -1/n sum_i [ log f(V_i^s, t_i^s) + log(1 - f(V_i^s, t_i^r)) ].
+
+    a_target: (n,) alignment logits of (synthetic video V^s, the caption t^s it was generated from);
+    a_real:   (n,) alignment logits of (V^s, the real caption t^r), which V^s should NOT match."""
+    return -(F.logsigmoid(a_target) + F.logsigmoid(-a_real)).mean()
+
+
+def loss_syn_weighted(a_target, a_real, w):
+    """Eq. (5): L_syn^phi = -1/n sum_i w_i [ log f(V_i^s, t_i^s) + log(1 - f(V_i^s, t_i^r)) ].
+
+    w: (n,) per-example weights w_i = phi(V^s, t^s, t^r) from Eq. (4) (or a Table 4 variant).
+    w_i = 0 removes example i exactly."""
+    per_example = F.logsigmoid(a_target) + F.logsigmoid(-a_real)  # (n,)
+    return -(w * per_example).mean()
+
+
+def loss_scr(f_pos, f_shared, f_neg, w, margin=0.2):
+    """Eq. (6): L_scr^phi = 1/n sum_i w_i sum_{z in {s,r}} [ max(0, g + f(V^z, t') - f(V^z, t^z))
+                                                         + max(0, g + f(V^z, t^zbar) - f(V^z, t')) ].
+
+    Shapes (n, 2): column 0 is z = s (synthetic video), column 1 is z = r (real video).
+    f_pos    = f(V^z, t^z)     the video's own caption
+    f_shared = f(V^z, t')      t' = the words that t^s and t^r share (footnote 2, see below)
+    f_neg    = f(V^z, t^zbar)  the other video's caption
+    It asks f(own) > f(shared) > f(other), each by the margin g (gamma = 0.2 in the paper).
+    w: (n,) weights; margin: g."""
+    above = F.relu(margin + f_shared - f_pos)  # (n, 2): own caption beats the shared part
+    below = F.relu(margin + f_neg - f_shared)  # (n, 2): shared part beats the other caption
+    return (w * (above + below).sum(dim=1)).mean()
+
+
+def total_loss(l_real, l_syn, l_scr, lambda_scr):
+    """Eq. (7): L = L_real + L_syn^phi + lambda_scr * L_scr^phi."""
+    return l_real + l_syn + lambda_scr * l_scr
+
+
+# ---- §5 Eq. (4) and Table 4: the weight phi of a synthetic video --------------------------------
+# Each function takes fbar(V^s, t^s) ("f_target": does V^s show the caption it was made from?) and
+# fbar(V^s, t^r) ("f_real": does it show the real caption instead?), VQAScore-ensemble values in
+# [0, 1], as tensors or numpy arrays of the same shape, and returns w of that shape.
+#
+# EXERCISE: add your own weighting here, e.g. "sqrt_diff": lambda ft, fr: (ft - fr).clip(0) ** 0.5.
+# Every test parametrised over WEIGHTINGS and every stage's --weighting flag picks it up by name.
+WEIGHTINGS = {
+    "fixed": lambda ft, fr: ft * 0 + 1.0,  # Table 4 row 1: w = 1 (plain Eq. 3)
+    "target": lambda ft, fr: ft,  # row 2: w = fbar(Vs, ts)
+    "target_x_inv_real": lambda ft, fr: ft * (1 - fr),  # row 3: fbar(Vs,ts) (1 - fbar(Vs,tr))
+    "indicator": lambda ft, fr: (ft > fr) * 1.0,  # row 4: 1[fbar(Vs,ts) > fbar(Vs,tr)]
+    "difference": lambda ft, fr: (ft - fr).clip(0),  # row 5 = Eq. (4): max(0, fbar(Vs,ts) - fbar(Vs,tr))
+}
+
+
+# ---- §5 footnote 2: t' = LCS(t^r, t^s), applied as attention-level masking ----------------------
+def longest_common_subsequence(a, b):
+    """LCS of two sequences by dynamic programming; returns the common items in the order of `a`.
+
+    L[i][j] = length of the LCS of a[i:] and b[j:]; then walk the table from (0, 0)."""
+    n, m = len(a), len(b)
+    L = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            L[i][j] = L[i + 1][j + 1] + 1 if a[i] == b[j] else max(L[i + 1][j], L[i][j + 1])
+    out, i, j = [], 0, 0
+    while i < n and j < m:
+        if a[i] == b[j]:
+            out.append(a[i]); i += 1; j += 1  # noqa: E702
+        elif L[i + 1][j] >= L[i][j + 1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+WORD = re.compile(r"\w+")
+
+
+def hidden_word_spans(caption, other):
+    """The character spans of the words of `caption` that are NOT in LCS(caption, other).
+
+    t' is not new text: it is `caption` itself with these words hidden by the attention mask
+    (footnote 2). Words are compared case-insensitively; characters that belong to no word
+    (spaces, punctuation) stay visible. Returns [(start, end), ...] into `caption`.
+    NOTE (deviation): the released code runs a character-level LCS over token-id strings; we take
+    the LCS over words and map words to tokens by character offsets, so t' does not depend on how
+    a tokenizer splits words."""
+    words = list(WORD.finditer(caption))
+    other_words = [m.group().lower() for m in WORD.finditer(other)]
+    keyed = [(m.group().lower(), k) for k, m in enumerate(words)]  # (word, index) keeps order
+    # LCS on the words (keys); we need *which* occurrences of `caption` survive, so run it on keys
+    # and match greedily in order (the DP above already walks `a` left to right).
+    common = longest_common_subsequence([w for w, _ in keyed], other_words)
+    kept, c = set(), 0
+    for w, k in keyed:
+        if c < len(common) and w == common[c]:
+            kept.add(k); c += 1  # noqa: E702
+    return [m.span() for k, m in enumerate(words) if k not in kept]
+
+
+def token_visibility(offsets, hidden_spans):
+    """Map hidden character spans to tokens: a token is hidden if it overlaps any hidden span.
+
+    offsets: [(start, end)] per token (a fast tokenizer's offset mapping, in the same text as the
+    spans). Returns a list of bools, True = visible (attention mask 1)."""
+    return [not any(s < he and hs < e for hs, he in hidden_spans) for s, e in offsets]
+
+
+# =================================================================================================
+# Part 2: plumbing
+# =================================================================================================
+
+# ---- torchrun, seeds, printing ------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    master: bool = True  # rank 0 prints, merges and saves
+
+
+def setup_distributed():
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; nccl on GPU, gloo on CPU. Plain `python`
+    (no RANK) gives a single process and no process group."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return Dist(device="cuda" if cuda else "cpu")
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return Dist(rank, local_rank, world, f"cuda:{local_rank}" if cuda else "cpu", rank == 0)
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed):
+    """Seed python, numpy and torch (all devices)."""
+    import random
+    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)  # noqa: E702
+
+
+def example_seed(*key, base=0):
+    """A seed derived from an example's identity (e.g. its video path and caption), not from its
+    position in a shard, so outputs do not depend on the number of GPUs or the order of work."""
+    digest = hashlib.sha256("\x1f".join(map(str, (base, *key))).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def shard(items, dist):
+    """This rank's share of a list: items[rank::world_size] (rank 0 alone gets everything)."""
+    return items[dist.rank :: dist.world_size]
+
+
+def progress(iterable, total=None, desc=""):
+    """A tqdm progress bar (rows/s and ETA) on rank 0; the plain iterable on other ranks."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
+
+
+def parse_args(cls, argv=None):
+    """Command-line flags from an `Args` dataclass: one `--field` per field, its type from the
+    annotation, its --help from the docstring written under the field (as in CleanRL)."""
+    import argparse, ast, dataclasses, inspect, textwrap  # noqa: E401
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    parser = argparse.ArgumentParser(description=inspect.getdoc(inspect.getmodule(cls)),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = f.type if isinstance(f.type, type) else type(default) if default is not None else str
+        kw = dict(default=default, help=f"{docs.get(f.name, '')} (default: {default})")
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, (list, tuple)):
+            parser.add_argument(f"--{f.name}", nargs="*", type=type(default[0]) if default else str, **kw)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, **kw)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def save_json(path, obj):
+    """Write JSON atomically (e.g. the settings a stage ran with, next to its outputs)."""
+    import json
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+
+
+# ---- files: CSV in, atomic writes out -----------------------------------------------------------
+def read_csv(path, required=()):
+    """Rows of a CSV as dicts; a clear error names the file and any missing column."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such CSV file")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+        return list(reader)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary name next to `path`; rename it to `path` only if the block succeeds, so
+    a killed run never leaves a truncated file under the final name."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # keep the extension: writers pick the format by it
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_csv(path, rows, fieldnames=None):
+    """Write rows (dicts) atomically; columns default to the union of keys in first-seen order."""
+    fieldnames = fieldnames or list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ---- videos -------------------------------------------------------------------------------------
+def frame_indices(num_total, num_frames, sampling="uniform"):
+    """Which frames to keep. "uniform": np.linspace over the clip (Video-LLaVA); "middle": the
+    middle frame of each of num_frames equal segments (VideoCon / mPLUG-Owl)."""
+    if sampling == "uniform":
+        return np.linspace(0, num_total - 1, num_frames).round().astype(int)
+    if sampling == "middle":
+        edges = np.linspace(0, num_total, num_frames + 1)
+        return np.minimum(((edges[:-1] + edges[1:]) / 2).astype(int), num_total - 1)
+    raise ValueError(f"unknown frame sampling {sampling!r}: use 'uniform' or 'middle'")
+
+
+def read_video(path, num_frames=8, sampling="uniform"):
+    """Decode `num_frames` frames with decord -> uint8 array (num_frames, H, W, 3).
+
+    Raises FileNotFoundError / ValueError naming the file if it is missing, unreadable or empty."""
+    import decord
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: video file not found")
+    try:
+        vr = decord.VideoReader(path, num_threads=1)
+        n = len(vr)
+        if n == 0:
+            raise ValueError("no frames")
+        return vr.get_batch(list(frame_indices(n, num_frames, sampling))).asnumpy()
+    except Exception as e:  # decord raises its own DECORDError; name the file in every case
+        raise ValueError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
+
+
+def write_video(path, frames, fps=8):
+    """Write uint8 frames (T, H, W, 3) as H.264 mp4, atomically. Odd sizes are cropped to even."""
+    import av
+    frames = np.asarray(frames)[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
+    with atomic_path(path) as tmp:
+        with av.open(tmp, "w") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.height, stream.width = frames.shape[1:3]
+            stream.pix_fmt = "yuv420p"
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())  # flush
+
+
+# ---- the video LLM that computes f(V, t) --------------------------------------------------------
+DEFAULT_MODEL = "LanguageBind/Video-LLaVA-7B-hf"
+QUESTION = 'Does this video entail the description: "{caption}"?'  # VideoCon's question
+# Families whose hub processor has no chat template get their prompt format here; every other
+# family (LLaVA-OneVision, LLaVA-NeXT-Video, ...) uses its processor's own chat template.
+PROMPT_FORMATS = {"video_llava": "USER: <video>\n{question} ASSISTANT:"}
+
+
+def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
+    """A transformers video LLM and its processor, from a hub id or a local directory.
+    dtype defaults to bfloat16 on GPU and float32 on CPU."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device)
+    return model.eval(), processor
+
+
+def entailment_prompt(processor, model_type, caption):
+    """The prompt up to where the answer starts, and where `caption` sits in it (char offset)."""
+    question = QUESTION.format(caption=caption)
+    if model_type in PROMPT_FORMATS:
+        prompt = PROMPT_FORMATS[model_type].format(question=question)
+    else:
+        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return prompt, prompt.rindex(question) + question.index('"') + 1
+
+
+def answer_token_ids(tokenizer, prompt):
+    """Ids of the first token of the answers "Yes" and "No" as they follow `prompt`, found by
+    tokenising prompt + answer, so it holds for any tokenizer ("▁Yes" in LLaMA, "Yes" in Qwen).
+    "USER: ... ASSISTANT:" is answered " Yes"; a chat template ending in a newline, "Yes"."""
+    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = []
+    for answer in ("Yes", "No"):
+        full = tokenizer(prompt + ("" if prompt[-1].isspace() else " ") + answer, add_special_tokens=False)["input_ids"]
+        if full[: len(base)] != base:
+            raise ValueError(f"the tokenizer merges the prompt's end with {answer!r}: {prompt[-20:]!r}")
+        ids.append(full[len(base)])
+    if ids[0] == ids[1]:
+        raise ValueError(f"'Yes' and 'No' start with the same token {ids[0]} after {prompt[-20:]!r}")
+    return ids
+
+
+def unwrap(model):
+    """The transformers model inside a (possibly PEFT- or DDP-wrapped) model."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def encode_videos(model, processor, videos):
+    """Vision-encode each video once -> (num_videos, L, hidden): the L embeddings that replace the
+    video placeholder in the prompt. videos: list of uint8 arrays (T, H, W, 3)."""
+    hf = unwrap(model)
+    pixels = processor.video_processor(videos=list(videos), return_tensors="pt")["pixel_values_videos"]
+    pixels = pixels.to(hf.device, hf.dtype)
+    features = hf.model.get_video_features(pixel_values_videos=pixels).pooler_output
+    return features.reshape(len(videos), -1, features.shape[-1])
+
+
+def build_text_batch(model, processor, captions, num_video_tokens, hidden=None):
+    """Token ids of the entailment prompts, the video placeholder expanded to num_video_tokens,
+    left-padded so that the answer position is the last one for every row.
+
+    hidden: optional list (one per caption) of character spans of the caption to hide from
+    attention (t' of footnote 2). Returns input_ids, attention_mask, position_ids, (yes, no)."""
+    hf = unwrap(model)
+    tok = processor.tokenizer
+    video_id = hf.config.video_token_id
+    rows, masks = [], []
+    for i, caption in enumerate(captions):
+        prompt, start = entailment_prompt(processor, hf.config.model_type, caption)
+        enc = tok(prompt, add_special_tokens=True, return_offsets_mapping=True)
+        spans = [(s + start, e + start) for s, e in ((hidden[i] if hidden else None) or [])]
+        visible = token_visibility(enc["offset_mapping"], spans)
+        ids, mask = [], []
+        for t, v in zip(enc["input_ids"], visible):
+            n = num_video_tokens if t == video_id else 1  # expand the single <video> placeholder
+            ids += [t] * n; mask += [int(v)] * n  # noqa: E702
+        rows.append(ids); masks.append(mask)  # noqa: E702
+    width = max(map(len, rows))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(m)) + m for m in masks])
+    # positions count real tokens only (left padding does not shift them); hidden t' tokens keep
+    # their positions: t' is the same caption with some words made invisible, not a new text.
+    not_pad = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    position_ids = (not_pad.cumsum(1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids, answer_token_ids(tok, prompt)
+
+
+def alignment_logits(model, processor, videos, captions, video_index=None, hidden=None, features=None):
+    """a = logit_Yes - logit_No for each (video, caption) pair, read at the answer position only.
+    f(V, t) = sigmoid(a) is Eq. (1).
+
+    videos:      list of uint8 frame arrays (T, H, W, 3), each encoded once;
+    captions:    list of n captions;
+    video_index: caption i is scored on videos[video_index[i]] (default: pair i with video i);
+    hidden:      optional per-caption character spans hidden by the attention mask (t', Eq. 6);
+    features:    optional precomputed encode_videos(...) output (then `videos` is not used).
+    Returns a tensor (n,). Gradients flow when called outside torch.no_grad()."""
+    video_index = list(range(len(captions))) if video_index is None else list(video_index)
+    if features is None:
+        with torch.no_grad():  # the vision tower and projector are frozen in SynViTA
+            features = encode_videos(model, processor, videos)
+    hf = unwrap(model)
+    input_ids, attention_mask, position_ids, (yes, no) = build_text_batch(
+        model, processor, captions, features.shape[1], hidden)
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    video = BaseModelOutputWithPooling(pooler_output=features[torch.tensor(video_index, device=features.device)])
+    out = model(input_ids=input_ids.to(hf.device), attention_mask=attention_mask.to(hf.device),
+                position_ids=position_ids.to(hf.device), mm_encoder_outputs={"video": video},
+                logits_to_keep=1)  # lm_head runs on the last position only: (n, 1, vocab)
+    logits = out.logits[:, -1].float()
+    return logits[:, yes] - logits[:, no]

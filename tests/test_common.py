@@ -1,0 +1,317 @@
+"""common.py: every equation against numbers worked by hand, then the plumbing and the model."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import tiny
+from common import (WEIGHTINGS, alignment_score, hidden_word_spans, longest_common_subsequence, loss_real,
+                    loss_scr, loss_syn, loss_syn_weighted, token_visibility, total_loss)
+
+T = torch.tensor
+
+
+# ---- Eq. (1) ------------------------------------------------------------------------------------
+def test_alignment_score_is_the_yes_no_ratio():
+    ly, ln = T([2.0, 0.0, -1.0]), T([1.0, 0.0, 3.0])
+    ratio = ly.exp() / (ly.exp() + ln.exp())
+    assert torch.allclose(alignment_score(ly, ln), ratio)
+    assert alignment_score(T(1.0), T(0.0)).item() == pytest.approx(0.7310586, abs=1e-6)  # sigmoid(1)
+
+
+def test_alignment_score_survives_huge_logits():
+    f = alignment_score(T([1e4, -1e4, 1e4]), T([-1e4, 1e4, 1e4]))
+    assert torch.equal(f, T([1.0, 0.0, 0.5]))  # exp(1e4) would be inf; the sigmoid form is exact
+
+
+# ---- Eqs. (2), (3), (5) -------------------------------------------------------------------------
+def test_loss_real_by_hand():
+    assert loss_real(T([0.0]), T([0.0])).item() == pytest.approx(2 * math.log(2))  # f = 0.5 twice
+    # f(V,t+) = 0.75 and f(V,t-) = 0.25: -(log .75 + log .75)
+    assert loss_real(T([math.log(3)]), T([-math.log(3)])).item() == pytest.approx(-2 * math.log(0.75))
+    # a mean over examples, not a sum: the two examples above average
+    both = loss_real(T([0.0, math.log(3)]), T([0.0, -math.log(3)]))
+    assert both.item() == pytest.approx((2 * math.log(2) - 2 * math.log(0.75)) / 2)
+
+
+def test_losses_are_finite_for_huge_logits():
+    assert loss_real(T([1e4]), T([-1e4])).item() == 0.0  # perfectly right
+    assert loss_real(T([-1e4]), T([1e4])).item() == pytest.approx(2e4)  # perfectly wrong, still finite
+    assert loss_syn(T([-1e4]), T([-1e4])).item() == pytest.approx(1e4)
+
+
+def test_loss_syn_matches_eq3_and_weighted_reduces_to_it():
+    at, ar = T([0.3, -1.2, 2.0]), T([0.5, 0.1, -0.7])
+    by_hand = -(torch.log(torch.sigmoid(at)) + torch.log(1 - torch.sigmoid(ar))).mean()
+    assert loss_syn(at, ar).item() == pytest.approx(by_hand.item(), abs=1e-6)
+    assert loss_syn_weighted(at, ar, torch.ones(3)).item() == pytest.approx(by_hand.item(), abs=1e-6)
+
+
+def test_zero_weight_removes_an_example_exactly():
+    at = T([0.3, -1.2], requires_grad=True)
+    ar = T([0.5, 0.1], requires_grad=True)
+    w = T([1.0, 0.0])
+    loss = loss_syn_weighted(at, ar, w)
+    term0 = -(torch.nn.functional.logsigmoid(at[0]) + torch.nn.functional.logsigmoid(-ar[0])) / 2
+    assert loss.item() == pytest.approx(term0.item(), abs=1e-7)
+    loss.backward()
+    assert at.grad[1] == 0 and ar.grad[1] == 0
+    assert loss_syn_weighted(at, ar, torch.zeros(2)).item() == 0.0
+
+
+# ---- Eq. (6) ------------------------------------------------------------------------------------
+def test_loss_scr_by_hand():
+    # one example; column 0 = synthetic video, column 1 = real video; margin 0.2
+    f_pos, f_shared, f_neg = T([[0.9, 0.6]]), T([[0.5, 0.5]]), T([[0.4, 0.1]])
+    # z=s: relu(.2+.5-.9)=0 + relu(.2+.4-.5)=0.1 ; z=r: relu(.2+.5-.6)=0.1 + relu(.2+.1-.5)=0
+    assert loss_scr(f_pos, f_shared, f_neg, T([1.0])).item() == pytest.approx(0.2)
+    assert loss_scr(f_pos, f_shared, f_neg, T([0.5])).item() == pytest.approx(0.1)
+    assert loss_scr(f_pos, f_shared, f_neg, T([1.0]), margin=0.0).item() == 0.0
+    # mean over examples: a second example with w = 0 halves it
+    two = loss_scr(f_pos.repeat(2, 1), f_shared.repeat(2, 1), f_neg.repeat(2, 1), T([1.0, 0.0]))
+    assert two.item() == pytest.approx(0.1)
+
+
+def test_loss_scr_identical_captions_cost_exactly_two_margins():
+    # t^s == t^r: t' is the whole caption and all three scores coincide -> 2 * g per video
+    f = T([[0.7, 0.3]])
+    assert loss_scr(f, f, f, T([1.0])).item() == pytest.approx(4 * 0.2)
+
+
+def test_total_loss_eq7():
+    assert total_loss(T(1.0), T(2.0), T(3.0), 0.01).item() == pytest.approx(3.03)
+    assert total_loss(T(1.0), T(2.0), T(3.0), 1.0).item() == pytest.approx(6.0)
+
+
+# ---- Eq. (4) and Table 4 ------------------------------------------------------------------------
+F_TARGET = np.array([0.9, 0.6, 0.2, 0.5])
+F_REAL = np.array([0.1, 0.7, 0.2, 0.25])
+EXPECTED = {
+    "fixed": [1.0, 1.0, 1.0, 1.0],
+    "target": [0.9, 0.6, 0.2, 0.5],
+    "target_x_inv_real": [0.81, 0.18, 0.16, 0.375],
+    "indicator": [1.0, 0.0, 0.0, 1.0],
+    "difference": [0.8, 0.0, 0.0, 0.25],
+}
+
+
+def test_table4_rows_by_hand():
+    assert set(EXPECTED) <= set(WEIGHTINGS)
+    for name, expected in EXPECTED.items():
+        np.testing.assert_allclose(WEIGHTINGS[name](F_TARGET, F_REAL), expected, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTINGS))  # a student's new entry is tested too
+def test_every_weighting_is_usable_as_a_weight(name):
+    fn = WEIGHTINGS[name]
+    w_np = np.asarray(fn(F_TARGET, F_REAL), dtype=float)
+    w_t = fn(torch.tensor(F_TARGET), torch.tensor(F_REAL))
+    assert w_np.shape == F_TARGET.shape and torch.is_tensor(w_t)
+    assert np.isfinite(w_np).all() and (w_np >= 0).all()
+    np.testing.assert_allclose(w_t.numpy(), w_np)
+
+
+# ---- footnote 2: LCS and t' ---------------------------------------------------------------------
+def test_lcs_by_hand():
+    assert len(longest_common_subsequence("ABCBDAB", "BDCABA")) == 4  # the textbook example
+    assert "".join(longest_common_subsequence("AGGTAB", "GXTXAYB")) == "GTAB"
+    assert longest_common_subsequence([1, 2, 3], [4, 5]) == []
+    assert longest_common_subsequence([], [1]) == []
+    assert longest_common_subsequence(list("same"), list("same")) == list("same")
+
+
+# Caption pairs of VideoCon's seven misalignment types (the first is test.csv's real pair) and the
+# words of the first caption that t' must hide.
+PAIRS = [
+    ("object", "A soccer team walking off the field while the audience claps.",
+     "A basketball team walking off the field while the audience claps.", ["soccer"]),
+    ("action", "A man is throwing a frisbee to the dog.", "A man is catching a frisbee from the dog.",
+     ["throwing", "to"]),
+    ("attribute", "A woman in a red dress dances on the stage.", "A woman in a blue dress dances on the stage.",
+     ["red"]),
+    ("count", "Two dogs run along the beach.", "Three dogs run along the beach.", ["Two"]),
+    ("relation", "A cat sits on the table.", "A cat sits under the table.", ["on"]),
+    ("flip", "A man opens the door and then walks in.", "A man walks in and then opens the door.",
+     ["and", "then", "walks", "in"]),
+    ("hallucination", "A boy rides a bike.", "A boy rides a bike while holding an umbrella.", []),
+]
+
+
+@pytest.mark.parametrize("kind,caption,other,hidden", PAIRS, ids=[p[0] for p in PAIRS])
+def test_t_prime_hides_the_words_outside_the_lcs(kind, caption, other, hidden):
+    assert [caption[s:e] for s, e in hidden_word_spans(caption, other)] == hidden
+    # the hallucination's longer caption hides exactly its extra words
+    if kind == "hallucination":
+        assert [other[s:e] for s, e in hidden_word_spans(other, caption)] == ["while", "holding", "an", "umbrella"]
+
+
+def test_t_prime_edge_cases():
+    assert hidden_word_spans("a red ball", "a red ball") == []  # identical: t' is the caption
+    spans = hidden_word_spans("red ball", "blue cube")  # nothing shared: t' is empty
+    assert [("red ball")[s:e] for s, e in spans] == ["red", "ball"]
+    assert hidden_word_spans("", "anything") == []
+
+
+def test_t_prime_maps_words_to_subword_tokens():
+    tok = tiny.build_tokenizer()
+    caption, other = "A man is throwing a frisbee to the dog.", "A man is catching a frisbee from the dog."
+    enc = tok(caption, add_special_tokens=False, return_offsets_mapping=True)
+    visible = token_visibility(enc["offset_mapping"], hidden_word_spans(caption, other))
+    tokens = tok.convert_ids_to_tokens(enc["input_ids"])
+    hidden_text = tok.convert_tokens_to_string([t for t, v in zip(tokens, visible) if not v])
+    assert len(tokens) > len(caption.split())  # the tiny tokenizer really splits words
+    assert hidden_text.split() == ["throwing", "to"]  # every piece of 'throwing' is hidden, nothing else
+
+
+# ---- plumbing -----------------------------------------------------------------------------------
+def test_frame_indices():
+    assert list(common.frame_indices(10, 4, "uniform")) == [0, 3, 6, 9]
+    assert list(common.frame_indices(32, 4, "middle")) == [4, 12, 20, 28]
+    assert list(common.frame_indices(3, 8, "uniform")) == [0, 0, 1, 1, 1, 1, 2, 2]  # short clips repeat
+    with pytest.raises(ValueError, match="unknown frame sampling"):
+        common.frame_indices(10, 4, "random")
+
+
+def test_read_real_videocon_mp4(real_mp4):
+    frames = common.read_video(real_mp4, num_frames=8)
+    assert frames.shape == (8, 720, 1280, 3) and frames.dtype == np.uint8
+    assert common.read_video(real_mp4, num_frames=32, sampling="middle").shape[0] == 32
+    assert frames[0].std() > 0 and not np.array_equal(frames[0], frames[-1])  # real, moving content
+
+
+def test_write_then_read_video(tmp_path):
+    path = str(tmp_path / "clip.mp4")
+    frames = tiny.moving_square(num_frames=12, size=32)
+    common.write_video(path, frames, fps=8)
+    back = common.read_video(path, num_frames=12)
+    assert back.shape == (12, 32, 32, 3)
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 12  # lossy codec, same picture
+    assert os.listdir(tmp_path) == ["clip.mp4"]  # no temporary file left behind
+
+
+def test_bad_videos_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.mp4"):
+        common.read_video(str(tmp_path / "nowhere.mp4"))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all" * 10)
+    with pytest.raises(ValueError, match="broken.mp4"):
+        common.read_video(str(broken))
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = str(tmp_path / "out.csv")
+    with pytest.raises(RuntimeError):
+        with common.atomic_path(target) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("killed")
+    assert os.listdir(tmp_path) == []
+    common.write_csv(target, [{"a": 1, "b": 2}, {"a": 3, "c": 4}])
+    assert common.read_csv(target, required=["a"]) == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "", "c": "4"}]
+    with pytest.raises(ValueError, match=r"out.csv: missing column\(s\) \['neg_caption'\]"):
+        common.read_csv(target, required=["a", "neg_caption"])
+
+
+def test_example_seed_depends_on_identity_only():
+    assert common.example_seed("v.mp4", "a cat") == common.example_seed("v.mp4", "a cat")
+    assert common.example_seed("v.mp4", "a cat") != common.example_seed("v.mp4", "a dog")
+    assert common.example_seed("v.mp4", "a cat", base=1) != common.example_seed("v.mp4", "a cat")
+    assert 0 <= common.example_seed("x") < 2**31
+
+
+def test_setup_distributed_without_torchrun(monkeypatch):
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    d = common.setup_distributed()
+    assert (d.rank, d.world_size, d.master) == (0, 1, True)
+
+
+# ---- Eq. (1) on a real (tiny) video LLM ---------------------------------------------------------
+def full_softmax_score(model, processor, video, caption):
+    """f(V,t) the long way: the processor builds the inputs, the model returns every vocabulary
+    logit at every position, and we take P(Yes) / (P(Yes) + P(No)) at the last one."""
+    prompt, _ = common.entailment_prompt(processor, model.config.model_type, caption)
+    inputs = processor(text=prompt, videos=[video], return_tensors="pt")
+    probs = model(**inputs).logits[0, -1].softmax(-1)
+    yes, no = common.answer_token_ids(processor.tokenizer, prompt)
+    return (probs[yes] / (probs[yes] + probs[no])).item()
+
+
+CAPTIONS = ["a red square moves to the right", "a dog", "the square moves left and then it stops quickly"]
+
+
+@pytest.mark.parametrize("family", ["video_llava_dir", "onevision_dir"])
+@torch.no_grad()
+def test_alignment_score_equals_full_softmax_ratio(family, request):
+    model, processor = common.load_video_llm(request.getfixturevalue(family))
+    videos = [tiny.moving_square(seed=0), tiny.moving_square(direction=-1, color=(0, 0, 255), seed=1)]
+    index = [0, 1, 1]  # three captions of different lengths (left padding) on two videos
+    f = alignment_score(common.alignment_logits(model, processor, videos, CAPTIONS, video_index=index), 0)
+    expected = [full_softmax_score(model, processor, videos[i], c) for i, c in zip(index, CAPTIONS)]
+    np.testing.assert_allclose(f.numpy(), expected, atol=1e-5)
+    assert f.std() > 0  # random weights still tell captions apart
+
+
+@torch.no_grad()
+def test_t_prime_equals_an_explicit_attention_mask(video_llava_dir):
+    model, processor = common.load_video_llm(video_llava_dir)
+    video = tiny.moving_square()
+    caption, other = PAIRS[1][1], PAIRS[1][2]
+    spans = hidden_word_spans(caption, other)
+    ours = common.alignment_logits(model, processor, [video, video], [caption, caption], hidden=[spans, None])
+    # the long way: processor inputs, then zero the attention of the caption's hidden tokens
+    prompt, start = common.entailment_prompt(processor, "video_llava", caption)
+    inputs = processor(text=prompt, videos=[video], return_tensors="pt")
+    hidden_ids = processor.tokenizer(" throwing to", add_special_tokens=False)["input_ids"]
+    ids = inputs["input_ids"][0].tolist()
+    tail = processor.tokenizer(prompt[start:], add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(tail)
+    mask = inputs["attention_mask"].clone()
+    cap_tokens = processor.tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True)
+    first = len(ids) - len(processor.tokenizer(prompt[start:], add_special_tokens=False)["input_ids"])
+    for k, (s, e) in enumerate(cap_tokens["offset_mapping"]):
+        if any(s < he and hs < e for hs, he in spans):
+            mask[0, first + k] = 0
+    assert (mask == 0).sum() >= len(hidden_ids)
+    logits = model(**{**inputs, "attention_mask": mask}).logits[0, -1]
+    yes, no = common.answer_token_ids(processor.tokenizer, prompt)
+    assert ours[0].item() == pytest.approx((logits[yes] - logits[no]).item(), abs=1e-5)
+    assert abs(ours[0] - ours[1]) > 1e-4  # hiding words changes the score
+
+
+def test_scores_have_gradients_for_training(video_llava_dir):
+    model, processor = common.load_video_llm(video_llava_dir)
+    a = common.alignment_logits(model, processor, [tiny.moving_square()], ["a red square"])
+    loss_real(a, -a).backward()
+    assert model.lm_head.weight.grad is not None
+    assert model.model.video_tower.embeddings.patch_embedding.weight.grad is None  # encoded under no_grad
+
+
+def test_parse_args_reads_types_defaults_and_field_docstrings(capsys):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Args:
+        lambda_scr: float = 1.0
+        """lambda_scr of Eq. (7)"""
+        steps: int = 3
+        """optimizer steps"""
+        use_syn: bool = True
+        """train on synthetic videos"""
+        models: tuple = ("a", "b")
+        """the ensemble"""
+        out: str = "runs"
+
+    args = common.parse_args(Args, ["--lambda_scr", "0.01", "--no-use_syn", "--models", "x", "y", "z"])
+    assert args == Args(lambda_scr=0.01, steps=3, use_syn=False, models=["x", "y", "z"], out="runs")
+    with pytest.raises(SystemExit):
+        common.parse_args(Args, ["--help"])
+    assert "lambda_scr of Eq. (7) (default: 1.0)" in capsys.readouterr().out
+
+
+def test_shard_covers_every_item_once():
+    items = list(range(10))
+    parts = [common.shard(items, common.Dist(rank=r, world_size=3)) for r in range(3)]
+    assert sorted(sum(parts, [])) == items and parts[1] == [1, 4, 7]
