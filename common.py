@@ -99,7 +99,12 @@ WEIGHTINGS = {
 
 # ---- §5 footnote 2: t' = LCS(t^r, t^s), applied as attention-level masking ----------------------
 def longest_common_subsequence(a, b):
-    """LCS of two sequences by dynamic programming; returns the common items in the order of `a`.
+    """LCS of two sequences by dynamic programming; returns the common items in the order of `a`."""
+    return [a[i] for i in lcs_indices(a, b)]
+
+
+def lcs_indices(a, b):
+    """Indices into `a` of one longest common subsequence of a and b.
 
     L[i][j] = length of the LCS of a[i:] and b[j:]; then walk the table from (0, 0)."""
     n, m = len(a), len(b)
@@ -110,7 +115,7 @@ def longest_common_subsequence(a, b):
     out, i, j = [], 0, 0
     while i < n and j < m:
         if a[i] == b[j]:
-            out.append(a[i]); i += 1; j += 1  # noqa: E702
+            out.append(i); i += 1; j += 1  # noqa: E702
         elif L[i + 1][j] >= L[i][j + 1]:
             i += 1
         else:
@@ -131,16 +136,8 @@ def hidden_word_spans(caption, other):
     the LCS over words and map words to tokens by character offsets, so t' does not depend on how
     a tokenizer splits words."""
     words = list(WORD.finditer(caption))
-    other_words = [m.group().lower() for m in WORD.finditer(other)]
-    keyed = [(m.group().lower(), k) for k, m in enumerate(words)]  # (word, index) keeps order
-    # LCS on the words (keys); we need *which* occurrences of `caption` survive, so run it on keys
-    # and match greedily in order (the DP above already walks `a` left to right).
-    common = longest_common_subsequence([w for w, _ in keyed], other_words)
-    kept, c = set(), 0
-    for w, k in keyed:
-        if c < len(common) and w == common[c]:
-            kept.add(k); c += 1  # noqa: E702
-    return [m.span() for k, m in enumerate(words) if k not in kept]
+    kept = set(lcs_indices([w.group().lower() for w in words], [w.group().lower() for w in WORD.finditer(other)]))
+    return [w.span() for k, w in enumerate(words) if k not in kept]
 
 
 def token_visibility(offsets, hidden_spans):
