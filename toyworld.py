@@ -13,6 +13,7 @@ so every caption (negatives included) can be rendered.
 
     from toyworld import random_scene, negative, caption, parse_caption, render, ToyGenerator
 """
+import os
 import random
 import re
 from dataclasses import dataclass, field, replace
@@ -248,3 +249,127 @@ class ToyGenerator:
         drawn, _ = corrupt(parse_caption(prompt), self.failure_rates, random.Random(seed))
         return render(drawn, seed=seed, palette=SYNTHETIC_PALETTE if self.palette else None,
                       texture=self.texture, noise=self.noise)
+
+
+# =================================================================================================
+# The toy world's models: a tiny Video-LLaVA pretrained on real toy clips (the base f for 03/04)
+# =================================================================================================
+PROMPT_WORDS = ["USER", ":", "ASSISTANT", "Does", "this", "video", "figure", "show", "entail", "the", "description",
+                '"', "?", "Please", "answer", "yes", "or", "no", ".", "Yes", "No", ","]
+
+
+def toy_vocabulary():
+    words = [*PROMPT_WORDS, *COUNTS.values(), *COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *MOTIONS,
+             "moves", "move", "then", "above", "below"]
+    return list(dict.fromkeys(words))
+
+
+def build_tokenizer():
+    """A word-level tokenizer over the toy world's closed vocabulary (punctuation split off)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<video>", "<image>"]
+    vocab = {w: i for i, w in enumerate(special + toy_vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(special)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"video_token": "<video>", "image_token": "<image>"})
+
+
+def new_video_llava(tokenizer, text_layers=3, vision_layers=2, hidden=64, patch=8, seed=0):
+    """A randomly initialised Video-LLaVA at toy size (CLIP vision tower, LLaMA language model)
+    and its processor, for SIZE x SIZE frames."""
+    import torch
+    from transformers import (CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration,
+                              VideoLlavaImageProcessor, VideoLlavaProcessor, VideoLlavaVideoProcessor)
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=hidden // 2, intermediate_size=hidden, num_hidden_layers=vision_layers,
+                              num_attention_heads=2, image_size=SIZE, patch_size=patch)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = VideoLlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
+                              video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+                              image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    size, crop = {"shortest_edge": SIZE}, {"height": SIZE, "width": SIZE}
+    processor = VideoLlavaProcessor(VideoLlavaImageProcessor(size=size, crop_size=crop),
+                                    VideoLlavaVideoProcessor(size=size, crop_size=crop), tokenizer, patch_size=patch)
+    return VideoLlavaForConditionalGeneration(config), processor
+
+
+def entailment_batch(rng, n):
+    """n real clips with their caption and one negative each (a random applicable type)."""
+    scenes = [random_scene(rng) for _ in range(n)]
+    kinds = [rng.choice(negative_types(s)) for s in scenes]
+    negs = [negative(s, k, rng) for s, k in zip(scenes, kinds)]
+    videos = [render(s, seed=rng.randrange(2**31)) for s in scenes]
+    return videos, [caption(s) for s in scenes], [caption(s) for s in negs], kinds
+
+
+def pretrain_video_llm(out_dir, steps=2000, batch_size=16, lr=1e-3, lm_weight=1.0, seed=0, log_every=100):
+    """Pretrain the toy base video LLM on real toy clips: Eq. (2) on (clip, caption) vs
+    (clip, negative) PLUS a language-model loss on the caption tokens of the positive prompts.
+
+    Eq. (2) alone stays at chance from scratch (nothing ties the Yes/No answer to the caption);
+    the LM loss on the caption, read in the description slot of the same prompt, makes the
+    model attend to the video to predict the words, and the entailment head then learns.
+    Saves model + processor to out_dir (load it by path like any hub checkpoint)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from common import build_text_batch, encode_videos, loss_real, progress, save_json, seed_everything
+    seed_everything(seed)
+    tok = build_tokenizer()
+    model, processor = new_video_llava(tok, seed=seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng, quote = random.Random(seed), tok.convert_tokens_to_ids('"')
+    log = []
+    for step in progress(range(steps), total=steps, desc="pretrain toy video LLM"):
+        videos, pos, neg, _ = entailment_batch(rng, batch_size)
+        features = encode_videos(model, processor, videos)  # (B, L, hidden), trained from scratch
+        ids, mask, positions, (yes, no) = build_text_batch(model, processor, pos + neg, features.shape[1])
+        video = BaseModelOutputWithPooling(pooler_output=torch.cat([features, features]))
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                       mm_encoder_outputs={"video": video}).logits  # (2B, L, vocab): the vocabulary is tiny
+        a = logits[:, -1, yes] - logits[:, -1, no]
+        l_align = loss_real(a[:batch_size], a[batch_size:])
+        # language-model loss on the positive captions: the tokens between the two quote marks
+        inside = (ids[:batch_size] == quote).cumsum(1) == 1  # from the opening quote to the last word
+        targets = torch.where(inside[:, 1:], ids[:batch_size, 1:], -100)
+        l_lm = F.cross_entropy(logits[:batch_size, :-1].transpose(1, 2), targets)
+        loss = l_align + lm_weight * l_lm
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            log.append({"step": step + 1, "loss_real": l_align.item(), "loss_lm": l_lm.item()})
+            print(log[-1], flush=True)
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    save_json(os.path.join(out_dir, "pretrain.json"), {"steps": steps, "batch_size": batch_size, "lr": lr,
+                                                     "lm_weight": lm_weight, "seed": seed, "log": log})
+    return out_dir
+
+
+def entailment_auc(model, processor, n=256, seed=12345):
+    """ROC-AUC of f on n held-out toy clips (caption = 1, its negative = 0), overall and per type."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+    from common import alignment_logits
+    videos, pos, neg, kinds = entailment_batch(random.Random(seed), n)
+
+    def scores(captions):
+        with torch.no_grad():
+            return torch.cat([alignment_logits(model, processor, videos[i: i + 32], captions[i: i + 32])
+                              for i in range(0, n, 32)]).numpy()
+
+    a_pos, a_neg, kinds = scores(pos), scores(neg), np.array(kinds)
+
+    def auc(keep):
+        return float(roc_auc_score([1] * keep.sum() + [0] * keep.sum(), np.r_[a_pos[keep], a_neg[keep]]))
+    return {"all": auc(kinds == kinds), **{k: auc(kinds == k) for k in sorted(set(kinds))}}

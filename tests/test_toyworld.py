@@ -107,3 +107,19 @@ def test_appearance_gap_flags():
     shifted = tw.ToyGenerator(failure_rates={}, texture=0.0, noise=0.0)(text, seed=0)
     assert centre(shifted, "red")[2].sum() == 0  # the real red is gone: another palette
     assert (np.abs(shifted.astype(int) - tw.SYNTHETIC_PALETTE["red"]).sum(-1) == 0).sum() == tw.FRAMES * tw.OBJ ** 2
+
+
+def test_word_tokenizer_covers_every_caption():
+    tok = tw.build_tokenizer()
+    unk = tok.convert_tokens_to_ids("<unk>")
+    for scene in scenes(100)[0]:
+        assert unk not in tok(tw.caption(scene))["input_ids"]
+
+
+def test_pretraining_runs_saves_and_loads(tmp_path):
+    import common
+    out = tw.pretrain_video_llm(str(tmp_path / "base"), steps=2, batch_size=2, log_every=1)
+    model, processor = common.load_video_llm(out)
+    result = tw.entailment_auc(model, processor, n=16)
+    assert set(result) >= {"all"} and 0.0 <= result["all"] <= 1.0
+    assert (tmp_path / "base" / "pretrain.json").exists()
