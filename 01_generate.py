@@ -1,0 +1,247 @@
+"""01_generate.py: render a synthetic video V^s for every negative caption t^s.
+
+Implements §4 of Zanella et al., CVPR 2025 ("Can Text-to-Video Generation help Video-Language
+Alignment?"): for each real training triplet (V^r, t^r = caption, t^s = neg_caption), a
+text-to-video generator G renders V^s = G(t^s, noise), the video that Eq. (3) pairs with t^s (a
+match) and t^r (a mismatch). The authors never released this stage.
+
+Reads   --input_csv    VideoCon layout: videopath, caption, neg_caption, misalignment (+ split, source)
+Writes  <out_dir>/videos/<video name>-<row hash>.mp4   one H.264 video per row (written atomically)
+        <out_dir>/generated.csv      the input columns + syn_video (relative to <out_dir>) + seed
+        <out_dir>/generate_args.json the settings this run used (flags and the resolved generator settings)
+
+Launch (one GPU; then 8 GPUs, rows sharded over ranks, rank 0 writes the CSV):
+    python 01_generate.py --input_csv videocon_llm_entailment.csv --out_dir runs/gen
+    torchrun --standalone --nproc_per_node 8 01_generate.py --input_csv videocon_llm_entailment.csv --out_dir runs/gen
+On a GPU with less than ~40 GB, add --cpu_offload --vae_tiling (only the running part of G sits
+on the GPU, and the VAE decodes in tiles).
+CPU-sized example (a tiny random CogVideoX, see tests/tiny_generate.py; under 1 s a video;
+my.csv: any CSV with the four columns above):
+    python tests/tiny_generate.py /tmp/tiny-cogvideox
+    python 01_generate.py --input_csv my.csv --out_dir /tmp/gen --pipeline /tmp/tiny-cogvideox \\
+        --height 32 --width 64 --num_frames 9 --num_inference_steps 2 --limit 4
+
+The generator: any diffusers text-to-video pipeline, by hub id or local folder. The default is
+CogVideoX-5b at the paper's settings (720x480, 49 frames, 8 fps). The paper names "CogVideoX"
+without a size; we take 5b, the larger of the two 720x480x49 models, trained in bfloat16 as we
+run it (THUDM/CogVideoX-2b is the cheaper choice: pass --dtype float16, its training precision).
+Wan 2.1 and LTX-Video run through the same code with their own defaults (PIPELINE_DEFAULTS).
+NOTE (deviation): the paper's other two generators, LaVie and VideoCrafter2 (512x320, 32 frames),
+are not in diffusers, so this script cannot run them.
+
+Every row's noise comes from a seed derived from the row itself (videopath, neg_caption), drawn by
+a CPU generator: the same row gets the same video whatever the number of GPUs, the order of work,
+or a rerun. A rerun skips rows whose mp4 exists; a killed run leaves at most a *.tmp<pid>.mp4 file,
+never counted as done. Bad rows (a missing field, an empty caption, a duplicate) are named, skipped
+and counted; a missing column stops the run with the file's name.
+"""
+import hashlib
+import inspect
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from common import (example_seed, parse_args, print0, progress, read_csv, save_json, setup_distributed, shard,
+                    write_csv, write_video)
+
+REQUIRED = ("videopath", "caption", "neg_caption", "misalignment")
+TEXTS = ("videopath", "caption", "neg_caption")  # must not be empty
+SETTINGS = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames", "fps")
+# Per-pipeline defaults, keyed by the diffusers class named in the checkpoint's model_index.json.
+# Each is overridden by its flag. A pipeline not listed here needs every flag of SETTINGS.
+PIPELINE_DEFAULTS = {
+    # paper §4: CogVideoX at 720x480, 49 frames, 8 fps; 50 DDIM steps, guidance 6 (CogVideoX's own)
+    "CogVideoXPipeline": dict(num_inference_steps=50, guidance_scale=6.0, height=480, width=720, num_frames=49, fps=8),
+    # Wan 2.1 T2V (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers): its model card's 832x480, 81 frames, 16 fps
+    "WanPipeline": dict(num_inference_steps=50, guidance_scale=5.0, height=480, width=832, num_frames=81, fps=16),
+    # LTX-Video (Lightricks/LTX-Video): 704x480, 161 frames, 24 fps, as in its diffusers example
+    "LTXPipeline": dict(num_inference_steps=50, guidance_scale=3.0, height=480, width=704, num_frames=161, fps=24),
+}
+
+
+@dataclass
+class Args:
+    input_csv: str = ""
+    """VideoCon-layout CSV: videopath, caption, neg_caption (= t^s, the prompt), misalignment"""
+    out_dir: str = "runs/generate"
+    """where videos/, generated.csv and generate_args.json go"""
+    pipeline: str = "THUDM/CogVideoX-5b"
+    """G: a diffusers text-to-video pipeline, hub id or local folder (see PIPELINE_DEFAULTS)"""
+    num_inference_steps: int = 0
+    """denoising steps; 0 = the pipeline's default (CogVideoX: 50)"""
+    guidance_scale: float = 0.0
+    """classifier-free guidance; 0 = the pipeline's default (CogVideoX: 6.0); 1 turns guidance off"""
+    height: int = 0
+    """frame height in pixels; 0 = the pipeline's default (CogVideoX: 480, paper §4)"""
+    width: int = 0
+    """frame width in pixels; 0 = the pipeline's default (CogVideoX: 720, paper §4)"""
+    num_frames: int = 0
+    """frames of V^s; 0 = the pipeline's default (CogVideoX: 49, paper §4); 1 + a multiple of the VAE's time stride"""
+    fps: int = 0
+    """frame rate of the mp4; 0 = the pipeline's default (CogVideoX: 8, paper §4)"""
+    seed: int = 0
+    """base of every row's seed example_seed(videopath, neg_caption, base=seed): another value, other videos"""
+    split: str = "train"
+    """keep only rows of this `split` when the CSV has that column ("" = all rows)"""
+    misalignment: list = field(default_factory=list)
+    """generate only these misalignment types (e.g. action flip; the paper's Table 2 study); empty = all"""
+    limit: int = 0
+    """generate only the first N selected rows (0 = all)"""
+    dtype: str = "auto"
+    """torch dtype of G: auto = bfloat16 on GPU, float32 on CPU; float16 for CogVideoX-2b"""
+    cpu_offload: bool = False
+    """GPU only: keep G's parts on the CPU and move each to the GPU when it runs (diffusers model offload)"""
+    vae_tiling: bool = False
+    """decode the video in overlapping tiles: far less GPU memory at 720x480, a little slower
+    (VAE slicing would not help: each call decodes a single video)"""
+
+
+# ---- the rows to render: filters, then bad rows named and skipped, then --limit -----------------
+def select_rows(rows, args):
+    """The rows to generate, in file order, and how many bad rows were skipped.
+
+    A bad row is one with a missing or extra field, an empty videopath / caption / neg_caption, or
+    the same (videopath, neg_caption) as an earlier row (same identity = same seed = same video)."""
+    keep, first_line, skipped = [], {}, 0
+    for line, row in enumerate(rows, start=2):  # line 1 of the file is the header
+        # csv.DictReader gives a row with extra fields a key None, a short row values None
+        if None in row or None in row.values():
+            problem = "wrong number of fields"
+        elif (args.split and row.get("split", args.split) != args.split
+              or args.misalignment and row["misalignment"] not in args.misalignment):
+            continue  # not asked for
+        elif any(not row[c].strip() for c in TEXTS):
+            problem = "empty " + " and ".join(c for c in TEXTS if not row[c].strip())
+        elif (row["videopath"], row["neg_caption"]) in first_line:
+            first = first_line[row["videopath"], row["neg_caption"]]
+            problem = f"duplicate of line {first} (same videopath and neg_caption)"
+        else:
+            first_line[row["videopath"], row["neg_caption"]] = line
+            keep.append(row)
+            continue
+        print0(f"{args.input_csv}:{line}: {problem}; skipped")
+        skipped += 1
+    for kind in set(args.misalignment) - {r["misalignment"] for r in keep}:
+        print0(f"--misalignment {kind!r}: no usable row of this type in {args.input_csv}; its types: "
+               f"{sorted({str(r['misalignment']) for r in rows})}")
+    return keep[: args.limit or None], skipped
+
+
+def video_name(row):
+    """<real video's name>-<12 hex digits of the row's identity>.mp4: readable, and unique per
+    (videopath, neg_caption), the key that also gives the seed."""
+    stem = re.sub(r"[^\w-]+", "_", os.path.splitext(os.path.basename(row["videopath"]))[0])
+    digest = hashlib.sha256(f"{row['videopath']}\x1f{row['neg_caption']}".encode()).hexdigest()[:12]
+    return f"{stem}-{digest}.mp4"
+
+
+# ---- §4: the generator G and its settings -------------------------------------------------------
+def resolve_settings(args):
+    """Steps, guidance, size, frames and fps: each flag if given (non-zero), else the default of the
+    pipeline class named in the checkpoint's model_index.json (read without loading any weights)."""
+    from diffusers import DiffusionPipeline
+    name = DiffusionPipeline.load_config(args.pipeline)["_class_name"]
+    defaults = PIPELINE_DEFAULTS.get(name, {})
+    settings = {k: getattr(args, k) or defaults.get(k) for k in SETTINGS}
+    missing = [f"--{k}" for k, v in settings.items() if v is None]
+    if missing:
+        raise ValueError(f"{args.pipeline}: no defaults for {name} (known: {sorted(PIPELINE_DEFAULTS)}); "
+                         f"pass {' '.join(missing)}")
+    return name, settings
+
+
+def load_generator(args, dist, settings):
+    """G as a diffusers pipeline on this rank's device, with the chosen memory savers."""
+    from diffusers import DiffusionPipeline
+    on_gpu = dist.device.startswith("cuda")
+    dtype = (torch.bfloat16 if on_gpu else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=dtype)
+    stride = getattr(pipe, "vae_scale_factor_temporal", 1)  # the VAE keeps frame 0, then 1 latent per `stride` frames
+    if (settings["num_frames"] - 1) % stride:
+        raise ValueError(f"--num_frames {settings['num_frames']}: {type(pipe).__name__} renders 1 + a multiple of "
+                         f"{stride} frames, e.g. {(settings['num_frames'] - 1) // stride * stride + 1}")
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(gpu_id=dist.local_rank)
+    else:
+        pipe.to(dist.device)
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
+    pipe.set_progress_bar_config(disable=True)  # one bar over rows (rank 0), not one per video
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe, prompt, seed, settings):
+    """V^s = G(t^s, noise) -> uint8 frames (num_frames, height, width, 3).
+
+    The noise is drawn by a CPU torch.Generator seeded with the row's seed, so a row's video does
+    not depend on the GPU it ran on (nor on which rank got it)."""
+    call = dict(prompt=prompt, num_inference_steps=settings["num_inference_steps"],
+                guidance_scale=settings["guidance_scale"], height=settings["height"], width=settings["width"],
+                num_frames=settings["num_frames"], generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="np")
+    if "frame_rate" in inspect.signature(pipe.__call__).parameters:  # LTX-Video conditions on the frame rate
+        call["frame_rate"] = settings["fps"]
+    frames = pipe(**call).frames[0]  # (T, H, W, 3) floats in [0, 1]
+    expected = (settings["num_frames"], settings["height"], settings["width"], 3)
+    if frames.shape != expected:
+        raise ValueError(f"{type(pipe).__name__} returned frames of shape {frames.shape}, not {expected}: "
+                         f"choose --height/--width/--num_frames that it supports")
+    return (frames * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def main(args):
+    dist = setup_distributed()
+    if not args.input_csv:
+        raise ValueError("pass --input_csv, a CSV with columns " + ", ".join(REQUIRED))
+    rows = read_csv(args.input_csv, required=REQUIRED)  # a missing column: error naming the file
+    todo, skipped = select_rows(rows, args)
+    for row in todo:  # the two output columns, both functions of the row's identity only
+        row["syn_video"] = os.path.join("videos", video_name(row))  # relative to out_dir, the CSV's folder
+        row["seed"] = example_seed(row["videopath"], row["neg_caption"], base=args.seed)
+
+    def done(row):  # a video is done once it exists under its final name (write_video renames last)
+        return os.path.exists(os.path.join(args.out_dir, row["syn_video"]))
+    name, settings = resolve_settings(args)
+    print0(f"{len(todo)} rows to render with {args.pipeline} ({name}, {settings}); {skipped} bad rows skipped")
+
+    # ---- §4: V^s = G(t^s, noise) for this rank's rows, skipping those already on disk ----
+    # Each rank takes every world_size-th row of the same list; names and seeds come from the rows,
+    # so a rerun with any number of GPUs finds what an earlier run finished.
+    share = shard(todo, dist)
+    mine = [row for row in share if not done(row)]
+    print0(f"rank 0: {len(mine)} of its {len(share)} rows to render, the others are on disk already")
+    if mine:
+        pipe = load_generator(args, dist, settings)
+        start = time.time()
+        for row in progress(mine, total=len(mine), desc="rendering t^s"):
+            frames = generate(pipe, row["neg_caption"], row["seed"], settings)
+            write_video(os.path.join(args.out_dir, row["syn_video"]), frames, fps=settings["fps"])  # atomic
+        seconds = time.time() - start
+        print0(f"rank 0: {len(mine)} videos in {seconds:.1f} s ({seconds / len(mine):.2f} s per video)")
+    if not dist.master:
+        return
+
+    # ---- rank 0 writes the CSV once every row's video is on disk ----
+    # NOTE: rank 0 watches for the other ranks' files instead of calling a barrier: a collective would
+    # time out (NCCL's default is 10 minutes) while another rank still renders its last video. If a
+    # rank dies, torchrun stops this one too.
+    pending = [row for row in todo if not done(row)]
+    if pending:
+        print0(f"waiting for {len(pending)} videos from the other ranks")
+    while pending:
+        time.sleep(5)
+        pending = [row for row in pending if not done(row)]
+    columns = [c for c in dict.fromkeys([*(rows[0] if rows else REQUIRED), "syn_video", "seed"]) if c is not None]
+    write_csv(os.path.join(args.out_dir, "generated.csv"), todo, fieldnames=columns)
+    save_json(os.path.join(args.out_dir, "generate_args.json"),
+              {**asdict(args), "pipeline_class": name, "resolved": settings, "rows": len(todo), "skipped": skipped})
+    print0(f"wrote {os.path.join(args.out_dir, 'generated.csv')}: {len(todo)} rows, {skipped} bad rows skipped")
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))

@@ -1,0 +1,240 @@
+"""01_generate.py on a tiny random CogVideoX (tests/tiny_generate.py), offline, on the CPU."""
+import contextlib
+import csv
+import glob
+import importlib
+import io
+import os
+import subprocess
+import sys
+
+import decord
+import numpy as np
+import pytest
+
+import common
+import tiny_generate
+
+gen = importlib.import_module("01_generate")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(height=32, width=64, num_frames=9, num_inference_steps=2)  # 9 frames = 3 latent frames
+HEADER = ["videopath", "caption", "neg_caption", "misalignment", "split"]
+GOOD = [
+    ["act/v1.mp4", "A man rides a horse.", "A woman rides a horse.", "object", "train"],
+    ["act/v2.mp4", "A dog runs to the left.", "A dog runs to the right.", "action", "train"],
+    ["act/v3.mp4", "Two cats sleep on a sofa.", "Three cats sleep on a sofa.", "count", "train"],
+    ["act/v4.mp4", "A red ball rolls.", "A blue ball rolls.", "attribute", "train"],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    return tiny_generate.tiny_cogvideox(str(tmp_path_factory.mktemp("tiny-cogvideox")))
+
+
+def write_rows(path, rows, header=HEADER):
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([header, *rows])
+    return str(path)
+
+
+def args_for(input_csv, out_dir, pipe, **kw):
+    return gen.Args(input_csv=str(input_csv), out_dir=str(out_dir), pipeline=pipe, **{**TINY, **kw})
+
+
+def run(args):
+    """main(args) -> what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        gen.main(args)
+    return out.getvalue()
+
+
+def read_out(out_dir):
+    with open(os.path.join(out_dir, "generated.csv"), newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def final_mp4s(out_dir):
+    return sorted(p for p in glob.glob(os.path.join(out_dir, "videos", "*.mp4")) if ".tmp" not in p)
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_pipe, tmp_path_factory):
+    """One run over 3 good rows, 4 bad ones and one row of another split."""
+    tmp = tmp_path_factory.mktemp("gen")
+    rows = GOOD[:3] + [
+        GOOD[1],  # line 5: duplicate of line 3
+        ["act/v5.mp4", "A cat jumps.", "  ", "action", "train"],  # line 6: empty neg_caption
+        ["act/v6.mp4", "", "A bird walks.", "action", "train"],  # line 7: empty caption
+        ["act/v7.mp4", "A car turns.", "A car stops.", "action"],  # line 8: a field short
+        ["act/v8.mp4", "A kid sings.", "A kid shouts.", "action", "test"],  # another split: not asked for
+    ]
+    args = args_for(write_rows(tmp / "in.csv", rows), tmp / "out", tiny_pipe)
+    return args, run(args)
+
+
+def test_one_decodable_video_per_good_row_with_its_seed(first_run):
+    args, _ = first_run
+    out = read_out(args.out_dir)
+    assert list(out[0]) == HEADER + ["syn_video", "seed"]
+    assert [[r[c] for c in HEADER] for r in out] == GOOD[:3]  # input columns kept, file order
+    videos = []
+    for r in out:
+        assert int(r["seed"]) == common.example_seed(r["videopath"], r["neg_caption"], base=0)
+        path = os.path.join(args.out_dir, r["syn_video"])  # relative to the CSV's folder
+        assert len(decord.VideoReader(path)) == 9
+        frames = common.read_video(path, num_frames=9)
+        assert frames.shape == (9, 32, 64, 3)
+        videos.append(frames.astype(float))
+    assert final_mp4s(args.out_dir) == sorted(os.path.join(args.out_dir, r["syn_video"]) for r in out)
+    # a real video, not a constant: frames vary, and two rows (prompt and seed differ) differ
+    assert videos[0].std() > 5 and np.abs(videos[0] - videos[1]).mean() > 5
+
+
+def test_bad_rows_are_named_skipped_and_counted(first_run):
+    args, printed = first_run
+    assert f"{args.input_csv}:5: duplicate of line 3" in printed
+    assert f"{args.input_csv}:6: empty neg_caption; skipped" in printed
+    assert f"{args.input_csv}:7: empty caption; skipped" in printed
+    assert f"{args.input_csv}:8: wrong number of fields; skipped" in printed
+    assert "3 rows, 4 bad rows skipped" in printed  # line 9 (split test) is not asked for, not bad
+
+
+def test_missing_column_names_the_file(tmp_path, tiny_pipe):
+    path = write_rows(tmp_path / "in.csv", [r[:3] for r in GOOD], header=HEADER[:3])
+    with pytest.raises(ValueError, match=rf"{path}: missing column\(s\) \['misalignment'\]"):
+        gen.main(args_for(path, tmp_path / "out", tiny_pipe))
+
+
+def test_second_run_generates_nothing_new(first_run, monkeypatch):
+    args, _ = first_run
+    before = {p: os.stat(p).st_mtime_ns for p in final_mp4s(args.out_dir)}
+    csv_before = read_out(args.out_dir)
+    monkeypatch.setattr(gen, "load_generator", lambda *a: pytest.fail("the generator was loaded again"))
+    printed = run(args)
+    assert "rank 0: 0 of its 3 rows to render" in printed
+    assert {p: os.stat(p).st_mtime_ns for p in final_mp4s(args.out_dir)} == before
+    assert read_out(args.out_dir) == csv_before
+
+
+def test_misalignment_and_limit_select_rows(tmp_path, tiny_pipe):
+    path = write_rows(tmp_path / "in.csv", GOOD)
+    printed = run(args_for(path, tmp_path / "out", tiny_pipe, misalignment=["action", "attribute", "flip"], limit=1))
+    assert [r["videopath"] for r in read_out(tmp_path / "out")] == ["act/v2.mp4"]
+    assert len(final_mp4s(tmp_path / "out")) == 1
+    assert "--misalignment 'flip': no usable row of this type" in printed
+
+
+KILL_SECOND_VIDEO = """
+import importlib, os, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import av
+import common
+gen = importlib.import_module("01_generate")
+real_open, opened = av.open, []
+def open_then_die(path, mode="r", **kw):  # the 2nd mp4 gets one frame on disk, then the process dies
+    container = real_open(path, mode, **kw)
+    opened.append(path)
+    if len(opened) == 2:
+        real_mux = container.mux
+        class Dying:
+            __enter__ = lambda self: self
+            __exit__ = lambda self, *exc: container.__exit__(*exc)
+            add_stream = lambda self, *a, **k: container.add_stream(*a, **k)
+            def mux(self, packets):
+                if not packets:  # the encoder is still buffering frames
+                    return real_mux(packets)
+                real_mux(packets[:1])
+                container.close()  # a truncated mp4: one frame of nine reached the disk
+                os._exit(9)  # then kill -9: no finally, no atexit
+        return Dying()
+    return container
+av.open = open_then_die
+gen.main(gen.Args(input_csv={csv!r}, out_dir={out!r}, pipeline={pipe!r}, height=32, width=64, num_frames=9,
+                  num_inference_steps=2))
+"""
+
+
+def test_a_killed_run_leaves_no_partial_video_marked_done(tmp_path, tiny_pipe):
+    path = write_rows(tmp_path / "in.csv", GOOD[:3])
+    out = tmp_path / "out"
+    script = KILL_SECOND_VIDEO.format(root=ROOT, tests=os.path.join(ROOT, "tests"), csv=path, out=str(out),
+                                      pipe=tiny_pipe)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr[-3000:]
+    partial = glob.glob(str(out / "videos" / "*.tmp*.mp4"))
+    assert len(partial) == 1 and len(decord.VideoReader(partial[0])) == 1  # killed while writing video 2
+    assert len(final_mp4s(out)) == 1 and not os.path.exists(out / "generated.csv")
+
+    printed = run(args_for(path, out, tiny_pipe))  # resume: video 1 is done, 2 and 3 are not
+    assert "rank 0: 2 of its 3 rows to render" in printed
+    rows = read_out(out)
+    assert [r["videopath"] for r in rows] == [r[0] for r in GOOD[:3]]
+    for r in rows:
+        assert common.read_video(os.path.join(out, r["syn_video"]), num_frames=9).shape == (9, 32, 64, 3)
+    assert partial[0] not in final_mp4s(out)  # never listed nor counted as a video
+
+
+def test_sharding_and_seeds_do_not_depend_on_the_number_of_ranks(tmp_path, tiny_pipe, monkeypatch):
+    """The same rows with 1 process and with 2 simulated ranks (rank 1 first, then rank 0, which
+    writes the CSV): each rank renders its share, every row gets the same seed and file name.
+    G is replaced by a stand-in that paints the seed, so the test reads which seed each video got."""
+    path = write_rows(tmp_path / "in.csv", GOOD)
+    rendered = []
+
+    def paint_seed(pipe, prompt, seed, settings):
+        rendered.append(prompt)
+        return np.full((9, 32, 64, 3), seed % 251, dtype=np.uint8)
+    monkeypatch.setattr(gen, "generate", paint_seed)
+    run(args_for(path, tmp_path / "one", tiny_pipe))
+    assert rendered == [r[2] for r in GOOD]
+    rendered.clear()
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))  # print0 / progress read RANK
+        monkeypatch.setattr(gen, "setup_distributed", lambda: common.Dist(rank, rank, 2, "cpu", rank == 0))
+        run(args_for(path, tmp_path / "two", tiny_pipe))
+    assert rendered == [GOOD[1][2], GOOD[3][2], GOOD[0][2], GOOD[2][2]]  # rank 1: rows 1, 3; rank 0: rows 0, 2
+    one, two = read_out(tmp_path / "one"), read_out(tmp_path / "two")
+    assert one == two and len({r["seed"] for r in one}) == 4
+    for r in two:
+        painted = common.read_video(os.path.join(tmp_path / "two", r["syn_video"]), num_frames=9)
+        assert abs(painted.mean() - int(r["seed"]) % 251) < 2  # the video was drawn with the CSV's seed
+
+
+def test_two_process_torchrun_matches_one_process(tmp_path, tiny_pipe, first_run):
+    """A real `torchrun --nproc_per_node 2` (gloo, CPU) over the rows of the first run."""
+    args, _ = first_run
+    out = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "01_generate.py"), "--input_csv", args.input_csv, "--out_dir", str(out),
+           "--pipeline", tiny_pipe, *[f"--{k}={v}" for k, v in TINY.items()]]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0: 2 of its 2 rows to render" in done.stdout  # rows 0 and 2 of 3; rank 1 had row 1
+    one, two = read_out(args.out_dir), read_out(out)
+    assert one == two
+    for r in one:
+        a = common.read_video(os.path.join(args.out_dir, r["syn_video"]), num_frames=9).astype(float)
+        b = common.read_video(os.path.join(out, r["syn_video"]), num_frames=9).astype(float)
+        assert np.abs(a - b).mean() < 1.0
+
+
+def test_settings_come_from_the_flags_or_the_pipeline_defaults(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "SomeNewVideoPipeline"}')
+    with pytest.raises(ValueError, match="no defaults for SomeNewVideoPipeline .*; pass --guidance_scale --fps$"):
+        gen.resolve_settings(gen.Args(pipeline=str(tmp_path), **TINY))
+    name, settings = gen.resolve_settings(gen.Args(pipeline=str(tmp_path), guidance_scale=4.0, fps=12, **TINY))
+    assert name == "SomeNewVideoPipeline" and settings == dict(TINY, guidance_scale=4.0, fps=12)
+    (tmp_path / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline"}')
+    _, settings = gen.resolve_settings(gen.Args(pipeline=str(tmp_path), num_frames=17))  # the paper's, but 17 frames
+    assert settings == dict(num_inference_steps=50, guidance_scale=6.0, height=480, width=720, num_frames=17, fps=8)
+
+
+def test_a_frame_count_the_vae_cannot_make_is_refused(tmp_path, tiny_pipe):
+    path = write_rows(tmp_path / "in.csv", GOOD[:1])
+    with pytest.raises(ValueError, match="--num_frames 10: CogVideoXPipeline renders 1 \\+ a multiple of 4 frames, e.g. 9"):
+        gen.main(args_for(path, tmp_path / "out", tiny_pipe, num_frames=10))
+    assert final_mp4s(tmp_path / "out") == []

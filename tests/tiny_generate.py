@@ -1,0 +1,56 @@
+"""A tiny random CogVideoX text-to-video pipeline, built offline, for the tests of 01_generate.py.
+
+Same classes as THUDM/CogVideoX-5b (CogVideoXTransformer3DModel with rotary positions,
+AutoencoderKLCogVideoX, a T5 encoder and T5 tokenizer, CogVideoXDDIMScheduler), at toy size, saved
+with save_pretrained so that 01_generate.py loads it by path exactly as it loads a hub id.
+The VAE compresses 8x in space and 4x in time, as the real one does: 9 frames of 32x64 pixels are
+3 latent frames of 4x8. (decord cannot read back some small widths such as 48: 64 it can.)
+
+    python tests/tiny_generate.py /tmp/tiny-cogvideox   # then 01_generate.py --pipeline /tmp/tiny-cogvideox
+"""
+import json
+import sys
+
+import torch
+
+
+def t5_tokenizer(vocab_size=300):
+    """A T5Tokenizer (Unigram, '▁' words, </s> appended, <pad>=0 </s>=1 <unk>=2 as in T5) whose
+    vocabulary is trained in memory on the real VideoCon captions of tests/tiny.py."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+    import tiny
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>")
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(tiny.corpus(), trainer)
+    vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]  # specials first, in order
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_cogvideox(path, seed=0):
+    """Build the tiny CogVideoX pipeline and save it (model_index.json + one folder per part)."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                           num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=32, num_layers=1, sample_width=8, sample_height=4, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
+                             transformer=transformer.eval(), scheduler=CogVideoXDDIMScheduler())
+    pipe.save_pretrained(path)
+    return path
+
+
+if __name__ == "__main__":
+    print(tiny_cogvideox(sys.argv[1]))
