@@ -1,0 +1,359 @@
+"""02_weight.py: the VQAScore ensemble fbar and the weight phi of every synthetic video.
+
+Implements §4 (Fig. 2) and §5 Eq. (4) / Table 4 of Zanella et al., CVPR 2025. A synthetic video
+V^s was generated from the negative caption t^s; it may show t^s well, badly, or even show the
+real caption t^r instead. Eq. (4) weighs it by how much better it shows t^s than t^r:
+
+    w = phi(V^s, t^s, t^r) = max(0, fbar(V^s, t^s) - fbar(V^s, t^r))
+
+fbar(V, t) = the mean over an ensemble of image VQA models of the VQAScore (Lin et al. 2024),
+P("Yes" | frame, 'Does this figure show "<t>"? Please answer yes or no.'), averaged over 4
+uniformly sampled frames. The authors never released this stage.
+
+Reads   <dir>/generated.csv   (01_generate.py: input columns + syn_video, relative to <dir>, + seed)
+Writes  <dir>/weighted.csv    the same columns + vqascore_target_<model>, vqascore_real_<model> for
+                              each ensemble member + score_syn_target = fbar(V^s,t^s),
+                              score_syn_real = fbar(V^s,t^r) + weight = WEIGHTINGS[--weighting]
+        <dir>/weighted_fig2.png     Fig. 2: fbar(V^s,t^s) - fbar(V^s,t^r) per misalignment type
+        <dir>/weighted.json         the settings, the per-type table of Fig. 2, the skip count
+        <dir>/weighted_skipped.csv  rows that could not be scored and why (only if there are any)
+        <dir>/weighted_cache/       per-frame scores, one JSON-lines file per model per rank: a
+                                    killed or repeated run resumes from them
+
+Launch (one GPU holds one model at a time; more GPUs split the videos):
+    python 02_weight.py --generated_csv out/generated.csv
+    torchrun --standalone --nproc_per_node 4 02_weight.py --generated_csv out/generated.csv
+CPU-sized example, on the output of 01_generate.py's CPU-sized example (a tiny random InstructBLIP,
+LLaVA and BLIP-2, see tests/tiny_weight.py; several videos/s on one CPU thread):
+    python tests/tiny_weight.py /tmp/tiny-vqa
+    python 02_weight.py --generated_csv /tmp/gen/generated.csv \\
+        --models /tmp/tiny-vqa/instructblip /tmp/tiny-vqa/llava /tmp/tiny-vqa/blip2
+
+NOTE (deviation): the paper's ensemble has CLIP-FlanT5 (Lin et al.'s VQAScore model), which
+transformers cannot load. Its stand-in is BLIP-2 FlanT5-XL: the same language model (FlanT5-XL,
+an encoder-decoder whose bidirectional encoder reads the image tokens together with the question,
+the property VQAScore credits for CLIP-FlanT5's accuracy) on a CLIP-style ViT (EVA-CLIP ViT-g).
+It differs in the connector (Q-Former, not an MLP) and in training (BLIP-2 pre-training, no
+LLaVA-1.5 instruction data), and it is close kin to InstructBLIP, so the ensemble is less varied
+than the paper's. Pass any other image-text model with --models.
+NOTE (deviation): t2v_metrics (VQAScore's code) scores exp(mean log-prob) of the answer's tokens
+including the end-of-sequence token ("Yes</s>"); we read P of the answer's first token from the
+full softmax at the answer position, the VQAScore definition of Lin et al., one forward, no labels.
+We follow t2v_metrics' prompts ("Question: ..." and "yes" for InstructBLIP) except that LLaVA gets
+its hub processor's chat template, without LLaVA's system sentence; and frames go through each
+model's own hub processor (LLaVA-1.5: resize and centre crop, where t2v_metrics pads to a square).
+"""
+import gc
+import glob
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from common import (WEIGHTINGS, answer_token_ids, load_video_llm, parse_args, print0, progress, read_csv,
+                    read_video, save_json, setup_distributed, shard, write_csv)
+
+VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # VQAScore's question
+# Families whose processor has no chat template: (prompt around the question, the answer whose first
+# token an ENCODER-DECODER must produce first), as in t2v_metrics (its InstructBLIP is asked
+# "Question: ..." and answers lower-case "yes"). Every other family uses its processor's chat template;
+# decoder-only models answer "Yes" (common.answer_token_ids), as t2v_metrics' LLaVA-1.5.
+VQA_FORMATS = {
+    "instructblip": ("Question: {question}", "yes"),
+    "blip-2": ("Question: {question} Answer:", "yes"),  # BLIP-2's VQA prompt
+}
+PAPER_ENSEMBLE = [
+    "Salesforce/instructblip-flan-t5-xl",  # InstructBLIP-FlanT5
+    "llava-hf/llava-1.5-7b-hf",  # LLaVA-1.5
+    "Salesforce/blip2-flan-t5-xl",  # NOTE (deviation): stands in for CLIP-FlanT5 (see the docstring)
+]
+PAPER_FIG2_MEANS = {"flip": -0.03, "hallucination": -0.05, "action": 0.09, "attribute": 0.15, "object": 0.15}
+REQUIRED = ("videopath", "caption", "neg_caption", "misalignment", "syn_video")
+
+
+@dataclass
+class Args:
+    generated_csv: str = ""
+    """01_generate.py's CSV: input columns + syn_video (relative to this CSV's folder) + seed"""
+    out_csv: str = ""
+    """output CSV; default: weighted.csv next to --generated_csv (figure, JSON and cache beside it)"""
+    models: list = field(default_factory=lambda: list(PAPER_ENSEMBLE))
+    """the VQA ensemble of fbar in Eq. (4): hub ids or local folders of transformers image-text models"""
+    num_frames: int = 4
+    """frames of V^s sampled uniformly; fbar averages the VQAScore over them"""
+    weighting: str = "difference"
+    """phi, a key of common.WEIGHTINGS (Table 4); "difference" is Eq. (4)"""
+    pairs_per_forward: int = 8
+    """(frame, caption) pairs per forward pass: 8 = a video's 4 frames x 2 captions at once, 1 = one by one"""
+    strict: bool = False
+    """stop at the first row that cannot be scored, instead of skipping it and counting it"""
+
+
+# ---- §4: VQAScore (Lin et al. 2024) of one (image, caption) pair ---------------------------------
+def vqa_prompt(processor, model_type, caption):
+    """The VQAScore question in the model's own prompt format -> (prompt, answer word)."""
+    question = VQA_QUESTION.format(caption=caption)
+    if model_type in VQA_FORMATS:
+        form, answer = VQA_FORMATS[model_type]
+        return form.format(question=question), answer
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False), "Yes"
+    raise ValueError(f"model type {model_type!r}: its processor has no chat template; add its prompt to VQA_FORMATS")
+
+
+def is_encoder_decoder(model):
+    """True for InstructBLIP-FlanT5 / BLIP-2-FlanT5 (the answer comes from T5's decoder)."""
+    return bool(model.config.get_text_config().is_encoder_decoder)
+
+
+def yes_token_id(processor, prompt, answer, encoder_decoder):
+    """Id of the first token of "Yes" where the answer starts. Encoder-decoder: the decoder's first
+    token, i.e. the answer tokenised alone ("▁yes" in T5); decoder-only: the token that follows the
+    prompt (common.answer_token_ids, e.g. "▁Yes" after LLaVA's "ASSISTANT:")."""
+    if encoder_decoder:
+        return processor.tokenizer(answer, add_special_tokens=False)["input_ids"][0]
+    return answer_token_ids(processor.tokenizer, prompt)[0]
+
+
+@torch.no_grad()
+def vqa_scores(model, processor, images, captions, pairs_per_forward=8):
+    """VQAScore of each (image, caption) pair: P("Yes" | image, question), one entry of the FULL
+    softmax over the vocabulary at the answer position (not Eq. 1's Yes/No ratio).
+
+    images: list of n uint8 arrays (H, W, 3); captions: list of n texts. Pairs go through the model
+    `pairs_per_forward` at a time. Returns a float tensor (n,) on the CPU."""
+    enc_dec = is_encoder_decoder(model)
+    prompts, yes = [], []
+    for caption in captions:
+        prompt, answer = vqa_prompt(processor, model.config.model_type, caption)
+        prompts.append(prompt)
+        yes.append(yes_token_id(processor, prompt, answer, enc_dec))
+    scores = []
+    for s in range(0, len(captions), pairs_per_forward):
+        chunk = slice(s, s + pairs_per_forward)
+        # decoder-only: left padding puts every prompt's last token, where the answer starts, at -1
+        pad = {} if enc_dec else {"padding_side": "left"}
+        inputs = processor(images=list(images[chunk]), text=prompts[chunk], padding=True, return_tensors="pt", **pad)
+        inputs = inputs.to(model.device, model.dtype)  # floats (pixels) to the model's dtype, ids stay ints
+        n = len(prompts[chunk])
+        if enc_dec:  # the decoder's first step: its input is the start token alone
+            start = model.config.get_text_config().decoder_start_token_id
+            decoder_input_ids = torch.full((n, 1), start, dtype=torch.long, device=model.device)
+            logits = model(**inputs, decoder_input_ids=decoder_input_ids).logits[:, 0]  # (n, vocab)
+        else:  # the next-token distribution after the prompt; lm_head runs on the last position only.
+            # Left padding shifts a short prompt's positions, which rotary embeddings (relative) ignore.
+            logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # (n, vocab)
+        p = logits.float().softmax(dim=-1)  # (n, vocab): the full softmax
+        scores.append(p.gather(1, torch.tensor(yes[chunk], device=p.device)[:, None])[:, 0].cpu())  # (n,) P(Yes)
+    return torch.cat(scores)
+
+
+def score_video(model, processor, frames, t_s, t_r, pairs_per_forward=8):
+    """Per-frame VQAScores of (V^s, t^s) and (V^s, t^r): T frames x 2 captions = 2T pairs, by
+    default one forward. frames: uint8 (T, H, W, 3). Returns two lists of T floats."""
+    T = len(frames)
+    p = vqa_scores(model, processor, [f for _ in range(2) for f in frames], [t_s] * T + [t_r] * T,
+                   pairs_per_forward).view(2, T)
+    if not torch.isfinite(p).all():
+        raise ValueError(f"non-finite VQAScore {p.tolist()}")
+    return p[0].tolist(), p[1].tolist()
+
+
+# ---- the cache: one JSON line per (model, video) -------------------------------------------------
+def member_name(model_id):
+    """A short column-safe name for an ensemble member: the last part of its hub id or folder."""
+    return re.sub(r"[^\w.-]", "_", os.path.basename(os.path.normpath(model_id)))
+
+
+def row_key(row):
+    """A row's identity in the cache: its synthetic video and both captions (not its position)."""
+    return json.dumps([row["syn_video"], row["neg_caption"], row["caption"]])
+
+
+def read_cache(folder):
+    """{key: record} of every scored video in a model's cache folder, all ranks' files together;
+    {key: error} of rows that failed (retried by the next run). A line cut by a kill is ignored."""
+    done, failed = {}, {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        with open(os.path.join(folder, name), encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "error" in record:
+                    failed[record["key"]] = record["error"]
+                else:
+                    done[record["key"]] = record
+    return done, {k: e for k, e in failed.items() if k not in done}
+
+
+def open_part(path):
+    """Open a rank's cache file to append, first ending a line that a killed run left unfinished."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            cut = fh.read() != b"\n"
+        if cut:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write("\n")
+    return open(path, "a", encoding="utf-8")
+
+
+# ---- §4 Fig. 2: distribution of fbar(Vs,ts) - fbar(Vs,tr) per misalignment type -----------------
+def fig2_table(rows):
+    """{misalignment type: {n, mean, std}} of fbar(V^s,t^s) - fbar(V^s,t^r)."""
+    by_type = {}
+    for r in rows:
+        by_type.setdefault(r["misalignment"] or "(none)", []).append(r["score_syn_target"] - r["score_syn_real"])
+    return {k: {"n": len(v), "mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in sorted(by_type.items())}
+
+
+def plot_fig2(rows, path):
+    """One histogram of fbar(V^s,t^s) - fbar(V^s,t^r) per misalignment type, written to `path` (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    table = fig2_table(rows)
+    cols = min(4, len(table))
+    nrows = -(-len(table) // cols)  # ceil
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(table):]:
+        ax.axis("off")
+    for ax, (kind, stats) in zip(axes.flat, table.items()):
+        diffs = [r["score_syn_target"] - r["score_syn_real"] for r in rows if (r["misalignment"] or "(none)") == kind]
+        ax.hist(diffs, bins=np.linspace(-1, 1, 41), color="tab:blue")
+        ax.axvline(stats["mean"], color="tab:red", label=f"mean {stats['mean']:+.2f}")
+        ax.axvline(0, color="black", linewidth=0.5)
+        ax.set_title(f"{kind} (n={stats['n']})")
+        ax.set_xlabel(r"$\bar f(V^s,t^s) - \bar f(V^s,t^r)$")
+        ax.set_ylabel("synthetic videos")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args):
+    dist = setup_distributed()
+    if args.weighting not in WEIGHTINGS:
+        raise ValueError(f"--weighting {args.weighting!r} is not in common.WEIGHTINGS {sorted(WEIGHTINGS)}")
+    if not args.generated_csv:
+        raise ValueError("--generated_csv is required: the generated.csv that 01_generate.py wrote")
+    names = [member_name(m) for m in args.models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two ensemble members share a name {names}: their score columns would collide")
+    rows = read_csv(args.generated_csv, required=REQUIRED)
+    root = os.path.dirname(os.path.abspath(args.generated_csv))  # syn_video is relative to the CSV's folder
+    out_csv = args.out_csv or os.path.join(root, "weighted.csv")
+    stem = os.path.splitext(out_csv)[0]
+    cache = stem + "_cache"
+    keys = [row_key(r) for r in rows]
+    first = {}  # key -> the first row that has it: a repeated row is scored once
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+
+    # ---- resume: every rank reads the cache, then all agree before anyone writes to it ----------
+    caches = [read_cache(os.path.join(cache, name)) for name in names]
+    todo = [[first[k] for k in first if k not in done] for done, _ in caches]  # row indices per model
+    if dist.master:  # an earlier run's end-of-work markers
+        for marker in glob.glob(os.path.join(cache, "finished.rank*")):
+            os.remove(marker)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    print0(f"{len(rows)} rows, {len(first)} synthetic videos; to score per model: "
+           + ", ".join(f"{n} {len(t)}" for n, t in zip(names, todo)))
+
+    # ---- §4: per-frame VQAScores, one model at a time (the whole ensemble never shares a GPU) ----
+    for model_id, name, rows_todo in zip(args.models, names, todo):
+        mine = shard(rows_todo, dist)  # the work left is split evenly, however much was cached
+        if not mine:
+            continue
+        model, processor = load_video_llm(model_id, device=dist.device)
+        print0(f"{name}: prompt {vqa_prompt(processor, model.config.model_type, '<t>')[0]!r}")
+        with open_part(os.path.join(cache, name, f"rank{dist.rank}.jsonl")) as part:
+            for i in progress(mine, desc=f"VQAScore {name}"):
+                row = rows[i]
+                try:
+                    path = row["syn_video"] if os.path.isabs(row["syn_video"]) else os.path.join(root, row["syn_video"])
+                    frames = read_video(path, args.num_frames, "uniform")
+                    target, real = score_video(model, processor, frames, row["neg_caption"], row["caption"],
+                                               args.pairs_per_forward)
+                    record = {"key": keys[i], "target": target, "real": real}
+                except (FileNotFoundError, ValueError) as e:  # missing / undecodable video, NaN score
+                    message = f"{args.generated_csv} row {i} ({row['syn_video']}), model {name}: {e}"
+                    if args.strict:
+                        raise ValueError(message) from e
+                    print(f"[rank {dist.rank}] skipping {message}", flush=True)
+                    record = {"key": keys[i], "error": str(e)}
+                part.write(json.dumps(record) + "\n")
+                part.flush()  # a killed run keeps every finished video
+        del model, processor
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    os.makedirs(cache, exist_ok=True)
+    open(os.path.join(cache, f"finished.rank{dist.rank}"), "w").close()
+    if dist.world_size > 1:
+        torch.distributed.destroy_process_group()
+    if not dist.master:
+        return None
+    # NOTE: rank 0 waits for the other ranks' markers instead of calling a barrier: a collective would
+    # time out (NCCL's default is 10 minutes) while a slower rank still scores its last videos. If a
+    # rank dies, torchrun stops this one too.
+    while not all(os.path.exists(os.path.join(cache, f"finished.rank{r}")) for r in range(dist.world_size)):
+        time.sleep(2)
+
+    # ---- §5 Eq. (4): fbar = mean over models of the mean over frames; w = phi(fbar_t, fbar_r) ----
+    caches = [read_cache(os.path.join(cache, name)) for name in names]
+    scored, skipped = [], []
+    for row, key in zip(rows, keys):
+        missing = [(n, failed.get(key, "not scored")) for n, (done, failed) in zip(names, caches) if key not in done]
+        if missing:
+            skipped.append({**row, "skip_reason": "; ".join(f"{n}: {e}" for n, e in missing)})
+            continue
+        out = dict(row)
+        for name, (done, _) in zip(names, caches):
+            out[f"vqascore_target_{name}"] = float(np.mean(done[key]["target"]))  # mean over frames
+            out[f"vqascore_real_{name}"] = float(np.mean(done[key]["real"]))
+        out["score_syn_target"] = float(np.mean([out[f"vqascore_target_{n}"] for n in names]))  # fbar(Vs, ts)
+        out["score_syn_real"] = float(np.mean([out[f"vqascore_real_{n}"] for n in names]))  # fbar(Vs, tr)
+        scored.append(out)
+    phi = WEIGHTINGS[args.weighting]  # Table 4 / Eq. (4), on all rows at once
+    weights = phi(np.array([r["score_syn_target"] for r in scored]), np.array([r["score_syn_real"] for r in scored]))
+    weights = np.broadcast_to(np.asarray(weights, dtype=float), (len(scored),))
+    if not np.isfinite(weights).all():
+        bad = [r["syn_video"] for r, w in zip(scored, weights) if not np.isfinite(w)]
+        raise ValueError(f"weighting {args.weighting!r} gave a non-finite weight for {bad[:5]}")
+    for r, w in zip(scored, weights):
+        r["weight"] = float(w)
+    columns = list(rows[0]) if rows else list(REQUIRED)
+    columns += [f"vqascore_{s}_{n}" for n in names for s in ("target", "real")]
+    write_csv(out_csv, scored, columns + ["score_syn_target", "score_syn_real", "weight"])
+    if skipped:
+        write_csv(stem + "_skipped.csv", skipped)
+    elif os.path.exists(stem + "_skipped.csv"):  # an earlier run's list, now scored
+        os.remove(stem + "_skipped.csv")
+    print0(f"wrote {out_csv}: {len(scored)} rows weighted; {len(skipped)} skipped"
+           + (f" (listed with the reason in {stem}_skipped.csv)" if skipped else ""))
+
+    # ---- §4 Fig. 2 and its table of means ----------------------------------------------------------
+    table = fig2_table(scored)
+    print0(f"{'misalignment':<16}{'n':>6}{'mean':>9}{'std':>8}{'paper mean':>12}")
+    for kind, s in table.items():
+        paper = PAPER_FIG2_MEANS.get(kind)
+        print0(f"{kind:<16}{s['n']:>6}{s['mean']:>+9.3f}{s['std']:>8.3f}{'' if paper is None else f'{paper:+.2f}':>12}")
+    if scored:
+        plot_fig2(scored, stem + "_fig2.png")
+    save_json(stem + ".json", {"args": vars(args), "fig2": table, "weighted": len(scored), "skipped": len(skipped)})
+    return out_csv
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))

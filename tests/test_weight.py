@@ -1,0 +1,226 @@
+"""02_weight.py: VQAScore against the models' own softmax, batching, every weighting of Table 4 on
+a table worked by hand, Fig. 2, bad input, resume, and a two-process torchrun run."""
+import csv
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import tiny
+import tiny_weight
+from common import WEIGHTINGS
+
+weight = importlib.import_module("02_weight")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTION, NEG = "a red square moves to the right", "a blue circle jumps"  # different lengths: padding happens
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return tiny_weight.tiny_llava(str(tmp_path_factory.mktemp("tiny-llava")))
+
+
+@pytest.fixture(scope="module")
+def instructblip_dir(tmp_path_factory):
+    return tiny_weight.tiny_instructblip(str(tmp_path_factory.mktemp("tiny-instructblip")))
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return tiny.moving_square(num_frames=4, size=32)
+
+
+def make_generated(folder, n=3, missing=(), corrupt=()):
+    """A generated.csv as 01_generate.py writes it: syn_video relative to the CSV's folder."""
+    os.makedirs(os.path.join(folder, "videos"), exist_ok=True)
+    kinds = ["object", "flip", "action", "attribute"]
+    rows = []
+    for i in range(n):
+        path = os.path.join(folder, "videos", f"{i}.mp4")
+        if i in corrupt:
+            open(path, "wb").write(b"this is not an mp4")
+        elif i not in missing:
+            common.write_video(path, tiny.moving_square(8, 32, color=(255, 60 * i, 0), direction=1 - 2 * (i % 2), seed=i))
+        rows.append({"videopath": f"real/{i}.mp4", "caption": f"{CAPTION} {i}", "neg_caption": f"{NEG} {i}",
+                     "misalignment": kinds[i % 4], "syn_video": f"videos/{i}.mp4", "seed": str(i)})
+    common.write_csv(os.path.join(folder, "generated.csv"), rows)
+    return os.path.join(folder, "generated.csv")
+
+
+def run(generated_csv, models, **kw):
+    return weight.main(weight.Args(generated_csv=generated_csv, models=list(models), **kw))
+
+
+def read(path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ---- VQAScore = P(Yes) from the model's full softmax, computed by hand ----------------------------
+def test_vqascore_decoder_only_is_p_yes_of_the_full_softmax(llava_dir, frames):
+    model, processor = common.load_video_llm(llava_dir)
+    prompt = f'USER: <image>\nDoes this figure show "{CAPTION}"? Please answer yes or no. ASSISTANT:'
+    inputs = processor(images=[frames[0]], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1]  # every position computed; the last one answers
+    p = logits.softmax(-1)
+    yes, no = processor.tokenizer.convert_tokens_to_ids(["▁Yes", "▁No"])
+    got = weight.vqa_scores(model, processor, [frames[0]], [CAPTION])
+    assert got.item() == pytest.approx(p[yes].item(), rel=1e-5)
+    assert got.item() != pytest.approx((p[yes] / (p[yes] + p[no])).item(), rel=1e-2)  # not Eq. (1)'s ratio
+
+
+@pytest.fixture(scope="module")
+def blip2_dir(tmp_path_factory):
+    return tiny_weight.tiny_blip2(str(tmp_path_factory.mktemp("tiny-blip2")))
+
+
+@pytest.mark.parametrize("which, form", [("instructblip_dir", "Question: {}"), ("blip2_dir", "Question: {} Answer:")])
+def test_vqascore_encoder_decoder_is_p_yes_of_the_decoders_first_step(which, form, frames, request):
+    model, processor = common.load_video_llm(request.getfixturevalue(which))
+    prompt = form.format(f'Does this figure show "{CAPTION}"? Please answer yes or no.')
+    inputs = processor(images=[frames[1]], text=[prompt], return_tensors="pt")
+    yes = processor.tokenizer.convert_tokens_to_ids("▁yes")
+    with torch.no_grad():  # T5's loss on the one-token answer "yes" is -log P(yes) at the first step
+        loss = model(**inputs, labels=torch.tensor([[yes]])).loss
+    got = weight.vqa_scores(model, processor, [frames[1]], [CAPTION])
+    assert got.item() == pytest.approx(math.exp(-loss.item()), rel=1e-5)
+
+
+@pytest.mark.parametrize("which", ["llava_dir", "instructblip_dir", "blip2_dir"])
+def test_batched_equals_one_at_a_time(which, frames, request):
+    model, processor = common.load_video_llm(request.getfixturevalue(which))
+    batched = weight.score_video(model, processor, frames, NEG, CAPTION, pairs_per_forward=8)
+    single = weight.score_video(model, processor, frames, NEG, CAPTION, pairs_per_forward=1)
+    np.testing.assert_allclose(np.array(batched), np.array(single), rtol=1e-4)
+    assert len(set(batched[0] + batched[1])) == 8  # frames and captions really change the score
+
+
+def test_a_nan_score_is_an_error_not_a_weight(llava_dir, frames, monkeypatch):
+    model, processor = common.load_video_llm(llava_dir)
+    monkeypatch.setattr(weight, "vqa_scores", lambda *a, **k: torch.tensor([0.5] * 7 + [float("nan")]))
+    with pytest.raises(ValueError, match="non-finite"):
+        weight.score_video(model, processor, frames, NEG, CAPTION)
+
+
+# ---- Table 4 / Eq. (4) on a table worked by hand -----------------------------------------------
+# Two models, two frames. Row 0: fbar_t = mean(0.7, 0.5) = 0.6, fbar_r = mean(0.3, 0.2) = 0.25;
+# row 1: fbar_t = 0.25, fbar_r = 0.6; row 2: fbar_t = fbar_r = 0.4.
+CACHE = {"m1": [([0.8, 0.6], [0.2, 0.4]), ([0.2, 0.2], [0.6, 0.8]), ([0.5, 0.5], [0.5, 0.5])],
+         "m2": [([0.5, 0.5], [0.1, 0.3]), ([0.4, 0.2], [0.5, 0.5]), ([0.3, 0.3], [0.3, 0.3])]}
+FT, FR = [0.6, 0.25, 0.4], [0.25, 0.6, 0.4]
+EXPECTED = {"fixed": [1.0, 1.0, 1.0], "target": [0.6, 0.25, 0.4],
+            "target_x_inv_real": [0.6 * 0.75, 0.25 * 0.4, 0.4 * 0.6], "indicator": [1.0, 0.0, 0.0],
+            "difference": [0.35, 0.0, 0.0]}
+
+
+def hand_made_run(folder, weighting):
+    """generated.csv + a complete cache written by hand: main() loads no model, it only merges."""
+    generated = make_generated(folder, n=3, missing=(0, 1, 2))
+    rows = common.read_csv(generated)
+    for name, scores in CACHE.items():
+        os.makedirs(os.path.join(folder, "weighted_cache", name))
+        with open(os.path.join(folder, "weighted_cache", name, "rank0.jsonl"), "w") as fh:
+            for row, (t, r) in zip(rows, scores):
+                fh.write(json.dumps({"key": weight.row_key(row), "target": t, "real": r}) + "\n")
+    return run(generated, ["org/m1", "m2"], weighting=weighting)
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTINGS))
+def test_every_weighting_on_a_hand_made_table(name, tmp_path):
+    out = read(hand_made_run(str(tmp_path), name))
+    assert [float(r["vqascore_target_m1"]) for r in out] == pytest.approx([0.7, 0.2, 0.5])
+    assert [float(r["vqascore_real_m2"]) for r in out] == pytest.approx([0.2, 0.5, 0.3])
+    assert [float(r["score_syn_target"]) for r in out] == pytest.approx(FT)
+    assert [float(r["score_syn_real"]) for r in out] == pytest.approx(FR)
+    got = [float(r["weight"]) for r in out]
+    # a weighting a student adds has no hand-worked numbers: it must agree with itself row by row
+    expected = EXPECTED.get(name) or [float(WEIGHTINGS[name](np.float64(t), np.float64(r))) for t, r in zip(FT, FR)]
+    assert got == pytest.approx(expected)
+
+
+def test_unknown_weighting_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="not in common.WEIGHTINGS"):
+        run(make_generated(str(tmp_path), n=1), ["m"], weighting="nope")
+
+
+def test_a_non_finite_weight_stops_the_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(WEIGHTINGS, "log_ratio", lambda ft, fr: np.log(ft - fr))  # a student's slip: log(<0)
+    message = r"non-finite weight for \['videos/1.mp4', 'videos/2.mp4'\]"
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match=message):
+        hand_made_run(str(tmp_path), "log_ratio")
+    assert not (tmp_path / "weighted.csv").exists()
+
+
+# ---- §4 Fig. 2 ----------------------------------------------------------------------------------
+def test_fig2_png_and_table_of_means(tmp_path, capsys):
+    hand_made_run(str(tmp_path), "difference")
+    png = tmp_path / "weighted_fig2.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    summary = json.loads((tmp_path / "weighted.json").read_text())
+    # rows 0, 1, 2 are object, flip, action: differences +0.35, -0.35, 0
+    assert summary["fig2"]["object"]["mean"] == pytest.approx(0.35)
+    assert summary["fig2"]["flip"]["mean"] == pytest.approx(-0.35)
+    assert summary["fig2"]["action"] == {"n": 1, "mean": pytest.approx(0.0), "std": 0.0}
+    printed = capsys.readouterr().out
+    assert "flip" in printed and "-0.350" in printed and "-0.03" in printed  # ours, and the paper's
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+def test_missing_and_undecodable_videos_are_skipped_and_counted(llava_dir, tmp_path):
+    generated = make_generated(str(tmp_path), n=3, missing=(1,), corrupt=(2,))
+    out = read(run(generated, [llava_dir]))
+    assert [r["syn_video"] for r in out] == ["videos/0.mp4"]
+    skipped = read(str(tmp_path / "weighted_skipped.csv"))
+    assert [r["syn_video"] for r in skipped] == ["videos/1.mp4", "videos/2.mp4"]
+    assert "not found" in skipped[0]["skip_reason"] and "cannot decode" in skipped[1]["skip_reason"]
+    assert json.loads((tmp_path / "weighted.json").read_text())["skipped"] == 2
+    with pytest.raises(ValueError, match=r"row 1 \(videos/1.mp4\).*not found"):
+        run(generated, [llava_dir], out_csv=str(tmp_path / "strict.csv"), strict=True)
+
+
+# ---- resume and torchrun ----------------------------------------------------------------------------
+def assert_same_csv(a, b):
+    ra, rb = read(a), read(b)
+    assert [list(r) for r in ra] == [list(r) for r in rb] and len(ra) == len(rb) > 0
+    for x, y in zip(ra, rb):
+        for k in x:
+            if k.startswith(("vqascore_", "score_", "weight")):
+                assert float(x[k]) == pytest.approx(float(y[k]), rel=1e-5), k
+            else:
+                assert x[k] == y[k], k
+
+
+def test_resume_and_two_ranks_give_the_same_csv(llava_dir, instructblip_dir, tmp_path, capsys):
+    generated = make_generated(str(tmp_path), n=2)  # one video per rank below
+    models = [llava_dir, instructblip_dir]
+    one = run(generated, models)
+    reference = open(one).read()
+
+    # a run killed while writing llava's last video: drop that record, leave half a line behind
+    part = tmp_path / "weighted_cache" / os.path.basename(llava_dir) / "rank0.jsonl"
+    lines = part.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:-1]) + lines[-1][:25])
+    os.remove(one)
+    capsys.readouterr()
+    assert open(run(generated, models)).read() == reference
+    assert "to score per model: " + f"{os.path.basename(llava_dir)} 1, {os.path.basename(instructblip_dir)} 0" \
+        in capsys.readouterr().out  # only the lost video was scored again, and instructblip never loaded
+    assert part.read_text().splitlines()[len(lines) - 1] == lines[-1][:25]  # the cut line was ended, then skipped
+
+    two = str(tmp_path / "two" / "weighted.csv")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.join(ROOT, "02_weight.py"), "--generated_csv", generated, "--out_csv", two,
+                           "--models", *models], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = os.listdir(os.path.join(tmp_path, "two", "weighted_cache", os.path.basename(llava_dir)))
+    assert sorted(parts) == ["rank0.jsonl", "rank1.jsonl"]  # both ranks did work
+    assert_same_csv(one, two)

@@ -1,0 +1,120 @@
+"""Tiny random IMAGE VQA models for 02_weight.py, built offline from configs and saved like hub
+checkpoints (model + processor), so that the stage loads them by path exactly as a hub id.
+
+- tiny_llava: LLaVA-1.5 style, decoder-only (CLIP vision + LLaMA), the tiny tokenizer of tiny.py
+  and the chat template of llava-hf/llava-1.5-7b-hf.
+- tiny_instructblip / tiny_blip2: InstructBLIP-FlanT5 / BLIP-2-FlanT5 style, encoder-decoder (BLIP
+  vision + Q-Former + T5), with a T5-like tokenizer (and, for InstructBLIP, a BERT-like Q-Former
+  tokenizer), trained in memory.
+"""
+import torch
+
+import tiny
+
+# the shape of llava-hf/llava-1.5-7b-hf's own chat template: "USER: <image>\n<text> ASSISTANT:"
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() + ': ' }}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+VQA_LINES = ['Question: Does this figure show ""? Please answer yes or no. Answer:'] * 500 + ["yes no Yes No"] * 2000
+
+
+def tiny_llava(path, frame_size=32, patch=8, seed=0):
+    """LLaVA-1.5 at toy size: 2-layer CLIP vision tower, 2-layer LLaMA, saved to path."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    torch.manual_seed(seed)
+    tok = tiny.build_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=frame_size, patch_size=patch)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_token_id=tok.convert_tokens_to_ids("<image>"))
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": frame_size},
+                                         crop_size={"height": frame_size, "width": frame_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_TEMPLATE)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def t5_tokenizer(vocab_size=700):
+    """A T5-like tokenizer: sentencepiece-style '▁' words, </s> appended, <pad> = id 0 (T5's
+    decoder start token), "▁yes" a single token as in Flan-T5."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    special = ["<pad>", "</s>", "<unk>", "<image>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(tiny.corpus() + VQA_LINES, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    # no `image_token` attribute: InstructBlipProcessor then registers "<image>" itself, as for the hub's
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+def bert_tokenizer(vocab_size=500):
+    """A BERT-like WordPiece tokenizer ([CLS] text [SEP]) for the Q-Former, which reads the question
+    too (the "instruction-aware" part of InstructBLIP)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special)
+    tok.train_from_iterator(tiny.corpus() + VQA_LINES, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def tiny_blip(path, instruct=True, frame_size=32, patch=8, num_query_tokens=4, seed=0):
+    """InstructBLIP-FlanT5 (instruct=True) or BLIP-2-FlanT5 (False; 02_weight.py's stand-in for
+    CLIP-FlanT5) at toy size: 2-layer vision tower, 2-layer Q-Former, 2+2-layer T5. InstructBLIP's
+    Q-Former also reads the question, through its own BERT-like tokenizer."""
+    import transformers
+    from transformers import BlipImageProcessor, T5Config
+    family = {name: getattr(transformers, ("InstructBlip" if instruct else "Blip2") + name)
+              for name in ("Config", "VisionConfig", "QFormerConfig", "ForConditionalGeneration", "Processor")}
+    torch.manual_seed(seed)
+    tok = t5_tokenizer()
+    qtok = {"qformer_tokenizer": bert_tokenizer()} if instruct else {}
+    vision = family["VisionConfig"](hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    image_size=frame_size, patch_size=patch, initializer_range=0.02)
+    qformer = family["QFormerConfig"](hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                      **({"vocab_size": len(qtok["qformer_tokenizer"])} if instruct else {}))
+    text = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+    config = family["Config"](vision_config=vision, qformer_config=qformer, text_config=text,
+                              num_query_tokens=num_query_tokens, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    model = family["ForConditionalGeneration"](config).eval()
+    processor = family["Processor"](image_processor=BlipImageProcessor(size={"height": frame_size, "width": frame_size}),
+                                    tokenizer=tok, num_query_tokens=num_query_tokens, **qtok)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def tiny_instructblip(path, **kw):
+    return tiny_blip(path, instruct=True, **kw)
+
+
+def tiny_blip2(path, **kw):
+    return tiny_blip(path, instruct=False, **kw)
+
+
+if __name__ == "__main__":  # python tests/tiny_weight.py DIR: a tiny three-model ensemble under DIR
+    import os
+    import sys
+    root = sys.argv[1] if len(sys.argv) > 1 else "tiny-vqa"
+    for name, build in (("instructblip", tiny_instructblip), ("llava", tiny_llava), ("blip2", tiny_blip2)):
+        print(build(os.path.join(root, name)))
