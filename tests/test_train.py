@@ -1,0 +1,264 @@
+"""03_train.py: the objective's wiring, the data plan, and toy-size training runs through main(args),
+including a two-process torchrun run and a kill-and-resume, on the tiny random models."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import tiny_train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("train", os.path.join(ROOT, "03_train.py"))
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models are far faster on one thread than on cores shared with other work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """8 rows (4 colours x 2 directions): (csv, video_root)."""
+    return tiny_train.write_toy_set(str(tmp_path_factory.mktemp("toy")))
+
+
+def make_args(model, csv, video_root, out_dir, **kw):
+    """CPU-sized settings: 8 rows, global batch 4 = 2 micro-batches of 2, 2 epochs = 4 steps."""
+    base = dict(model=model, train_csv=csv, video_root=video_root, out_dir=str(out_dir), batch_size=4,
+                micro_batch_size=2, num_epochs=2, lr=1e-2, warmup_steps=1, num_workers=0, save_every=2)
+    return train.Args(**{**base, **kw})
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"), encoding="utf-8")]
+
+
+def lora_weights(out_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(video_llava_dir, toy, tmp_path_factory):
+    """One uninterrupted 1-process run (4 steps, LoRA dropout on): (out_dir, returned model)."""
+    out = tmp_path_factory.mktemp("reference")
+    return out, train.main(make_args(video_llava_dir, *toy, out))
+
+
+# ---- the data plan and the weights --------------------------------------------------------------
+def test_global_batches_do_not_depend_on_the_number_of_processes():
+    args = train.Args(batch_size=8, micro_batch_size=2)
+    for step in range(6):  # 3 epochs of 16 rows
+        one = train.micro_batches(16, step, 4, common.Dist(), args)
+        two = [train.micro_batches(16, step, 2, common.Dist(rank=r, world_size=2), args) for r in (0, 1)]
+        assert one == two[0] + two[1]  # the same micro-batches, rank 0 takes the first half
+    epoch = sum((sum(train.micro_batches(16, s, 4, common.Dist(), args), []) for s in (2, 3)), [])
+    assert sorted(epoch) == list(range(16))  # an epoch visits every row once
+    assert epoch != sum((sum(train.micro_batches(16, s, 4, common.Dist(), args), []) for s in (0, 1)), [])
+
+
+@pytest.mark.parametrize("weighting", sorted(train.WEIGHTINGS) + ["csv"])
+def test_weights_from_the_csv_or_recomputed(toy, weighting):
+    rows, skipped = train.load_triplets(train.Args(train_csv=toy[0], video_root=toy[1], weighting=weighting))
+    fr = np.array([0.1 * (k % 5) for k in range(8)])  # tiny_train: fbar(Vs,ts) = 0.8, fbar(Vs,tr) = fr
+    expected = {"fixed": np.ones(8), "target": np.full(8, 0.8), "target_x_inv_real": 0.8 * (1 - fr),
+                "indicator": np.ones(8), "difference": 0.8 - fr, "csv": 0.8 - fr}.get(weighting)
+    if expected is None:  # a student's new weighting: whatever it says, clamped at 0
+        expected = np.maximum(train.WEIGHTINGS[weighting](np.full(8, 0.8), fr), 0)
+    np.testing.assert_allclose([r["w"] for r in rows], expected, atol=1e-9)
+    assert skipped == [] and rows[0]["syn"] == os.path.join(os.path.dirname(toy[0]), "videos", "syn_0.mp4")
+
+
+def test_bad_rows_are_a_counted_skip_and_phi_is_clamped(toy):
+    rows = common.read_csv(toy[0])
+    rows[1]["weight"] = ""  # missing weight
+    rows[2]["weight"] = "nan"
+    rows[3]["videopath"] = "nowhere.mp4"
+    rows[4]["syn_video"] = "videos/nowhere.mp4"
+    rows[5]["weight"] = "-0.3"  # phi < 0 is clamped to 0, not skipped
+    csv = os.path.join(os.path.dirname(toy[0]), "bad.csv")  # syn_video is relative to the CSV's folder
+    common.write_csv(csv, rows)
+    kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+    assert [r["index"] for r in kept] == [0, 5, 6, 7] and kept[1]["w"] == 0.0
+    assert [(s["row"], s["reason"]) for s in skipped] == [
+        (1, "weight is missing or not a number"), (2, "weight is missing or not a number"),
+        (3, "video not found: " + os.path.join(toy[1], "nowhere.mp4")),
+        (4, "video not found: " + os.path.join(os.path.dirname(toy[0]), "videos", "nowhere.mp4"))]
+    for r in rows:
+        r["weight"] = ""
+    common.write_csv(csv, rows)
+    with pytest.raises(ValueError, match="bad.csv: no row can be trained on"):
+        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+    with pytest.raises(ValueError, match="--weighting 'nope'"):
+        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], weighting="nope"))
+    # the VideoCon baseline needs no synthetic columns at all
+    common.write_csv(csv, [{k: r[k] for k in ("videopath", "caption", "neg_caption")} for r in rows])
+    assert len(train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], use_syn=False))[0]) == 7
+
+
+# ---- the six scores in one call, and Eq. (7) ----------------------------------------------------
+@torch.no_grad()
+def test_one_call_equals_each_pair_scored_alone(video_llava_dir, toy):
+    model, processor = common.load_video_llm(video_llava_dir)
+    args = train.Args(train_csv=toy[0], video_root=toy[1])
+    rows, _ = train.load_triplets(args)
+    batch, paths, frames = train.load_videos(rows[:2], args)
+    assert len(paths) == len(frames) == 4  # 2 real + 2 synthetic videos, each decoded once
+    a = train.triplet_logits(model, processor, batch, paths, frames, args)
+    for i, r in enumerate(batch):
+        real, syn = frames[paths.index(r["real"])], frames[paths.index(r["syn"])]
+        alone = {"rr": (real, r["caption"], None), "rs": (real, r["neg"], None), "ss": (syn, r["neg"], None),
+                 "sr": (syn, r["caption"], None),
+                 "r'": (real, r["caption"], common.hidden_word_spans(r["caption"], r["neg"])),
+                 "s'": (syn, r["neg"], common.hidden_word_spans(r["neg"], r["caption"]))}
+        for name, (video, caption, hidden) in alone.items():
+            one = common.alignment_logits(model, processor, [video], [caption], hidden=[hidden])
+            assert a[name][i].item() == pytest.approx(one.item(), abs=1e-5), (name, i)
+    assert common.hidden_word_spans(batch[0]["caption"], batch[0]["neg"])  # t' really hides a word
+    assert abs(a["rr"][0] - a["r'"][0]) > 1e-4
+
+
+def test_objective_by_hand():
+    logit = lambda f: math.log(f / (1 - f))  # noqa: E731, f = sigmoid(a)
+    a = {k: torch.tensor([logit(f)]) for k, f in
+         dict(rr=0.9, rs=0.4, ss=0.6, sr=0.3, **{"r'": 0.5, "s'": 0.5}).items()}
+    terms = train.objective(a, torch.tensor([0.5]), train.Args(lambda_scr=2.0, gamma=0.2))
+    l_real = -(math.log(0.9) + math.log(0.6))
+    l_syn = -0.5 * (math.log(0.6) + math.log(0.7))
+    # V^s: relu(.2+.5-.6)=.1 + relu(.2+.3-.5)=0 ; V^r: relu(.2+.5-.9)=0 + relu(.2+.4-.5)=.1 ; times w
+    l_scr = 0.5 * 0.2
+    assert terms["l_real"].item() == pytest.approx(l_real, abs=1e-6)
+    assert terms["l_syn"].item() == pytest.approx(l_syn, abs=1e-6)
+    assert terms["l_scr"].item() == pytest.approx(l_scr, abs=1e-6)
+    assert terms["loss"].item() == pytest.approx(l_real + l_syn + 2.0 * l_scr, abs=1e-6)
+    real_only = train.objective({k: a[k] for k in ("rr", "rs")}, torch.tensor([0.5]), train.Args())
+    assert real_only["l_syn"].item() == real_only["l_scr"].item() == 0.0  # --no-use_syn
+
+
+# ---- training runs ------------------------------------------------------------------------------
+def test_a_few_steps_lower_the_loss(video_llava_dir, toy, tmp_path):
+    # every step sees the same 8 rows (global batch 8) without dropout: the logged losses compare
+    train.main(make_args(video_llava_dir, *toy, tmp_path, batch_size=8, micro_batch_size=4, num_epochs=6,
+                         lora_dropout=0.0, warmup_steps=0, lr=1e-3))
+    log = read_log(tmp_path)
+    assert [line["step"] for line in log] == [1, 2, 3, 4, 5, 6]
+    # a random 2-layer model must learn motion to tell "right" from "left": the loss falls slowly
+    # (2.806 -> 2.780 when written), but steadily
+    assert log[-1]["loss"] < log[0]["loss"] - 0.015, [line["loss"] for line in log]
+    assert all(line[k] > 0 for line in log for k in train.TERMS)
+    assert log[0]["loss"] == pytest.approx(log[0]["l_real"] + log[0]["l_syn"] + log[0]["l_scr"], abs=1e-5)
+    assert json.load(open(tmp_path / "args.json"))["lambda_scr"] == 1.0
+
+
+def test_zero_weights_remove_the_synthetic_terms_exactly(video_llava_dir, toy, tmp_path):
+    csv, root = tiny_train.write_toy_set(os.path.dirname(os.path.dirname(toy[0])), weights=[0.0] * 8, name="w0.csv")
+    kw = dict(num_epochs=1, lora_dropout=0.0)
+    train.main(make_args(video_llava_dir, csv, root, tmp_path / "w0", **kw))
+    train.main(make_args(video_llava_dir, csv, root, tmp_path / "real", use_syn=False, **kw))
+    log = read_log(tmp_path / "w0")
+    assert all(line["l_syn"] == 0.0 and line["l_scr"] == 0.0 for line in log)
+    assert [line["loss"] for line in log] == pytest.approx([line["loss"] for line in read_log(tmp_path / "real")],
+                                                           abs=1e-6)
+    # the same gradients as the VideoCon baseline: the synthetic rows contribute nothing
+    assert_same_weights(lora_weights(tmp_path / "w0"), lora_weights(tmp_path / "real"), atol=1e-6)
+
+
+def test_two_processes_match_one(video_llava_dir, toy, reference, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "03_train.py"), "--model", video_llava_dir, "--train_csv", toy[0],
+           "--video_root", toy[1], "--out_dir", str(out), "--batch_size", "4", "--micro_batch_size", "2",
+           "--num_epochs", "2", "--lr", "1e-2", "--warmup_steps", "1", "--num_workers", "1", "--save_every", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("step 1 ") == 1  # rank 0 alone prints
+    # 2 processes x 1 micro-batch == 1 process x 2 accumulated micro-batches, LoRA dropout included
+    assert_same_weights(lora_weights(out), lora_weights(reference[0]), atol=1e-5)
+    for mine, ref in zip(read_log(out), read_log(reference[0])):
+        assert mine["loss"] == pytest.approx(ref["loss"], abs=1e-5) and mine["lr"] == ref["lr"]
+
+
+def test_kill_and_resume_reaches_the_same_weights(video_llava_dir, toy, reference, tmp_path):
+    # "killed" after step 3: the checkpoint of step 2 is the latest, so step 3 is redone
+    train.main(make_args(video_llava_dir, *toy, tmp_path, max_steps=3))
+    assert os.listdir(tmp_path / "checkpoints") == ["step_0000002.pt"]
+    assert [line["step"] for line in read_log(tmp_path)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="resume with the same settings"):
+        train.main(make_args(video_llava_dir, *toy, tmp_path, resume=True, batch_size=8))
+    train.main(make_args(video_llava_dir, *toy, tmp_path, resume=True))
+    assert_same_weights(lora_weights(tmp_path), lora_weights(reference[0]), atol=1e-7)
+    log, ref = read_log(tmp_path), read_log(reference[0])
+    assert [line["step"] for line in log] == [1, 2, 3, 4]  # the killed run's step 3 is not logged twice
+    assert [line["loss"] for line in log] == pytest.approx([line["loss"] for line in ref], abs=1e-7)
+    assert [line["lr"] for line in log] == [line["lr"] for line in ref]
+
+
+def test_saved_adapter_loads_with_peft_and_gives_the_same_scores(video_llava_dir, toy, reference):
+    from peft import PeftModel
+    out, trained = reference
+    base, processor = common.load_video_llm(video_llava_dir)
+    videos = [tiny_train.tiny.moving_square(color=(255, 0, 0)), tiny_train.tiny.moving_square(direction=-1)]
+    captions = ["a red square moves to the right", "a red square moves to the left", "a square moves to the left"]
+    with torch.no_grad():
+        before = common.alignment_logits(base, processor, videos, captions, [0, 0, 1])
+        loaded = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+        after = common.alignment_logits(loaded, processor, videos, captions, [0, 0, 1])
+        ours = common.alignment_logits(trained.eval(), processor, videos, captions, [0, 0, 1])
+    torch.testing.assert_close(after, ours, atol=1e-5, rtol=0)
+    assert (after - before).abs().max() > 1e-3  # the adapter changed the scores
+    # LoRA sits on the 7 linear layers of each of the 2 LLM layers, nowhere in the vision tower
+    adapted = {n.rsplit(".lora_", 1)[0] for n, _ in loaded.named_parameters() if ".lora_" in n}
+    assert len(adapted) == 7 * 2 and all(".language_model." in n for n in adapted)
+    assert not any(p.requires_grad for n, p in trained.named_parameters() if "lora_" not in n)
+
+
+def test_second_family_trains_through_the_same_code(onevision_dir, toy, tmp_path):
+    rows = common.read_csv(toy[0])  # plus a row whose video is missing: skipped, counted, listed
+    common.write_csv(tmp_path / "rows.csv", rows + [{**rows[0], "videopath": "gone.mp4"}])
+    csv = os.path.join(os.path.dirname(toy[0]), "plus_one.csv")  # syn_video is relative to this folder
+    os.replace(tmp_path / "rows.csv", csv)
+    model = train.main(make_args(onevision_dir, csv, toy[1], tmp_path / "out", max_steps=1))
+    assert common.read_csv(tmp_path / "out" / "skipped.csv") == [
+        {"row": "8", "videopath": "gone.mp4", "reason": "video not found: " + os.path.join(toy[1], "gone.mp4")}]
+    (line,) = read_log(tmp_path / "out")
+    assert all(math.isfinite(line[k]) and line[k] > 0 for k in train.TERMS)
+    adapted = {n.rsplit(".lora_", 1)[0] for n, _ in model.named_parameters() if ".lora_" in n}
+    assert len(adapted) == 7 * 2 and all(".language_model." in n for n in adapted)
+    assert os.path.exists(tmp_path / "out" / "adapter" / "adapter_config.json")
+
+
+def test_a_nan_loss_stops_the_run_naming_step_and_rows(video_llava_dir, toy, tmp_path):
+    model, processor = common.load_video_llm(video_llava_dir)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan-model")
+    processor.save_pretrained(tmp_path / "nan-model")
+    with pytest.raises(FloatingPointError, match=r"step 1: non-finite loss .* on rows \[\d, \d\] of .*weighted.csv"):
+        train.main(make_args(str(tmp_path / "nan-model"), *toy, tmp_path / "out"))
+
+
+def test_settings_that_cannot_make_the_global_batch_are_refused(video_llava_dir, toy, tmp_path):
+    with pytest.raises(ValueError, match="--batch_size 4 is not a multiple of --micro_batch_size 3"):
+        train.main(make_args(video_llava_dir, *toy, tmp_path, micro_batch_size=3))
+    with pytest.raises(ValueError, match="8 usable rows, fewer than one --batch_size 16"):
+        train.main(make_args(video_llava_dir, *toy, tmp_path, batch_size=16))
