@@ -1,0 +1,399 @@
+"""Implements §6 of the paper (datasets and metrics; Tables 3-5): f(V, t) on VideoCon's test sets, fast.
+
+Reads task files in VideoCon's released layouts (a `caption` holding the whole mPLUG-Owl prompt is
+unwrapped to the description between `description: "` and `"?`):
+  --videocon_llm / --videocon_human  videopath, caption, neg_caption (+ split / hard) -> ROC-AUC
+  --ssv2_temporal / --ssv2_events    videopath, caption, match                        -> mAP, R@1/5/10
+  --atphard  videopath, question, answer, option, caption (+ nextqa-atphard.csv types) -> accuracy, C / T
+Writes to --out_dir <task>_scores.csv (videopath, caption, score = f(V,t), logit = logit_Yes - logit_No),
+appended as it goes (a rerun scores only what is missing), results.json, and prints the paper's Table 3
+with our row. --scores FILE loads no model: it evaluates FILE (ours, or VideoCon's headerless
+videopath, caption, score[, p_yes, p_no]) on the one task given.
+
+  python 04_eval.py --adapter runs/train/adapter --video_root /data/ssv2 --ssv2_temporal eval_ssv2_temporal.csv
+  torchrun --standalone --nproc_per_node 4 04_eval.py ...(the same flags)
+  python 04_eval.py --ssv2_temporal ../shared/data/videocon/eval_ssv2_temporal.csv \
+      --scores ../shared/data/videocon/eval_ssv2_temporal_scores.csv   # CPU, seconds; README: a tiny-model run
+
+NOTE (deviation): VideoCon ranks retrieval candidates with np.argsort(-scores), whose order among EQUAL
+scores depends on the numpy build and CPU (SIMD sorts on AVX2 / AVX-512, introsort elsewhere). --ties
+videocon (default) makes that same call, so it equals VideoCon's script on the machine it runs on;
+--ties stable breaks ties by videopath (VideoCon's candidate order), the same everywhere. results.json
+counts the queries whose metrics depend on the order of ties ("tie_sensitive_queries").
+"""
+import csv
+import glob
+import os
+import re
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+import common
+
+# Paper Table 3 (AUC / mAP / accuracy, %), printed beside our numbers.
+PAPER_TABLE3 = {
+    "Video-LLaVA zero-shot": [62.98, 70.37, 65.99, 11.64, 7.11, 38.56],
+    "VideoCon (Video-LLaVA)": [85.86, 80.09, 75.74, 19.77, 10.01, 38.76],
+    "SynViTA (Video-LLaVA)": [85.43, 80.86, 76.86, 20.10, 11.21, 39.88],
+    "VideoCon (mPLUG-Owl 7B)": [88.39, 77.16, 74.76, 13.00, 10.37, 35.46],
+    "SynViTA (mPLUG-Owl 7B)": [86.45, 77.48, 74.54, 17.32, 12.54, 37.31],
+}
+COLUMNS = [("LLM", "videocon_llm", "auc"), ("Human", "videocon_human", "auc"),
+           ("Human-Hard", "videocon_human", "auc_hard"), ("SSv2-Temporal", "ssv2_temporal", "mAP"),
+           ("SSv2-Events", "ssv2_events", "mAP"), ("ATP-Hard", "atphard", "accuracy")]
+TASKS = ["videocon_llm", "videocon_human", "ssv2_temporal", "ssv2_events", "atphard"]
+CANDIDATES = {"ssv2_temporal": 216, "ssv2_events": 588}  # videos per query (18 and 49 queries)
+
+
+@dataclass
+class Args:
+    model: str = common.DEFAULT_MODEL
+    """the base video LLM f: hub id or local directory"""
+    adapter: str = ""
+    """optional LoRA adapter directory (03_train.py's <out_dir>/adapter), loaded with peft"""
+    videocon_llm: str = ""
+    """VideoCon LLM entailment CSV (Table 3 'LLM'); only rows with split == test if it has a split column"""
+    videocon_human: str = ""
+    """VideoCon-Human CSV with a `hard` column (Table 3 'Human' and 'Human-Hard')"""
+    ssv2_temporal: str = ""
+    """SSv2-Temporal retrieval CSV (eval_ssv2_temporal.csv: videopath, caption, match)"""
+    ssv2_events: str = ""
+    """SSv2-Events retrieval CSV, same layout"""
+    atphard: str = ""
+    """ATP-Hard CSV (eval-nextqa-atphard.csv: videopath, question, answer, option, caption)"""
+    atphard_types: str = ""
+    """NExT-QA rows with the question `type`, for the C / T split (default: nextqa-atphard.csv beside --atphard)"""
+    candidates: int = 0
+    """videos per retrieval query; queries with another count are dropped (0: 216 Temporal, 588 Events)"""
+    ties: str = "videocon"
+    """order of equal retrieval scores: 'videocon' (np.argsort, as released) or 'stable' (by videopath)"""
+    scores: str = ""
+    """a score CSV to evaluate with no model (needs exactly one task)"""
+    video_root: str = "."
+    """folder that the CSVs' videopaths are relative to"""
+    strip_prefix: str = ""
+    """removed from the start of every videopath before joining --video_root (e.g. /local2/hbansal/nextqa/)"""
+    num_frames: int = 8
+    """frames per video (Video-LLaVA: 8)"""
+    sampling: str = "uniform"
+    """frame sampling: 'uniform' (Video-LLaVA) or 'middle' (VideoCon / mPLUG-Owl)"""
+    batch_size: int = 16
+    """caption suffixes packed into one row of a forward pass (a row holds one copy of its video's prefix cache)"""
+    video_batch: int = 4
+    """videos vision-encoded and prefixed together (and decoded ahead, in as many threads)"""
+    out_dir: str = "runs/eval"
+    """score CSVs, results.json"""
+
+
+# ---- §6 datasets: VideoCon's released files ----------------------------------------------------
+PROMPT = re.compile(r'description: "(.*)"\?', re.S)
+
+
+def description(caption):
+    """The description inside an mPLUG-Owl prompt; a plain caption is returned as it is."""
+    return match.group(1) if (match := PROMPT.search(caption)) else caption
+
+
+def read_task(name, path):
+    """Rows of a task file, exact duplicate rows dropped; returns (rows, report, pairs to score)."""
+    required = {"atphard": ["question", "answer", "option"], "videocon_human": ["neg_caption", "hard"],
+                "videocon_llm": ["neg_caption"]}.get(name, ["match"])
+    rows = common.read_csv(path, ["videopath", "caption", *required])
+    unique = list({tuple(r.items()): r for r in rows}.values())
+    report = {"file": path, "rows": len(rows), "duplicate_rows_dropped": len(rows) - len(unique)}
+    if name == "videocon_llm" and "split" in unique[0]:
+        unique = [r for r in unique if r["split"] == "test"]
+        report["rows_in_split_test"] = len(unique)
+    texts = ("caption", "neg_caption") if name.startswith("videocon") else ("caption",)
+    pairs = {(r["videopath"], description(r[t])) for r in unique for t in texts}
+    return unique, report, sorted(pairs)
+
+
+def read_scores(path):
+    """(videopath, description) -> score from ours (with a header) or VideoCon's headerless score CSV
+    (videopath, caption, score[, ...]). Exact duplicates and rows that do not parse (the last line of a
+    killed run) are skipped and counted; two scores for one pair are an error naming file and row."""
+    scores, rows, report = {}, [], {"duplicates": 0, "malformed": 0}
+    with open(path, newline="", encoding="utf-8") as fh:
+        for i, row in enumerate(csv.reader(fh), start=1):
+            if i == 1 and row[:3] == ["videopath", "caption", "score"]:
+                continue
+            try:
+                key, score = (row[0], description(row[1])), float(row[2])
+                assert np.isfinite(score)
+            except (IndexError, ValueError, AssertionError):
+                report["malformed"] += 1
+                continue
+            if key in scores:
+                if scores[key] != score:
+                    raise ValueError(f"{path}: row {i} scores {key} as {score}, an earlier row as {scores[key]}")
+                report["duplicates"] += 1
+                continue
+            scores[key] = score
+            rows.append(row)
+    return scores, rows, report
+
+
+# ---- §6 metrics ---------------------------------------------------------------------------------
+def entailment_auc(rows, scores):
+    """VideoCon entailment: each row gives (video, caption, 1) and (video, neg_caption, 0);
+    ROC-AUC (sklearn, ties count 1/2) over the items that have a score."""
+    from sklearn.metrics import roc_auc_score
+    items = {(r["videopath"], description(r[t]), int(t == "caption")) for r in rows for t in ("caption", "neg_caption")}
+    scored = [(scores[(v, c)], y) for v, c, y in sorted(items) if (v, c) in scores]
+    out = {"items": len(scored), "items_without_score": len(items) - len(scored)}
+    if len({y for _, y in scored}) == 2:
+        out["auc"] = 100 * roc_auc_score([y for _, y in scored], [s for s, _ in scored])
+    return out
+
+
+def ranking_metrics(ranked_labels):
+    """0/1 labels, best score first -> AP (mean precision at the positives' ranks), R@k (a positive in the top k)."""
+    ranked = np.asarray(ranked_labels)
+    precision = np.cumsum(ranked) / np.arange(1, len(ranked) + 1)  # precision at each rank
+    return {"AP": precision[ranked == 1].mean(), **{f"R@{k}": float(ranked[:k].any()) for k in (1, 5, 10)}}
+
+
+def retrieval(rows, scores, candidates, ties="videocon"):
+    """Text-to-video retrieval as VideoCon's src/calc_ssv2.py: per query caption, its candidate
+    videos in videopath order, ranked by np.argsort(-score); mAP and R@1/5/10 (%) over the queries
+    with exactly `candidates` scored videos (others are dropped and named)."""
+    groups = defaultdict(dict)  # query caption -> {videopath: match}
+    for r in rows:
+        if groups[description(r["caption"])].setdefault(r["videopath"], int(r["match"])) != int(r["match"]):
+            raise ValueError(f"{r['videopath']}, {description(r['caption'])!r}: listed as a match and as a non-match")
+    kept, dropped, tie_sensitive = [], {}, 0
+    for caption, match in sorted(groups.items()):
+        videos = sorted(v for v in match if (v, caption) in scores)
+        labels = np.array([match[v] for v in videos])
+        if len(videos) != candidates or not labels.any():
+            dropped[caption] = f"{len(videos)} scored candidates, {labels.sum()} positive"
+            continue
+        s = np.array([scores[(v, caption)] for v in videos], dtype=np.float64)
+        order = np.argsort(-s, kind="stable" if ties == "stable" else None)
+        kept.append(ranking_metrics(labels[order]))
+        tie_sensitive += any(len(set(labels[s == x])) > 1 for x in np.unique(s))  # a tie mixes labels
+    out = {"queries": len(kept), "queries_dropped": len(dropped), "dropped": dropped,
+           "tie_sensitive_queries": tie_sensitive, "candidates": candidates, "ties": ties}
+    if kept:  # means over the kept queries, in %
+        out.update({"mAP" if k == "AP" else k: 100 * float(np.mean([m[k] for m in kept])) for k in kept[0]})
+    return out
+
+
+def atp_accuracy(rows, scores, types):
+    """ATP-Hard as VideoCon's src/eval_atphard.py: group rows by (videopath, question); a group with
+    exactly 5 scored statements predicts the option of the highest score (the first on a tie) and
+    is right if that is `answer`. Accuracy overall and by the first letter of the question type
+    (C causal, T temporal), looked up by (video id = file name without extension, question)."""
+    groups = defaultdict(list)
+    for r in rows:
+        if (r["videopath"], description(r["caption"])) in scores:
+            groups[(r["videopath"], r["question"])].append(r)
+    right, total, dropped = defaultdict(int), defaultdict(int), {}
+    for (video, question), group in sorted(groups.items()):
+        if len(group) != 5:  # 5 candidate answers per question
+            dropped[f"{video} | {question}"] = f"{len(group)} scored statements"
+            continue
+        group.sort(key=lambda r: int(r["option"]))
+        f = [scores[(video, description(r["caption"]))] for r in group]
+        kind = types.get((os.path.splitext(os.path.basename(video))[0], question), "?")[0]
+        for k in ("all", kind):
+            total[k] += 1
+            right[k] += int(group[int(np.argmax(f))]["option"] == group[0]["answer"])
+    accuracy = {name: 100 * right[k] / total[k] for name, k in (("accuracy", "all"), ("accuracy_C", "C"),
+                                                                ("accuracy_T", "T")) if total[k]}  # in %
+    return {"questions": total["all"], "questions_dropped": len(dropped), "dropped": dict(list(dropped.items())[:20]),
+            "questions_without_type": total["?"], **accuracy}
+
+
+def task_metrics(name, rows, scores, args):
+    if name.startswith("ssv2"):
+        return retrieval(rows, scores, args.candidates or CANDIDATES[name], args.ties)
+    if name == "atphard":
+        path = args.atphard_types or os.path.join(os.path.dirname(args.atphard), "nextqa-atphard.csv")
+        types = {(r["video"], r["question"]): r["type"] for r in common.read_csv(path, ["video", "question", "type"])}
+        return atp_accuracy(rows, scores, types)
+    out = entailment_auc(rows, scores)
+    if name == "videocon_human":
+        hard = entailment_auc([r for r in rows if r["hard"].strip().lower() in ("true", "1", "yes")], scores)
+        out.update({"auc_hard": hard.get("auc"), "items_hard": hard["items"]})
+    return out
+
+
+# ---- §3 Eq. (1), fast: the video prefix once, only the caption suffixes per pair ----------------
+@torch.no_grad()
+def fast_alignment_logits(model, processor, features, captions, video_index, batch_size=16):
+    """a = logit_Yes - logit_No for caption i on video video_index[i]: the same numbers as
+    common.alignment_logits, computed without re-running the video for every caption.
+
+    Every prompt starts with the same tokens (`USER: <video>` expanded to L video tokens, then
+    `Does this video entail the description: "`). We run that shared prefix ONCE per video and keep
+    its key/value cache; the captions' suffixes (the caption, `"? ASSISTANT:`) then run packed on it,
+    batch_size of them per row, each at its true positions and seeing only the prefix and itself,
+    and f is read at each suffix's own last token. features: encode_videos(...) (V, L, hidden)."""
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import BaseModelOutputWithPooling as Encoded
+    hf = common.unwrap(model)
+    ids, mask, _, (yes, no) = common.build_text_batch(model, processor, captions, 1)  # <video> not expanded yet
+    rows = [r[len(r) - n:] for r, n in zip(ids, mask.sum(1).tolist())]  # drop the left padding
+    shortest = min(map(len, rows))
+    same = torch.stack([r[:shortest] for r in rows]).eq(rows[0][:shortest]).all(0)
+    cut = min(int(same.long().cumprod(0).sum()), shortest - 1)  # tokens all prompts share; >= 1 left each
+    head, video = rows[0][:cut], hf.config.video_token_id
+    if (head == video).sum() != 1 or any((r[cut:] == video).any() for r in rows):
+        raise ValueError("the prompts share no prefix that holds the whole video; cannot share its cache")
+    head = head.repeat_interleave(torch.where(head == video, features.shape[1], 1))  # <video> -> L tokens
+    rows, P = [r[cut:] for r in rows], len(head)  # the caption suffixes; the prefix length
+    device, used = hf.device, sorted(set(video_index))
+    slot = {v: k for k, v in enumerate(used)}  # video -> its row in the prefix cache
+    prefix = hf.model(input_ids=head.to(device).expand(len(used), P),
+                      position_ids=torch.arange(P, device=device).expand(len(used), P),
+                      mm_encoder_outputs={"video": Encoded(pooler_output=features[used])},
+                      use_cache=True).past_key_values
+    kv = [(layer.keys, layer.values) for layer in prefix.layers]  # (V, heads, P, head_dim) per layer
+    # pack: each row of a forward pass holds up to batch_size suffixes of ONE video, one after the
+    # other; a 4-D mask lets every suffix see the prefix and itself (causally), never another suffix
+    per_video = {s: [i for i, v in enumerate(video_index) if slot[v] == s] for s in slot.values()}
+    pieces = [(s, idx[j:j + batch_size]) for s, idx in per_video.items() for j in range(0, len(idx), batch_size)]
+    pad, out = processor.tokenizer.pad_token_id or 0, torch.empty(len(captions))
+    for g in range(0, len(pieces), len(used)):  # rows of one forward pass: as many as videos
+        group = pieces[g:g + len(used)]
+        width = max(sum(len(rows[i]) for i in idx) for _, idx in group)
+        # token ids, positions, and which caption each slot holds (padding: pad id, position P, -1)
+        input_ids, positions, block = (torch.full((len(group), width), x) for x in (pad, P, -1))
+        last = []  # (row, slot) of each caption's last token: where its answer starts
+        for r, (_, idx) in enumerate(group):
+            at = 0
+            for i in idx:
+                n = len(rows[i])
+                input_ids[r, at:at + n], positions[r, at:at + n], block[r, at:at + n] = rows[i], P + torch.arange(n), i
+                last.append((r, at + n - 1)); at += n  # noqa: E702
+        own = (block[:, :, None] == block[:, None, :]) & torch.ones(width, width, dtype=torch.bool).tril()
+        allowed = torch.cat([torch.ones(len(group), width, P, dtype=torch.bool), own], dim=2)[:, None]
+        mask = torch.zeros(allowed.shape, dtype=hf.dtype).masked_fill(~allowed, torch.finfo(hf.dtype).min)
+        slots = torch.tensor([s for s, _ in group], device=device)
+        cache = DynamicCache([(k[slots], v[slots]) for k, v in kv], config=hf.config)  # one prefix copy per row
+        hidden = hf.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),  # (rows, width, hidden)
+                          position_ids=positions.to(device), past_key_values=cache, use_cache=True).last_hidden_state
+        logits = hf.lm_head(hidden[tuple(torch.tensor(last, device=device).T)]).float()  # (captions, vocab)
+        out[[i for _, idx in group for i in idx]] = (logits[:, yes] - logits[:, no]).cpu()
+    return out
+
+
+def decoded_videos(paths, args):
+    """Lists of --video_batch (videopath, frames or the error that names it); while the caller
+    works on one list, the next one is decoded in threads."""
+    def load(path):
+        local = path[len(args.strip_prefix):] if args.strip_prefix and path.startswith(args.strip_prefix) else path
+        try:
+            return path, common.read_video(os.path.join(args.video_root, local), args.num_frames, args.sampling)
+        except (OSError, ValueError) as e:
+            return path, e
+    with ThreadPoolExecutor(max(1, args.video_batch)) as pool:
+        pending = []
+        for start in range(0, len(paths) + args.video_batch, args.video_batch):  # one more turn: the last list
+            submitted = [pool.submit(load, p) for p in paths[start:start + args.video_batch]]
+            if pending:
+                yield [f.result() for f in pending]
+            pending = submitted
+
+
+def score_task(name, pairs, model, processor, args, dist):
+    """Score the pairs that no earlier run scored, videos sharded over ranks, appending to this
+    rank's part file as it goes; rank 0 then merges everything into <task>_scores.csv."""
+    final = os.path.join(args.out_dir, f"{name}_scores.csv")
+    parts = sorted(glob.glob(os.path.join(args.out_dir, f"{name}_scores.rank*.csv")))
+    done = set().union(*(read_scores(p)[0] for p in [final, *parts] if os.path.exists(p)))
+    if dist.world_size > 1:  # every rank has read what is done before any rank writes: same shards
+        torch.distributed.barrier()
+    todo = defaultdict(list)  # videopath -> captions still to score on it
+    for video, caption in sorted(set(pairs) - done):
+        todo[video].append(caption)
+    videos = common.shard(sorted(todo), dist)
+    common.print0(f"{name}: {len(pairs) - sum(map(len, todo.values()))} of {len(pairs)} pairs already scored; "
+           f"{len(todo)} videos to run on {dist.world_size} rank(s)")
+    part = os.path.join(args.out_dir, f"{name}_scores.rank{dist.rank}.csv")
+    data = open(part, "rb").read() if os.path.exists(part) else b""
+    if not data.endswith(b"\r\n"):  # a killed run may have left half a record: cut it before appending
+        with common.atomic_path(part) as tmp, open(tmp, "wb") as fh:
+            fh.write(data[: data.rfind(b"\r\n") + 2] if b"\r\n" in data else b"")
+    bad = []
+    with open(part, "a", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        if fh.tell() == 0:
+            writer.writerow(["videopath", "caption", "score", "logit"])
+        chunks = common.progress(decoded_videos(videos, args), total=-(-len(videos) // args.video_batch), desc=name)
+        for chunk in chunks:
+            bad += [str(frames) for _, frames in chunk if isinstance(frames, Exception)]
+            batch = [(v, frames) for v, frames in chunk if not isinstance(frames, Exception)]
+            if not batch:
+                continue
+            features = common.encode_videos(model, processor, [frames for _, frames in batch])  # each video once
+            index = [k for k, (v, _) in enumerate(batch) for _ in todo[v]]
+            captions = [c for v, _ in batch for c in todo[v]]
+            a = fast_alignment_logits(model, processor, features, captions, index, args.batch_size)
+            writer.writerows([batch[k][0], c, f"{torch.sigmoid(x).item():.9g}", f"{x.item():.9g}"]
+                             for k, c, x in zip(index, captions, a))
+            fh.flush()  # written as it goes: a killed run loses at most this batch
+    if dist.world_size > 1:  # every rank's errors to rank 0 (also waits for every part file)
+        gathered = [None] * dist.world_size
+        torch.distributed.all_gather_object(gathered, bad); bad = sum(gathered, [])  # noqa: E702
+    if dist.master:
+        parts = sorted(glob.glob(os.path.join(args.out_dir, f"{name}_scores.rank*.csv")))
+        merged = [row for p in [final, *parts] if os.path.exists(p) for row in read_scores(p)[1]]
+        common.write_csv(final, [dict(zip(["videopath", "caption", "score", "logit"], r)) for r in merged])
+        list(map(os.remove, parts))
+    return final, bad
+
+
+# ---- the report: Table 3's layout ---------------------------------------------------------------
+def table3(results, label):
+    fmt = lambda x: f"{x:>15.2f}" if isinstance(x, float) else f"{'-':>15}"  # noqa: E731
+    lines = [f"{'Table 3 (%)':<34}" + "".join(f"{c:>15}" for c, _, _ in COLUMNS)]
+    lines += [f"{name + ' (paper)':<34}" + "".join(map(fmt, row)) for name, row in PAPER_TABLE3.items()]
+    ours = [results.get(task, {}).get(key) for _, task, key in COLUMNS]
+    return "\n".join(lines + [f"{label[:34]:<34}" + "".join(map(fmt, ours))])
+
+
+def main(args):
+    dist = common.setup_distributed()
+    tasks = {name: getattr(args, name) for name in TASKS if getattr(args, name)}
+    if not tasks or (args.scores and len(tasks) != 1) or args.ties not in ("videocon", "stable"):
+        raise ValueError(f"give task files ({', '.join('--' + t for t in TASKS)}), exactly one with --scores; "
+                         f"--ties is 'videocon' or 'stable' (got {args.ties!r})")
+    model, processor = (None, None) if args.scores else common.load_video_llm(args.model, device=dist.device)
+    if model is not None and args.adapter:  # the LoRA adapter of 03_train.py on the base model
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+    results = {}
+    for name, path in tasks.items():
+        # ---- §6 datasets: the task file, duplicates dropped ----
+        rows, report, pairs = read_task(name, path)
+        # ---- §3 Eq. (1): f(V, t) for every (video, caption) pair, or the given score file ----
+        score_file, bad = (args.scores, []) if args.scores else score_task(name, pairs, model, processor, args, dist)
+        if not dist.master:
+            continue
+        scores, _, score_report = read_scores(score_file)
+        # ---- §6 metrics: ROC-AUC / mAP, R@k / accuracy ----
+        results[name] = {**task_metrics(name, rows, scores, args), **report, "score_file": score_file,
+                         "score_file_rows": score_report, "pairs": len(pairs),
+                         "pairs_scored": sum(p in scores for p in pairs), "videos_failed": len(bad), "failed": bad}
+        common.print0(f"{name}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in
+                                        results[name].items() if not isinstance(v, (dict, list)) and "file" not in k))
+        common.print0("".join(f"  unreadable video: {m}\n" for m in bad[:10]), end="")
+    if dist.master:
+        label = os.path.basename(args.scores) if args.scores else "/".join(
+            os.path.normpath(args.adapter or args.model).split(os.sep)[-2:])
+        common.print0(table3(results, label))
+        common.save_json(os.path.join(args.out_dir, "results.json"), {"args": asdict(args), "results": results})
+    if dist.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args))

@@ -1,0 +1,305 @@
+"""04_eval.py: the metrics by hand and on VideoCon's released score files, the fast scoring path
+against the per-pair path, resuming, bad input, a LoRA adapter, and two torchrun ranks."""
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("stage04", os.path.join(ROOT, "04_eval.py"))
+ev = sys.modules["stage04"] = importlib.util.module_from_spec(spec)  # registered: parse_args reads its source
+spec.loader.exec_module(ev)
+DATA = tiny.SHARED
+
+
+def need(name):
+    path = os.path.join(DATA, name)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is missing (../shared/data/videocon is not beside the repo)")
+    return path
+
+
+def prompt(caption):  # the mPLUG-Owl prompt VideoCon stores in its `caption` columns
+    return f'The following ...\nHuman: <|video|>\nHuman: Does this video entail the description: "{caption}"?\nAI: '
+
+
+# ---- captions and score files -------------------------------------------------------------------
+def test_description_unwraps_the_prompt_and_keeps_plain_captions():
+    assert ev.description(prompt('a "quoted" word')) == 'a "quoted" word'
+    assert ev.description("Covering [something] with [something]") == "Covering [something] with [something]"
+
+
+def test_read_scores_both_layouts_duplicates_and_a_truncated_line(tmp_path):
+    theirs = tmp_path / "theirs.csv"  # VideoCon: no header, the caption is the prompt, then p_yes, p_no
+    with open(theirs, "w", newline="") as fh:
+        csv.writer(fh).writerows([["v1", prompt("a cat"), "0.5", "0.5", "0.5"],
+                                  ["v1", prompt("a cat"), "0.5", "0.5", "0.5"],
+                                  ["v2", prompt("a dog"), "0.25", "0.25", "0.75"]])
+    scores, _, report = ev.read_scores(str(theirs))
+    assert scores == {("v1", "a cat"): 0.5, ("v2", "a dog"): 0.25} and report == {"duplicates": 1, "malformed": 0}
+    ours = tmp_path / "ours.csv"
+    ours.write_text("videopath,caption,score,logit\r\nv1,a cat,0.75,1.0986\r\nv2,a d")  # killed mid-row
+    scores, rows, report = ev.read_scores(str(ours))
+    assert scores == {("v1", "a cat"): 0.75} and report["malformed"] == 1
+    assert rows == [["v1", "a cat", "0.75", "1.0986"]]
+    ours.write_text("v1,a cat,0.75\nv1,a cat,0.5\n")
+    with pytest.raises(ValueError, match=r"ours.csv: row 2 scores \('v1', 'a cat'\) as 0.5"):
+        ev.read_scores(str(ours))
+
+
+# ---- metrics by hand ----------------------------------------------------------------------------
+def test_ranking_metrics_by_hand():
+    m = ev.ranking_metrics([1, 0, 1, 0])  # positives at ranks 1 and 3: AP = (1/1 + 2/3) / 2
+    assert m["AP"] == pytest.approx(5 / 6) and (m["R@1"], m["R@5"], m["R@10"]) == (1, 1, 1)
+    m = ev.ranking_metrics([0] * 6 + [1] + [0] * 5)  # one positive at rank 7
+    assert m["AP"] == pytest.approx(1 / 7) and (m["R@1"], m["R@5"], m["R@10"]) == (0, 0, 1)
+
+
+def retrieval_rows(match):
+    return [{"videopath": v, "caption": prompt(q), "match": str(m)}
+            for q, videos in match.items() for v, m in videos.items()]
+
+
+def test_retrieval_ties_by_hand():
+    # query q: b scores highest; the positive and a negative tie at 0.5; the second positive is last
+    rows = retrieval_rows({"q": {"a": 1, "b": 0, "c": 0, "d": 1}})
+    scores = {("a", "q"): 0.5, ("b", "q"): 0.9, ("c", "q"): 0.5, ("d", "q"): 0.1}
+    out = ev.retrieval(rows, scores, candidates=4, ties="stable")  # tie in videopath order: b, a, c, d
+    assert out["mAP"] == pytest.approx(100 * (1 / 2 + 2 / 4) / 2) and out["R@1"] == 0 and out["R@5"] == 100
+    assert out["tie_sensitive_queries"] == 1
+    rows = retrieval_rows({"q": {"z": 1, "b": 0, "c": 0, "d": 1}})  # the tied positive now sorts after c
+    scores = {("z", "q"): 0.5, ("b", "q"): 0.9, ("c", "q"): 0.5, ("d", "q"): 0.1}
+    out = ev.retrieval(rows, scores, candidates=4, ties="stable")  # b, c, z, d
+    assert out["mAP"] == pytest.approx(100 * (1 / 3 + 2 / 4) / 2)
+    # a tie between two positives only cannot change AP: both tie rules agree, and nothing is tie-sensitive
+    scores[("d", "q")] = 0.5
+    scores[("c", "q")] = 0.1
+    for ties in ("videocon", "stable"):
+        out = ev.retrieval(rows, scores, candidates=4, ties=ties)
+        assert out["mAP"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2) and out["tie_sensitive_queries"] == 0
+
+
+def test_retrieval_drops_and_names_incomplete_queries():
+    rows = retrieval_rows({"full": {"a": 1, "b": 0}, "short": {"a": 0, "b": 1}, "no positive": {"a": 0, "b": 0}})
+    scores = {("a", "full"): 0.2, ("b", "full"): 0.1, ("a", "short"): 0.3,
+              ("a", "no positive"): 1, ("b", "no positive"): 0}
+    out = ev.retrieval(rows, scores, candidates=2)
+    assert (out["queries"], out["queries_dropped"], out["mAP"]) == (1, 2, 100.0)
+    assert out["dropped"] == {"short": "1 scored candidates, 0 positive",
+                              "no positive": "2 scored candidates, 0 positive"}
+
+
+def test_bad_task_input_is_named_or_counted(tmp_path):
+    task = str(tmp_path / "t.csv")
+    rows = [{"videopath": "a", "caption": prompt("q"), "match": 1}, {"videopath": "b", "caption": "q", "match": 0}]
+    common.write_csv(task, rows + rows[:1])  # an exact duplicate row: dropped and counted
+    rows_read, report, pairs = ev.read_task("ssv2_events", task)
+    assert report["duplicate_rows_dropped"] == 1 and len(rows_read) == 2 and pairs == [("a", "q"), ("b", "q")]
+    common.write_csv(task, rows + [{**rows[1], "match": 1}])  # b is both a match and a non-match for q
+    with pytest.raises(ValueError, match="b, 'q': listed as a match and as a non-match"):
+        ev.retrieval(ev.read_task("ssv2_events", task)[0], {}, candidates=2)
+    with pytest.raises(ValueError, match="exactly one with --scores"):
+        ev.main(ev.Args(ssv2_events=task, atphard=task, scores=task, out_dir=str(tmp_path)))
+
+
+def test_entailment_auc_against_sklearn_and_by_hand():
+    from sklearn.metrics import roc_auc_score
+    rows = [{"videopath": "v1", "caption": "p1", "neg_caption": "n1", "hard": "True"},
+            {"videopath": "v2", "caption": prompt("p2"), "neg_caption": "n2", "hard": "False"}]
+    scores = {("v1", "p1"): 0.9, ("v1", "n1"): 0.4, ("v2", "p2"): 0.4, ("v2", "n2"): 0.1}
+    # positive-negative pairs: .9>.4, .9>.1, .4=.4 (counts 1/2), .4>.1 -> 3.5 / 4
+    assert ev.entailment_auc(rows, scores)["auc"] == pytest.approx(87.5)
+    assert ev.entailment_auc(rows, scores)["auc"] == pytest.approx(100 * roc_auc_score([1, 0, 1, 0], [.9, .4, .4, .1]))
+    args = ev.Args()
+    human = ev.task_metrics("videocon_human", rows, {**scores, ("v1", "n1"): 0.95}, args)
+    assert human["auc_hard"] == 0.0 and human["items_hard"] == 2 and human["auc"] == pytest.approx(50.0)
+    del scores[("v2", "n2")]
+    assert ev.entailment_auc(rows, scores)["items_without_score"] == 1
+
+
+def test_atp_accuracy_by_hand():
+    def question(video, q, answer, f):
+        return [{"videopath": video, "question": q, "answer": str(answer), "option": str(k), "caption": f"{q} {k}"}
+                for k in range(5)], {(video, f"{q} {k}"): x for k, x in enumerate(f)}
+    rows, scores = [], {}
+    for video, q, answer, f in [("/x/1.mp4", "why", 2, [.1, .2, .9, .3, .4]),  # right
+                                ("/x/2.mp4", "when", 0, [.5, .5, .1, .1, .1]),  # tie: the first wins, right
+                                ("/x/3.mp4", "how", 1, [.5, .5, .1, .1, .1]),  # tie: the first wins, wrong
+                                ("/x/4.mp4", "why", 0, [.1, .1, .1, .1, .1])]:  # gets a 6th statement below
+        r, s = question(video, q, answer, f)
+        rows += r; scores.update(s)  # noqa: E702
+    rows.append({**rows[-1], "option": "5", "caption": "extra"}); scores[("/x/4.mp4", "extra")] = 1.0
+    types = {("1", "why"): "CW", ("2", "when"): "TN", ("3", "how"): "CH"}
+    out = ev.atp_accuracy(rows, scores, types)
+    assert (out["questions"], out["questions_dropped"]) == (3, 1) and "/x/4.mp4 | why" in out["dropped"]
+    assert out["accuracy"] == pytest.approx(200 / 3) and out["accuracy_C"] == 50.0 and out["accuracy_T"] == 100.0
+
+
+# ---- VideoCon's released score files give VideoCon's numbers ------------------------------------
+def videocon_calc_ssv2(task, scores_path, vid_per_caption):
+    """VideoCon's src/calc_ssv2.py (Hritikbansal/videocon), its pandas merge/sort/groupby done by hand:
+    per caption, candidates sorted by videopath, ranks = np.argsort(-pred) (default kind)."""
+    match = {(r["videopath"], r["caption"]): int(r["match"]) for r in common.read_csv(task)}
+    groups = defaultdict(list)
+    for row in csv.reader(open(scores_path, newline="")):
+        if (row[0], row[1]) in match:
+            groups[row[1]].append((row[0], float(row[2]), match[(row[0], row[1])]))
+    mAP, r1, r5, r10 = [], [], [], []
+    for caption, cands in groups.items():
+        if len(cands) != vid_per_caption:
+            continue
+        cands.sort()
+        pred, labels = np.array([c[1] for c in cands]), [c[2] for c in cands]
+        ranks = np.argsort(-pred)
+        hits, hit_precision = 0, []
+        for i in range(len(ranks)):
+            if labels[ranks[i]] == 1:
+                hits += 1
+                hit_precision.append(hits / (i + 1))
+        mAP.append(sum(hit_precision) / len(hit_precision))
+        top = [labels[k] for k in ranks[:10]]
+        r1.append(int(1 in top[:1])); r5.append(int(1 in top[:5])); r10.append(int(1 in top[:10]))  # noqa: E702
+    return {k: 100 * sum(v) / len(v) for k, v in (("mAP", mAP), ("R@1", r1), ("R@5", r5), ("R@10", r10))}
+
+
+def test_ssv2_temporal_released_scores_give_videocons_numbers(tmp_path):
+    task, scores = need("eval_ssv2_temporal.csv"), need("eval_ssv2_temporal_scores.csv")
+    res = ev.main(ev.Args(ssv2_temporal=task, scores=scores, out_dir=str(tmp_path)))["ssv2_temporal"]
+    assert (res["queries"], res["queries_dropped"], res["pairs_scored"], res["candidates"]) == (18, 0, 3888, 216)
+    reference = videocon_calc_ssv2(task, scores, 216)  # same numpy on the same machine -> same tie order
+    for k, v in reference.items():
+        assert res[k] == pytest.approx(v, abs=1e-9), k
+    # the platform-independent tie rule, hard-coded (every one of the 18 queries has label-mixing ties)
+    res = ev.main(ev.Args(ssv2_temporal=task, scores=scores, out_dir=str(tmp_path), ties="stable"))["ssv2_temporal"]
+    assert res["mAP"] == pytest.approx(15.50059837044923, abs=1e-9) and res["tie_sensitive_queries"] == 18
+    assert (res["R@1"], res["R@5"], res["R@10"]) == pytest.approx((100 * 4 / 18, 100 * 9 / 18, 100 * 11 / 18))
+
+
+def test_atphard_released_scores_give_videocons_numbers(tmp_path):
+    task, scores = need("eval-nextqa-atphard.csv"), need("atphard_scores.csv")
+    need("nextqa-atphard.csv")
+    res = ev.main(ev.Args(atphard=task, scores=scores, out_dir=str(tmp_path)))["atphard"]
+    # VideoCon's src/eval_atphard.py on these files: 1844 questions (one video+question pair holds two
+    # NExT-QA questions, 10 statements, and is dropped), 757 right: 443 of 1012 causal, 314 of 832 temporal
+    assert (res["questions"], res["questions_dropped"], res["score_file_rows"]["duplicates"]) == (1844, 1, 8)
+    assert res["accuracy"] == pytest.approx(100 * 757 / 1844) and res["accuracy"] == pytest.approx(41.052060737527114)
+    assert res["accuracy_C"] == pytest.approx(100 * 443 / 1012) and res["accuracy_T"] == pytest.approx(100 * 314 / 832)
+
+
+def test_final_test_example_scores(tmp_path):
+    scores = need("final_test_scores.csv")
+    rows = [(r[0], ev.description(r[1])) for r in csv.reader(open(scores, newline=""))]
+    task = tmp_path / "final_test_pair.csv"  # test.csv's two captions as one contract row
+    common.write_csv(str(task), [{"videopath": rows[0][0], "caption": rows[0][1], "neg_caption": rows[1][1]}])
+    res = ev.main(ev.Args(videocon_llm=str(task), scores=scores, out_dir=str(tmp_path)))["videocon_llm"]
+    assert (res["auc"], res["items"]) == (100.0, 2)  # f = 0.90625 for the soccer caption, 0.0849609375 for basketball
+
+
+# ---- the fast path on a tiny model --------------------------------------------------------------
+CAPTIONS = ["a red square moves to the right", "a dog", "the square moves left and then it stops quickly",
+            "Covering [something] with [something]"]
+
+
+@pytest.mark.parametrize("batch_size", [3, 64])  # batches that split a video's captions, and one batch
+@torch.no_grad()
+def test_fast_path_equals_the_per_pair_path(video_llava_dir, batch_size):
+    model, processor = common.load_video_llm(video_llava_dir)
+    videos = [tiny.moving_square(seed=0), tiny.moving_square(direction=-1, color=(0, 0, 255), seed=1)]
+    index = [1, 0, 0, 1, 1, 0, 0]
+    captions = [CAPTIONS[k % 4] for k in range(len(index))]
+    features = common.encode_videos(model, processor, videos)
+    fast = ev.fast_alignment_logits(model, processor, features, captions, index, batch_size)
+    slow = torch.cat([common.alignment_logits(model, processor, [videos[v]], [c]) for v, c in zip(index, captions)])
+    np.testing.assert_allclose(fast.numpy(), slow.numpy(), atol=1e-5)
+    assert fast.std() > 1e-3  # the pairs really differ
+
+
+def write_toy_task(tmp_path, with_missing=True):
+    """Two captions x three real mp4 videos (plus a missing one) in the SSv2 layout."""
+    root = tmp_path / "videos"
+    for k in range(3):
+        common.write_video(str(root / f"{k}.mp4"), tiny.moving_square(num_frames=8, direction=1 - 2 * (k % 2), seed=k))
+    videos = [f"{k}.mp4" for k in range(3)] + (["gone.mp4"] if with_missing else [])
+    rows = [{"videopath": v, "caption": prompt(c), "match": int(k == j)}
+            for j, c in enumerate(CAPTIONS[:2]) for k, v in enumerate(videos)]
+    common.write_csv(str(tmp_path / "events.csv"), rows)
+    return str(tmp_path / "events.csv"), str(root)
+
+
+def scores_of(path):
+    return ev.read_scores(path)[0]
+
+
+def test_main_scores_resumes_and_reports_bad_videos(video_llava_dir, tmp_path, capsys):
+    task, root = write_toy_task(tmp_path)
+    args = ev.Args(model=video_llava_dir, ssv2_events=task, candidates=3, video_root=root,
+                   out_dir=str(tmp_path / "out"), batch_size=3, video_batch=2)
+    res = ev.main(args)["ssv2_events"]
+    assert (res["videos_failed"], res["pairs"], res["pairs_scored"]) == (1, 8, 6) and "gone.mp4" in res["failed"][0]
+    assert (res["queries"], res["queries_dropped"]) == (2, 0)  # the missing video is not a scored candidate
+    assert "unreadable video" in capsys.readouterr().out
+    final = str(tmp_path / "out" / "ssv2_events_scores.csv")
+    first = scores_of(final)
+    model, processor = common.load_video_llm(video_llava_dir)  # spot-check one pair the long way
+    frames = common.read_video(os.path.join(root, "1.mp4"))
+    a = common.alignment_logits(model, processor, [frames], [CAPTIONS[0]])
+    assert first[("1.mp4", CAPTIONS[0])] == pytest.approx(torch.sigmoid(a).item(), abs=1e-5)
+    # resume: drop two scored rows, leave half a row behind as a killed run would; only they are rescored
+    lines = open(final, newline="").read().split("\r\n")
+    open(final, "w", newline="").write("\r\n".join(lines[:-3]) + "\r\n")
+    half = "videopath,caption,score,logit\r\n2.mp4,Cov"
+    open(str(tmp_path / "out" / "ssv2_events_scores.rank0.csv"), "w", newline="").write(half)
+    capsys.readouterr()
+    res = ev.main(args)["ssv2_events"]
+    assert "4 of 8 pairs already scored; 2 videos to run" in capsys.readouterr().out  # 2.mp4 again, gone.mp4
+    assert scores_of(final) == pytest.approx(first, abs=1e-6) and res["pairs_scored"] == 6
+    assert sorted(os.listdir(tmp_path / "out")) == ["results.json", "ssv2_events_scores.csv"]
+
+
+def test_lora_adapter_loads_and_changes_scores(video_llava_dir, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    model, processor = common.load_video_llm(video_llava_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # lora_B starts at zero (a no-op adapter); make it do something
+            p.data.normal_(0, 0.5)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    task, root = write_toy_task(tmp_path, with_missing=False)
+    common_args = dict(model=video_llava_dir, ssv2_events=task, candidates=3, video_root=root)
+    base = ev.main(ev.Args(**common_args, out_dir=str(tmp_path / "base")))
+    tuned = ev.main(ev.Args(**common_args, adapter=str(tmp_path / "adapter"), out_dir=str(tmp_path / "tuned")))
+    s_base = scores_of(str(tmp_path / "base" / "ssv2_events_scores.csv"))
+    s_tuned = scores_of(str(tmp_path / "tuned" / "ssv2_events_scores.csv"))
+    assert s_base.keys() == s_tuned.keys() and max(abs(s_base[k] - s_tuned[k]) for k in s_base) > 1e-3
+    assert base["ssv2_events"]["pairs_scored"] == tuned["ssv2_events"]["pairs_scored"] == 6
+    # the fast path runs through the LoRA layers exactly as the per-pair path does
+    loaded = PeftModel.from_pretrained(common.load_video_llm(video_llava_dir)[0], str(tmp_path / "adapter")).eval()
+    frames = common.read_video(os.path.join(root, "2.mp4"))
+    with torch.no_grad():
+        a = common.alignment_logits(loaded, processor, [frames], [CAPTIONS[1]])
+    assert s_tuned[("2.mp4", CAPTIONS[1])] == pytest.approx(torch.sigmoid(a).item(), abs=1e-5)
+
+
+def test_two_torchrun_ranks_give_the_one_rank_scores(video_llava_dir, tmp_path):
+    task, root = write_toy_task(tmp_path)
+    flags = ["--model", video_llava_dir, "--ssv2_events", task, "--candidates", "3", "--video_root", root]
+    ev.main(common.parse_args(ev.Args, flags + ["--out_dir", str(tmp_path / "one")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "04_eval.py"), *flags, "--out_dir", str(tmp_path / "two")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = scores_of(str(tmp_path / "one" / "ssv2_events_scores.csv"))
+    two = scores_of(str(tmp_path / "two" / "ssv2_events_scores.csv"))
+    assert len(one) == 6 and one == pytest.approx(two, abs=1e-6)
+    assert "unreadable video" in run.stdout and "gone.mp4" in run.stdout  # rank 1's failure reaches rank 0
