@@ -289,7 +289,8 @@ def frame_indices(num_total, num_frames, sampling="uniform"):
 def read_video(path, num_frames=8, sampling="uniform"):
     """Decode `num_frames` frames with decord -> uint8 array (num_frames, H, W, 3).
 
-    Raises FileNotFoundError / ValueError naming the file if it is missing, unreadable or empty."""
+    Raises FileNotFoundError / ValueError naming the file if it is missing, unreadable or empty.
+    (decord 0.6 cannot read back some tiny widths, e.g. 16/24/48/72 px; real video sizes are fine.)"""
     import decord
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: video file not found")

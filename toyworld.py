@@ -278,26 +278,34 @@ def build_tokenizer():
                                    pad_token="<pad>", extra_special_tokens={"video_token": "<video>", "image_token": "<image>"})
 
 
-def new_video_llava(tokenizer, text_layers=3, vision_layers=2, hidden=64, patch=8, seed=0):
-    """A randomly initialised Video-LLaVA at toy size (CLIP vision tower, LLaMA language model)
-    and its processor, for SIZE x SIZE frames."""
-    import torch
-    from transformers import (CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration,
-                              VideoLlavaImageProcessor, VideoLlavaProcessor, VideoLlavaVideoProcessor)
-    torch.manual_seed(seed)
+def clip_llama_configs(tokenizer, size=SIZE, patch=8, hidden=64, text_layers=3, vision_layers=2):
+    """The configs of a toy CLIP vision tower (width hidden/2) and LLaMA language model (width
+    hidden) for size x size frames: the two halves of a toy (Video-)LLaVA."""
+    from transformers import CLIPVisionConfig, LlamaConfig
     vision = CLIPVisionConfig(hidden_size=hidden // 2, intermediate_size=hidden, num_hidden_layers=vision_layers,
-                              num_attention_heads=2, image_size=SIZE, patch_size=patch)
+                              num_attention_heads=2, image_size=size, patch_size=patch)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=4,
                        max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return vision, text
+
+
+def new_video_llava(tokenizer, size=SIZE, patch=8, seed=0, **sizes):
+    """A randomly initialised Video-LLaVA at toy size and its processor, for size x size frames.
+    sizes: hidden, text_layers, vision_layers (see clip_llama_configs)."""
+    import torch
+    from transformers import (VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor,
+                              VideoLlavaProcessor, VideoLlavaVideoProcessor)
+    torch.manual_seed(seed)
+    vision, text = clip_llama_configs(tokenizer, size, patch, **sizes)
     config = VideoLlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
                               video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
                               image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-    size, crop = {"shortest_edge": SIZE}, {"height": SIZE, "width": SIZE}
-    processor = VideoLlavaProcessor(VideoLlavaImageProcessor(size=size, crop_size=crop),
-                                    VideoLlavaVideoProcessor(size=size, crop_size=crop), tokenizer, patch_size=patch)
-    return VideoLlavaForConditionalGeneration(config), processor
+    resize, crop = {"shortest_edge": size}, {"height": size, "width": size}
+    processor = VideoLlavaProcessor(VideoLlavaImageProcessor(size=resize, crop_size=crop),
+                                    VideoLlavaVideoProcessor(size=resize, crop_size=crop), tokenizer, patch_size=patch)
+    return VideoLlavaForConditionalGeneration(config).eval(), processor
 
 
 def entailment_batch(rng, n):

@@ -9,6 +9,8 @@ import os
 import numpy as np
 import torch
 
+import toyworld
+
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "videocon")
 REAL_MP4 = os.path.join(SHARED, "y5xuvHpDPZQ_000005_000015.mp4")
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<video>", "<image>", "<|im_start|>", "<|im_end|>"]
@@ -42,23 +44,8 @@ def build_tokenizer(vocab_size=600):
 
 def tiny_video_llava(path, frame_size=32, patch=8, seed=0):
     """A 2-layer CLIP vision tower + 2-layer LLaMA Video-LLaVA, saved (model + processor) to path."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration,
-                              VideoLlavaImageProcessor, VideoLlavaProcessor, VideoLlavaVideoProcessor)
-    torch.manual_seed(seed)
-    tok = build_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=frame_size, patch_size=patch)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    config = VideoLlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
-                              video_token_id=tok.convert_tokens_to_ids("<video>"),
-                              image_token_id=tok.convert_tokens_to_ids("<image>"))
-    model = VideoLlavaForConditionalGeneration(config).eval()
-    size = {"shortest_edge": frame_size}
-    crop = {"height": frame_size, "width": frame_size}
-    processor = VideoLlavaProcessor(VideoLlavaImageProcessor(size=size, crop_size=crop),
-                                    VideoLlavaVideoProcessor(size=size, crop_size=crop), tok, patch_size=patch)
+    model, processor = toyworld.new_video_llava(build_tokenizer(), size=frame_size, patch=patch, seed=seed,
+                                                text_layers=2)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path

@@ -10,6 +10,7 @@ checkpoints (model + processor), so that the stage loads them by path exactly as
 import torch
 
 import tiny
+import toyworld
 
 # the shape of llava-hf/llava-1.5-7b-hf's own chat template: "USER: <image>\n<text> ASSISTANT:"
 LLAVA_TEMPLATE = (
@@ -22,15 +23,10 @@ VQA_LINES = ['Question: Does this figure show ""? Please answer yes or no. Answe
 
 def tiny_llava(path, frame_size=32, patch=8, seed=0):
     """LLaVA-1.5 at toy size: 2-layer CLIP vision tower, 2-layer LLaMA, saved to path."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     torch.manual_seed(seed)
     tok = tiny.build_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=frame_size, patch_size=patch)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vision, text = toyworld.clip_llama_configs(tok, frame_size, patch, text_layers=2)
     config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
                          vision_feature_select_strategy="default", image_token_id=tok.convert_tokens_to_ids("<image>"))
     model = LlavaForConditionalGeneration(config).eval()
