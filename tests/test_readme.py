@@ -34,3 +34,14 @@ def test_the_paper_table_names_functions_that_exist():
         defined = top_level_names(path)
         for name in re.findall(r"`(\w+)(?=[`\[(])", names):
             assert name in defined, f"README names {file.strip()}:{name}, which does not exist"
+
+
+def test_the_readme_builds_a_tiny_model_from_the_command_line(tmp_path):
+    """README's CPU-sized examples start with `python tests/tiny_<stage>.py DIR`, run from the repo."""
+    import subprocess
+    import sys
+    assert "python tests/tiny_generate.py /tmp/tiny-cogvideox" in README
+    out = subprocess.run([sys.executable, "tests/tiny_generate.py", str(tmp_path / "cog")], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "cog" / "model_index.json").exists()

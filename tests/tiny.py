@@ -5,11 +5,14 @@ are built from configs with random weights and saved with save_pretrained, so th
 loads them by path exactly as it would load a hub id.
 """
 import os
+import sys
 
 import numpy as np
 import torch
 
-import toyworld
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [] if ROOT in sys.path else [ROOT]  # `python tests/tiny_*.py DIR` finds the repo's modules
+import toyworld  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "videocon")
 REAL_MP4 = os.path.join(SHARED, "y5xuvHpDPZQ_000005_000015.mp4")
