@@ -322,8 +322,10 @@ def pretrain_video_llm(out_dir, steps=2000, batch_size=16, lr=1e-3, lm_weight=1.
     (clip, negative) PLUS a language-model loss on the caption tokens of the positive prompts.
 
     Eq. (2) alone stays at chance from scratch (nothing ties the Yes/No answer to the caption);
-    the LM loss on the caption, read in the description slot of the same prompt, makes the
-    model attend to the video to predict the words, and the entailment head then learns.
+    the LM loss on the caption, read in the description slot of the same prompt, is meant to make
+    the model attend to the video. Measured so far (2,000 steps of 16, seed 0, 447 s on 2 CPU
+    cores; 512 held-out clips): caption LM loss 0.16, but entailment AUC only 0.60 overall:
+    hallucination 1.00 and relation 0.90, the other five types at chance. The recipe is not done.
     Saves model + processor to out_dir (load it by path like any hub checkpoint)."""
     import torch
     import torch.nn.functional as F
