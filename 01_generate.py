@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from common import (example_seed, parse_args, print0, progress, read_csv, save_json, setup_distributed, shard,
-                    write_csv, write_video)
+                    wait_for_files, write_csv, write_video)
 
 REQUIRED = ("videopath", "caption", "neg_caption", "misalignment")
 TEXTS = ("videopath", "caption", "neg_caption")  # must not be empty
@@ -226,16 +226,11 @@ def main(args):
     if not dist.master:
         return
 
-    # ---- rank 0 writes the CSV once every row's video is on disk ----
-    # NOTE: rank 0 watches for the other ranks' files instead of calling a barrier: a collective would
-    # time out (NCCL's default is 10 minutes) while another rank still renders its last video. If a
-    # rank dies, torchrun stops this one too.
+    # ---- rank 0 writes the CSV once every row's video is on disk (common.wait_for_files) ----
     pending = [row for row in todo if not done(row)]
     if pending:
         print0(f"waiting for {len(pending)} videos from the other ranks")
-    while pending:
-        time.sleep(5)
-        pending = [row for row in pending if not done(row)]
+    wait_for_files([os.path.join(args.out_dir, row["syn_video"]) for row in pending], every=5)
     columns = [c for c in dict.fromkeys([*(rows[0] if rows else REQUIRED), "syn_video", "seed"]) if c is not None]
     write_csv(os.path.join(args.out_dir, "generated.csv"), todo, fieldnames=columns)
     save_json(os.path.join(args.out_dir, "generate_args.json"),

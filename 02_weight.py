@@ -48,14 +48,13 @@ import glob
 import json
 import os
 import re
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from common import (WEIGHTINGS, answer_token_ids, load_video_llm, parse_args, print0, progress, read_csv,
-                    read_video, save_json, setup_distributed, shard, write_csv)
+                    read_video, save_json, setup_distributed, shard, wait_for_files, write_csv)
 
 VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # VQAScore's question
 # Families whose processor has no chat template: (prompt around the question, the answer whose first
@@ -304,11 +303,7 @@ def main(args):
         torch.distributed.destroy_process_group()
     if not dist.master:
         return None
-    # NOTE: rank 0 waits for the other ranks' markers instead of calling a barrier: a collective would
-    # time out (NCCL's default is 10 minutes) while a slower rank still scores its last videos. If a
-    # rank dies, torchrun stops this one too.
-    while not all(os.path.exists(os.path.join(cache, f"finished.rank{r}")) for r in range(dist.world_size)):
-        time.sleep(2)
+    wait_for_files(os.path.join(cache, f"finished.rank{r}") for r in range(dist.world_size))  # not a barrier
 
     # ---- §5 Eq. (4): fbar = mean over models of the mean over frames; w = phi(fbar_t, fbar_r) ----
     caches = [read_cache(os.path.join(cache, name)) for name in names]

@@ -208,6 +208,20 @@ def progress(iterable, total=None, desc=""):
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
 
 
+def wait_for_files(paths, every=2.0):
+    """Rank 0 waits until every path exists (the other ranks' outputs, or their "finished" markers).
+
+    NOTE: it polls the file system instead of calling a barrier: a collective times out (NCCL's
+    default is 10 minutes) while another rank still works on its last items. If a rank dies,
+    torchrun stops this one too."""
+    import time
+    pending = list(paths)
+    while pending:
+        pending = [p for p in pending if not os.path.exists(p)]
+        if pending:
+            time.sleep(every)
+
+
 def parse_args(cls, argv=None):
     """Command-line flags from an `Args` dataclass: one `--field` per field, its type from the
     annotation, its --help from the docstring written under the field (as in CleanRL)."""
@@ -228,13 +242,6 @@ def parse_args(cls, argv=None):
         else:
             parser.add_argument(f"--{f.name}", type=kind, **kw)
     return cls(**vars(parser.parse_args(argv)))
-
-
-def save_json(path, obj):
-    """Write JSON atomically (e.g. the settings a stage ran with, next to its outputs)."""
-    import json
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, default=str)
 
 
 # ---- files: CSV in, atomic writes out -----------------------------------------------------------
@@ -272,6 +279,13 @@ def write_csv(path, rows, fieldnames=None):
         writer = csv.DictWriter(fh, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def save_json(path, obj):
+    """Write JSON atomically (e.g. the settings a stage ran with, next to its outputs)."""
+    import json
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, default=str)
 
 
 # ---- videos -------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 01_generate.py -> 02_weight.py -> 03_train.py -> 04_eval.py, each through main(args)."""
 import importlib
 import json
-import os
 
 import common
 import tiny
