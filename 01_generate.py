@@ -20,6 +20,9 @@ my.csv: any CSV with the four columns above):
     python tests/tiny_generate.py /tmp/tiny-cogvideox
     python 01_generate.py --input_csv my.csv --out_dir /tmp/gen --pipeline /tmp/tiny-cogvideox \\
         --height 32 --width 64 --num_frames 9 --num_inference_steps 2 --limit 4
+The classroom's toy generator (toyworld.py), chosen by name like any "module:Class" generator:
+    python 01_generate.py --input_csv runs/toy/world/train_s0.csv --out_dir /tmp/gen \\
+        --pipeline toyworld:ToyGenerator --pipeline_kwargs '{"noise": 0}'
 
 The generator: any diffusers text-to-video pipeline, by hub id or local folder. The default is
 CogVideoX-5b at the paper's settings (720x480, 49 frames, 8 fps). The paper names "CogVideoX"
@@ -37,6 +40,7 @@ and counted; a missing column stops the run with the file's name.
 """
 import hashlib
 import inspect
+import json
 import os
 import re
 import time
@@ -70,7 +74,11 @@ class Args:
     out_dir: str = "runs/generate"
     """where videos/, generated.csv and generate_args.json go"""
     pipeline: str = "THUDM/CogVideoX-5b"
-    """G: a diffusers text-to-video pipeline, hub id or local folder (see PIPELINE_DEFAULTS)"""
+    """G: a diffusers text-to-video pipeline, hub id or local folder (see PIPELINE_DEFAULTS), or a
+    Python class "module:Class" called like one (e.g. toyworld:ToyGenerator, the classroom's)"""
+    pipeline_kwargs: str = ""
+    """JSON keyword arguments for G: a module:Class generator's constructor (e.g. '{"noise": 0}'), or
+    diffusers' from_pretrained (e.g. '{"variant": "fp16"}')"""
     num_inference_steps: int = 0
     """denoising steps; 0 = the pipeline's default (CogVideoX: 50)"""
     guidance_scale: float = 0.0
@@ -140,12 +148,30 @@ def video_name(row):
 
 
 # ---- §4: the generator G and its settings -------------------------------------------------------
+PYTHON_CLASS = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # "module:Class", e.g. toyworld:ToyGenerator
+
+
+def python_class(spec):
+    """The class named by "module:Class", or None when spec is a hub id or a folder.
+
+    Any class whose instances are called like a diffusers text-to-video pipeline (prompt, steps,
+    guidance, height, width, num_frames, generator, output_type="np") and return an object with
+    `.frames[0]` (T, H, W, 3) in [0, 1] can stand in for G; its class attribute `defaults` gives the
+    settings a diffusers pipeline gets from PIPELINE_DEFAULTS."""
+    if not PYTHON_CLASS.match(spec) or os.path.exists(spec):
+        return None
+    import importlib
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def resolve_settings(args):
     """Steps, guidance, size, frames and fps: each flag if given (non-zero), else the default of the
     pipeline class named in the checkpoint's model_index.json (read without loading any weights)."""
     from diffusers import DiffusionPipeline
-    name = DiffusionPipeline.load_config(args.pipeline)["_class_name"]
-    defaults = PIPELINE_DEFAULTS.get(name, {})
+    cls = python_class(args.pipeline)
+    name = cls.__name__ if cls else DiffusionPipeline.load_config(args.pipeline)["_class_name"]
+    defaults = PIPELINE_DEFAULTS.get(name, getattr(cls, "defaults", {}))
     settings = {k: getattr(args, k) or defaults.get(k) for k in SETTINGS}
     missing = [f"--{k}" for k, v in settings.items() if v is None]
     if missing:
@@ -155,11 +181,15 @@ def resolve_settings(args):
 
 
 def load_generator(args, dist, settings):
-    """G as a diffusers pipeline on this rank's device, with the chosen memory savers."""
+    """G as a diffusers pipeline on this rank's device, with the chosen memory savers (or an instance
+    of a module:Class generator, built from --pipeline_kwargs)."""
     from diffusers import DiffusionPipeline
+    kwargs = json.loads(args.pipeline_kwargs or "{}")
+    if cls := python_class(args.pipeline):
+        return cls(**kwargs)
     on_gpu = dist.device.startswith("cuda")
     dtype = (torch.bfloat16 if on_gpu else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=dtype, **kwargs)
     stride = getattr(pipe, "vae_scale_factor_temporal", 1)  # the VAE keeps frame 0, then 1 latent per `stride` frames
     if (settings["num_frames"] - 1) % stride:
         raise ValueError(f"--num_frames {settings['num_frames']}: {type(pipe).__name__} renders 1 + a multiple of "

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -205,7 +206,8 @@ def progress(iterable, total=None, desc=""):
     if int(os.environ.get("RANK", 0)) != 0:
         return iterable
     from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
+    # redirected to a file (a log, CI): a line every 10 s instead of every update
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)
 
 
 def wait_for_files(paths, every=2.0):

@@ -12,29 +12,13 @@ import torch
 import tiny
 import toyworld
 
-# the shape of llava-hf/llava-1.5-7b-hf's own chat template: "USER: <image>\n<text> ASSISTANT:"
-LLAVA_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() + ': ' }}"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 VQA_LINES = ['Question: Does this figure show ""? Please answer yes or no. Answer:'] * 500 + ["yes no Yes No"] * 2000
 
 
 def tiny_llava(path, frame_size=32, patch=8, seed=0):
-    """LLaVA-1.5 at toy size: 2-layer CLIP vision tower, 2-layer LLaMA, saved to path."""
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    torch.manual_seed(seed)
-    tok = tiny.build_tokenizer()
-    vision, text = toyworld.clip_llama_configs(tok, frame_size, patch, text_layers=2)
-    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", image_token_id=tok.convert_tokens_to_ids("<image>"))
-    model = LlavaForConditionalGeneration(config).eval()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": frame_size},
-                                         crop_size={"height": frame_size, "width": frame_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=LLAVA_TEMPLATE)
+    """LLaVA-1.5 at toy size (toyworld.new_llava: CLIP vision + 2-layer LLaMA, llava-1.5's chat
+    template) with the tiny BPE tokenizer of tiny.py, saved to path."""
+    model, processor = toyworld.new_llava(tiny.build_tokenizer(), frame_size, patch, seed, text_layers=2)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
