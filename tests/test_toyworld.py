@@ -262,3 +262,10 @@ def test_committed_toy_models_are_pretrained():
         vqa, vqa_processor = common.load_video_llm(member)
         p_yes = weight.vqa_scores(vqa, vqa_processor, frames + frames, texts, pairs_per_forward=64).numpy()
         assert roc_auc_score([1] * 32 + [0] * 32, p_yes) > 0.9, (member, p_yes)
+
+
+def test_no_seeds_only_makes_sure_the_models_are_there(tmp_path):
+    """`python toyworld.py --seeds` (no value) pretrains missing models and records no settings in
+    out_dir, so a later run there with other --models is not refused."""
+    assert tw.main(tw.Args(out_dir=str(tmp_path), seeds=[])) == []
+    assert not (tmp_path / "toyworld_args.json").exists()
