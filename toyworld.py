@@ -191,9 +191,9 @@ def render(scene, seed=0, palette=None, texture=0.0, noise=0.0):
     """uint8 frames (FRAMES, SIZE, SIZE, 3) that show `scene`.
 
     Things without a relation take turns (np.array_split of the frames); before its turn a thing
-    waits at its start, after it at its end; a moving thing leaves a fading trail. palette replaces COLOURS; texture (0..1) darkens
-    every other pair of rows of the objects; noise is the std of Gaussian pixel noise. The defaults
-    draw a "real" clip."""
+    waits at its start, after it at its end; a moving thing leaves a fading trail. palette replaces
+    COLOURS; texture (0..1) darkens every other pair of rows of the objects; noise is the std of
+    Gaussian pixel noise. The defaults draw a "real" clip."""
     rng = np.random.default_rng(seed)
     colours = palette or COLOURS
     frames = np.empty((FRAMES, SIZE, SIZE, 3), np.float32)
@@ -236,8 +236,9 @@ def render(scene, seed=0, palette=None, texture=0.0, noise=0.0):
 # it: a "flip" failure draws the events in another order, a "hallucination" failure leaves out the
 # last event, an "action" failure moves the first thing in another direction, and so on. On a
 # negative caption, a failure of its own type often draws the REAL caption instead (always, for
-# flip, relation and hallucination). The defaults put the weights' per-type means in the order of
-# the paper's Fig. 2: flip and hallucination lowest, attribute and object highest.
+# flip, relation and hallucination). With the defaults, Eq. 4's per-type mean weights come out as in
+# the paper's Fig. 2 at the low end: flip and hallucination among the lowest (with action, whose
+# direction the frame VQA models hardly see), attribute and count highest (README has the numbers).
 FAILURE_RATES = {"action": 0.15, "attribute": 0.05, "object": 0.05, "count": 0.15, "relation": 0.3,
                  "flip": 0.6, "hallucination": 0.6}
 SYNTHETIC_PALETTE = {"red": (250, 90, 120), "green": (120, 230, 80), "blue": (90, 60, 200), "yellow": (250, 170, 60)}
@@ -334,7 +335,7 @@ def temporal_retrieval(root, rng, groups=8, per_variant=(4, 2)):
                  for v, scene in enumerate(variants) for j in range(k)]
         rows += [{"videopath": path, "caption": caption(query), "match": int(v == q)}
                  for q, query in enumerate(variants) for path, v in clips]
-    return rows, len(clips)
+    return rows
 
 
 def wrong_statements(scene, temporal):
@@ -373,7 +374,7 @@ def multiple_choice(root, rng, n=60):
 def write_world(root, seed, n_train=400, n_test=300, ssv2_groups=8, atp_questions=60):
     """The toy world's files under root (videos/ + CSVs; every videopath is relative to root):
     train_s<seed>.csv (real triplets), and, the same for every seed (drawn from seed 10**6):
-    videocon_test.csv, ssv2_temporal.csv (+ its candidate count), atphard.csv + nextqa-atphard.csv."""
+    videocon_test.csv, ssv2_temporal.csv (16 candidates a query), atphard.csv + nextqa-atphard.csv."""
     from common import write_csv
     files = {"train": os.path.join(root, f"train_s{seed}.csv"), "videocon_llm": os.path.join(root, "videocon_test.csv"),
              "ssv2_temporal": os.path.join(root, "ssv2_temporal.csv"), "atphard": os.path.join(root, "atphard.csv")}
@@ -382,8 +383,7 @@ def write_world(root, seed, n_train=400, n_test=300, ssv2_groups=8, atp_question
     if not os.path.exists(files["atphard"]):  # the test sets, written last: their presence means all are there
         rng = random.Random(10**6)
         write_csv(files["videocon_llm"], triplets(root, "test_", n_test, rng, "test"))
-        ssv2, _ = temporal_retrieval(root, rng, ssv2_groups)
-        write_csv(files["ssv2_temporal"], ssv2)
+        write_csv(files["ssv2_temporal"], temporal_retrieval(root, rng, ssv2_groups))
         atp, types = multiple_choice(root, rng, atp_questions)
         write_csv(os.path.join(root, "nextqa-atphard.csv"), types)
         write_csv(files["atphard"], atp)
@@ -691,11 +691,11 @@ class Args:
     noise: float = 12.0
     """appearance gap: std of G's pixel noise"""
     base_steps: int = 3000
-    """pretraining steps of the base video LLM (when models/ has none)"""
+    """pretraining steps of the base video LLM (when --models has none)"""
     base_types: list = field(default_factory=lambda: list(TYPES))
     """misalignment types of the base video LLM's pretraining negatives"""
     vqa_steps: int = 2000
-    """pretraining steps of each VQA ensemble member (when models/ has none)"""
+    """pretraining steps of each VQA ensemble member (when --models has none)"""
     pool: int = 3000
     """real clips in the pretraining pool"""
     # NOTE (deviation): 03_train.py's paper settings (lr 5e-5, batch 32, 1 epoch, 200 warm-up steps) are
