@@ -64,6 +64,9 @@ class Args:
     """where adapter/, args.json, log.jsonl and checkpoints/ go"""
     model: str = common.DEFAULT_MODEL
     """the video LLM f(V, t): a hub id or a local directory"""
+    prompt: str = "llava_v1"
+    """Video-LLaVA's prompt (common.PROMPT_FORMATS): 'llava_v1' = the released code's, with LLaVA's
+    system sentence; 'card' = the transformers model card's; other families use their chat template"""
     use_syn: bool = True
     """train on the synthetic twins V^s (Eqs. 5, 6); --no-use_syn is the VideoCon baseline, L = L_real"""
     use_scr: bool = True
@@ -206,7 +209,7 @@ def triplet_logits(model, processor, batch, paths, frames, args):
             captions.append(r[text])
             index.append(where[r[video]])
             hidden.append(common.hidden_word_spans(r[text], r[other]) if name.endswith("'") else None)
-    a = common.alignment_logits(model, processor, frames, captions, index, hidden)  # (len(pairs) * b,)
+    a = common.alignment_logits(model, processor, frames, captions, index, hidden, prompt=args.prompt)  # (len(pairs) * b,)
     return dict(zip([p[0] for p in pairs], a.view(len(pairs), len(batch))))
 
 

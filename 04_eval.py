@@ -53,6 +53,9 @@ CANDIDATES = {"ssv2_temporal": 216, "ssv2_events": 588}  # videos per query (18 
 class Args:
     model: str = common.DEFAULT_MODEL
     """the base video LLM f: hub id or local directory"""
+    prompt: str = "llava_v1"
+    """Video-LLaVA's prompt (common.PROMPT_FORMATS): 'llava_v1' = the released code's, with LLaVA's
+    system sentence; 'card' = the transformers model card's; other families use their chat template"""
     adapter: str = ""
     """optional LoRA adapter directory (03_train.py's <out_dir>/adapter), loaded with peft"""
     videocon_llm: str = ""
@@ -226,7 +229,7 @@ def task_metrics(name, rows, scores, args):
 
 # ---- §3 Eq. (1), fast: the video prefix once, only the caption suffixes per pair ----------------
 @torch.no_grad()
-def fast_alignment_logits(model, processor, features, captions, video_index, batch_size=16):
+def fast_alignment_logits(model, processor, features, captions, video_index, batch_size=16, prompt="llava_v1"):
     """a = logit_Yes - logit_No for caption i on video video_index[i]: the same numbers as
     common.alignment_logits, computed without re-running the video for every caption.
 
@@ -238,7 +241,7 @@ def fast_alignment_logits(model, processor, features, captions, video_index, bat
     from transformers import DynamicCache
     from transformers.modeling_outputs import BaseModelOutputWithPooling as Encoded
     hf = common.unwrap(model)
-    ids, mask, _, (yes, no) = common.build_text_batch(model, processor, captions, 1)  # <video> not expanded yet
+    ids, mask, _, (yes, no) = common.build_text_batch(model, processor, captions, 1, prompt=prompt)  # <video> not expanded yet
     rows = [r[len(r) - n:] for r, n in zip(ids, mask.sum(1).tolist())]  # drop the left padding
     shortest = min(map(len, rows))
     same = torch.stack([r[:shortest] for r in rows]).eq(rows[0][:shortest]).all(0)
@@ -335,7 +338,7 @@ def score_task(name, pairs, model, processor, args, dist):
             features = common.encode_videos(model, processor, [frames for _, frames in batch])  # each video once
             index = [k for k, (v, _) in enumerate(batch) for _ in todo[v]]
             captions = [c for v, _ in batch for c in todo[v]]
-            a = fast_alignment_logits(model, processor, features, captions, index, args.batch_size)
+            a = fast_alignment_logits(model, processor, features, captions, index, args.batch_size, args.prompt)
             writer.writerows([batch[k][0], c, f"{torch.sigmoid(x).item():.9g}", f"{x.item():.9g}"]
                              for k, c, x in zip(index, captions, a))
             fh.flush()  # written as it goes: a killed run loses at most this batch

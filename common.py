@@ -337,9 +337,16 @@ def write_video(path, frames, fps=8):
 # ---- the video LLM that computes f(V, t) --------------------------------------------------------
 DEFAULT_MODEL = "LanguageBind/Video-LLaVA-7B-hf"
 QUESTION = 'Does this video entail the description: "{caption}"?'  # VideoCon's question
-# Families whose hub processor has no chat template get their prompt format here; every other
-# family (LLaVA-OneVision, LLaVA-NeXT-Video, ...) uses its processor's own chat template.
-PROMPT_FORMATS = {"video_llava": "USER: <video>\n{question} ASSISTANT:"}
+# Video-LLaVA's hub processor has no chat template: its prompt formats, by name (--prompt). The
+# released code asks it in LLaVA's "llava_v1" conversation, a system sentence and then
+# `USER: <video>\n<question> ASSISTANT:`; transformers' model card drops the system sentence. Every
+# other family (LLaVA-OneVision, LLaVA-NeXT-Video, Qwen-VL, ...) uses its processor's chat template.
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+PROMPT_FORMATS = {
+    "llava_v1": SYSTEM + " USER: <video>\n{question} ASSISTANT:",  # the released code (default)
+    "card": "USER: <video>\n{question} ASSISTANT:",  # the transformers model card
+}
 
 
 def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
@@ -352,15 +359,18 @@ def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
     return model.eval(), processor
 
 
-def entailment_prompt(processor, model_type, caption):
-    """The prompt up to where the answer starts, and where `caption` sits in it (char offset)."""
+def entailment_prompt(processor, model_type, caption, prompt="llava_v1"):
+    """The prompt text up to where the answer starts, and where `caption` sits in it (char offset).
+    prompt: a PROMPT_FORMATS name, used by Video-LLaVA; other families use their chat template."""
     question = QUESTION.format(caption=caption)
-    if model_type in PROMPT_FORMATS:
-        prompt = PROMPT_FORMATS[model_type].format(question=question)
+    if model_type == "video_llava":
+        if prompt not in PROMPT_FORMATS:
+            raise ValueError(f"--prompt {prompt!r}: use one of {sorted(PROMPT_FORMATS)}")
+        text = PROMPT_FORMATS[prompt].format(question=question)
     else:
         conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    return prompt, prompt.rindex(question) + question.index('"') + 1
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return text, text.rindex(question) + question.index('"') + 1
 
 
 def answer_token_ids(tokenizer, prompt):
@@ -395,19 +405,20 @@ def encode_videos(model, processor, videos):
     return features.reshape(len(videos), -1, features.shape[-1])
 
 
-def build_text_batch(model, processor, captions, num_video_tokens, hidden=None):
+def build_text_batch(model, processor, captions, num_video_tokens, hidden=None, prompt="llava_v1"):
     """Token ids of the entailment prompts, the video placeholder expanded to num_video_tokens,
     left-padded so that the answer position is the last one for every row.
 
     hidden: optional list (one per caption) of character spans of the caption to hide from
-    attention (t' of footnote 2). Returns input_ids, attention_mask, position_ids, (yes, no)."""
+    attention (t' of footnote 2); prompt: a PROMPT_FORMATS name (Video-LLaVA).
+    Returns input_ids, attention_mask, position_ids, (yes, no)."""
     hf = unwrap(model)
     tok = processor.tokenizer
     video_id = hf.config.video_token_id
     rows, masks = [], []
     for i, caption in enumerate(captions):
-        prompt, start = entailment_prompt(processor, hf.config.model_type, caption)
-        enc = tok(prompt, add_special_tokens=True, return_offsets_mapping=True)
+        text, start = entailment_prompt(processor, hf.config.model_type, caption, prompt)
+        enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
         spans = [(s + start, e + start) for s, e in ((hidden[i] if hidden else None) or [])]
         visible = token_visibility(enc["offset_mapping"], spans)
         ids, mask = [], []
@@ -423,10 +434,11 @@ def build_text_batch(model, processor, captions, num_video_tokens, hidden=None):
     # their positions: t' is the same caption with some words made invisible, not a new text.
     not_pad = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     position_ids = (not_pad.cumsum(1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids, answer_token_ids(tok, prompt)
+    return input_ids, attention_mask, position_ids, answer_token_ids(tok, text)
 
 
-def alignment_logits(model, processor, videos, captions, video_index=None, hidden=None, features=None):
+def alignment_logits(model, processor, videos, captions, video_index=None, hidden=None, features=None,
+                     prompt="llava_v1"):
     """a = logit_Yes - logit_No for each (video, caption) pair, read at the answer position only.
     f(V, t) = sigmoid(a) is Eq. (1).
 
@@ -434,7 +446,8 @@ def alignment_logits(model, processor, videos, captions, video_index=None, hidde
     captions:    list of n captions;
     video_index: caption i is scored on videos[video_index[i]] (default: pair i with video i);
     hidden:      optional per-caption character spans hidden by the attention mask (t', Eq. 6);
-    features:    optional precomputed encode_videos(...) output (then `videos` is not used).
+    features:    optional precomputed encode_videos(...) output (then `videos` is not used);
+    prompt:      a PROMPT_FORMATS name (Video-LLaVA; other families use their chat template).
     Returns a tensor (n,). Gradients flow when called outside torch.no_grad()."""
     video_index = list(range(len(captions))) if video_index is None else list(video_index)
     if features is None:
@@ -442,7 +455,7 @@ def alignment_logits(model, processor, videos, captions, video_index=None, hidde
             features = encode_videos(model, processor, videos)
     hf = unwrap(model)
     input_ids, attention_mask, position_ids, (yes, no) = build_text_batch(
-        model, processor, captions, features.shape[1], hidden)
+        model, processor, captions, features.shape[1], hidden, prompt)
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     video = BaseModelOutputWithPooling(pooler_output=features[torch.tensor(video_index, device=features.device)])
     out = model(input_ids=input_ids.to(hf.device), attention_mask=attention_mask.to(hf.device),

@@ -469,6 +469,7 @@ LLAVA_TEMPLATE = (
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
     "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+PROMPT = "card"  # the committed toy base was pretrained on Video-LLaVA's model-card prompt (no system sentence)
 VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # 02_weight.py's question
 
 
@@ -529,7 +530,7 @@ def video_llm_losses(model, processor, clips, pos, neg):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     from common import build_text_batch, encode_videos, loss_real
     features = encode_videos(model, processor, list(clips))  # (B, L, hidden)
-    ids, mask, positions, (yes, no) = build_text_batch(model, processor, pos + neg, features.shape[1])
+    ids, mask, positions, (yes, no) = build_text_batch(model, processor, pos + neg, features.shape[1], prompt=PROMPT)
     video = BaseModelOutputWithPooling(pooler_output=torch.cat([features, features]))
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, mm_encoder_outputs={"video": video}).logits
     a = logits[:, -1, yes] - logits[:, -1, no]
@@ -624,7 +625,7 @@ def entailment_auc(model, processor, n=256, seed=12345):
     texts = [caption(s) for s in scenes] + [caption(negative(s, k, rng)) for s, k in zip(scenes, kinds)]
     with torch.no_grad():
         f = torch.cat([alignment_logits(model, processor, [videos[i % n] for i in range(j, min(j + 32, 2 * n))],
-                                        texts[j: j + 32]) for j in range(0, 2 * n, 32)]).numpy()
+                                        texts[j: j + 32], prompt=PROMPT) for j in range(0, 2 * n, 32)]).numpy()
     return per_type_auc([1] * n + [0] * n, f, kinds + kinds)
 
 
@@ -779,14 +780,14 @@ def run_method(args, seed, method, world, base):
         stage(args, "03_train.py", "--train_csv", os.path.join(args.out_dir, f"seed{seed}", "generate", "weighted.csv"),
               "--video_root", os.path.dirname(world["train"]), "--out_dir", train, "--model", base, *flags,
               "--lr", args.lr, "--num_epochs", args.num_epochs, "--batch_size", args.batch_size,
-              "--micro_batch_size", min(8, args.batch_size), "--warmup_steps", 5, "--num_workers", 0,
+              "--micro_batch_size", min(8, args.batch_size), "--warmup_steps", 5, "--prompt", PROMPT, "--num_workers", 0,
               "--no-bf16", "--no-gradient_checkpointing", "--save_every", 10**6, "--seed", seed,
               log=os.path.join(train, "03_train.log") if logged else None)
     if not os.path.exists(os.path.join(ev, "results.json")):
         stage(args, "04_eval.py", "--model", base, *(["--adapter", os.path.join(train, "adapter")] if train else []),
               "--videocon_llm", world["videocon_llm"], "--ssv2_temporal", world["ssv2_temporal"],
               "--atphard", world["atphard"], "--candidates", 16, "--video_root", os.path.dirname(world["train"]),
-              "--batch_size", 32, "--video_batch", 8, "--out_dir", ev,
+              "--batch_size", 32, "--video_batch", 8, "--out_dir", ev, "--prompt", PROMPT,
               log=os.path.join(ev, "04_eval.log") if logged else None)
     with open(os.path.join(ev, "results.json")) as fh:
         results = json.load(fh)["results"]

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from transformers import AutoProcessor
 
 import common
 import tiny
@@ -278,6 +279,19 @@ def test_t_prime_equals_an_explicit_attention_mask(video_llava_dir):
     yes, no = common.answer_token_ids(processor.tokenizer, prompt)
     assert ours[0].item() == pytest.approx((logits[yes] - logits[no]).item(), abs=1e-5)
     assert abs(ours[0] - ours[1]) > 1e-4  # hiding words changes the score
+
+
+def test_video_llava_prompt_is_the_released_llava_v1_by_default(video_llava_dir):
+    """The released code asks Video-LLaVA in LLaVA's llava_v1 conversation (system sentence first);
+    --prompt card is the transformers model card's form; an unknown name is refused."""
+    processor = AutoProcessor.from_pretrained(video_llava_dir)
+    text, start = common.entailment_prompt(processor, "video_llava", "a dog")
+    assert text == common.SYSTEM + ' USER: <video>\nDoes this video entail the description: "a dog"? ASSISTANT:'
+    assert text[start:start + 5] == "a dog"
+    card, start = common.entailment_prompt(processor, "video_llava", "a dog", prompt="card")
+    assert card == 'USER: <video>\nDoes this video entail the description: "a dog"? ASSISTANT:' and card[start] == "a"
+    with pytest.raises(ValueError, match="--prompt 'vicuna'"):
+        common.entailment_prompt(processor, "video_llava", "a dog", prompt="vicuna")
 
 
 def test_scores_have_gradients_for_training(video_llava_dir):
