@@ -149,6 +149,36 @@ def test_t_prime_hides_the_words_outside_the_lcs(kind, caption, other, hidden):
         assert [other[s:e] for s, e in hidden_word_spans(other, caption)] == ["while", "holding", "an", "umbrella"]
 
 
+@pytest.fixture(scope="module")
+def llama_tok():
+    return tiny.llama_tokenizer()
+
+
+@pytest.mark.parametrize("prompt", sorted(common.PROMPT_FORMATS))
+def test_answer_ids_and_t_prime_on_a_real_llama_tokenizer(llama_tok, prompt):
+    """On a real LLaMA-family SentencePiece tokenizer, in both Video-LLaVA prompts (the released one
+    starts with LLaVA's system sentence): "Yes"/"No" after "ASSISTANT:" are the single tokens
+    '▁Yes'/'▁No', and t' hides exactly the tokens of the words outside the LCS -- every token that
+    holds a character of a hidden word, no token of a visible word, nothing outside the caption."""
+    assert [llama_tok.convert_ids_to_tokens(i) for i in
+            common.answer_token_ids(llama_tok, common.entailment_prompt(None, "video_llava", "a dog", prompt)[0])] \
+        == ["▁Yes", "▁No"]
+    for kind, caption, other, words in PAIRS:
+        text, start = common.entailment_prompt(None, "video_llava", caption, prompt)
+        spans = [(s + start, e + start) for s, e in hidden_word_spans(caption, other)]
+        enc = llama_tok(text, return_offsets_mapping=True)
+        visible = token_visibility(enc["offset_mapping"], spans)
+        hidden_chars = {c for s, e in spans for c in range(s, e)}
+        word_chars = {c for m in common.WORD.finditer(text) for c in range(*m.span())}
+        for (s, e), v in zip(enc["offset_mapping"], visible):
+            chars = set(range(s, e))
+            assert v == (not chars & hidden_chars), (kind, llama_tok.decode(enc["input_ids"]), s, e)
+            assert v or not (chars & word_chars) - hidden_chars, (kind, s, e)  # no visible word's character hidden
+        hidden = [llama_tok.convert_ids_to_tokens(i).lstrip("▁") for i, v in zip(enc["input_ids"], visible) if not v]
+        assert "".join(hidden) == "".join(words), (kind, hidden)
+        assert all(visible[: len(llama_tok(text[:start])["input_ids"]) - 1])  # the system sentence and question
+
+
 def test_t_prime_edge_cases():
     assert hidden_word_spans("a red ball", "a red ball") == []  # identical: t' is the caption
     spans = hidden_word_spans("red ball", "blue cube")  # nothing shared: t' is empty
