@@ -292,10 +292,11 @@ def save_json(path, obj):
 
 # ---- videos -------------------------------------------------------------------------------------
 def frame_indices(num_total, num_frames, sampling="uniform"):
-    """Which frames to keep. "uniform": np.linspace over the clip (Video-LLaVA); "middle": the
-    middle frame of each of num_frames equal segments (VideoCon / mPLUG-Owl)."""
+    """Which frames to keep. "uniform": np.linspace over the clip, truncated to integers, as the
+    released Video-LLaVA code and the transformers model card do; "middle": the middle frame of each
+    of num_frames equal segments (VideoCon / mPLUG-Owl)."""
     if sampling == "uniform":
-        return np.linspace(0, num_total - 1, num_frames).round().astype(int)
+        return np.linspace(0, num_total - 1, num_frames, dtype=int)
     if sampling == "middle":
         edges = np.linspace(0, num_total, num_frames + 1)
         return np.minimum(((edges[:-1] + edges[1:]) / 2).astype(int), num_total - 1)

@@ -201,7 +201,9 @@ def test_t_prime_maps_words_to_subword_tokens():
 def test_frame_indices():
     assert list(common.frame_indices(10, 4, "uniform")) == [0, 3, 6, 9]
     assert list(common.frame_indices(32, 4, "middle")) == [4, 12, 20, 28]
-    assert list(common.frame_indices(3, 8, "uniform")) == [0, 0, 1, 1, 1, 1, 2, 2]  # short clips repeat
+    assert list(common.frame_indices(3, 8, "uniform")) == [0, 0, 0, 0, 1, 1, 1, 2]  # short clips repeat
+    # truncated, not rounded, as the released code's np.linspace(0, n - 1, 8, dtype=int)
+    assert list(common.frame_indices(300, 8, "uniform")) == [0, 42, 85, 128, 170, 213, 256, 299]
     with pytest.raises(ValueError, match="unknown frame sampling"):
         common.frame_indices(10, 4, "random")
 
