@@ -77,6 +77,19 @@ def loss_scr(f_pos, f_shared, f_neg, w, margin=0.2):
     return (w * (above + below).sum(dim=1)).mean()
 
 
+def answer_token_loss(logits, targets, w, n_tokens):
+    """The released code's answer loss (03_train.py --answer_loss vocab), beside Eqs. (1)-(2):
+        1/N sum_k w_k * -log softmax(logits_k)[target_k]
+    over answer tokens k -- the word "Yes"/"No" AND the end-of-sequence token after it, or every
+    token of an explanation and its end token -- each read from the FULL vocabulary, weighted by its
+    pair's w (1 for real pairs, phi for synthetic ones), and divided by N = the number of answer
+    tokens of the whole micro-batch, real and synthetic together (not by sum(w)).
+
+    logits: (K, vocab) at the positions that predict the K tokens; targets: (K,) token ids;
+    w: (K,) weights; n_tokens: N."""
+    return (w * F.cross_entropy(logits.float(), targets, reduction="none")).sum() / n_tokens
+
+
 def total_loss(l_real, l_syn, l_scr, lambda_scr):
     """Eq. (7): L = L_real + L_syn^phi + lambda_scr * L_scr^phi."""
     return l_real + l_syn + lambda_scr * l_scr

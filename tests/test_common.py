@@ -179,6 +179,15 @@ def test_answer_ids_and_t_prime_on_a_real_llama_tokenizer(llama_tok, prompt):
         assert all(visible[: len(llama_tok(text[:start])["input_ids"]) - 1])  # the system sentence and question
 
 
+def test_answer_token_loss_by_hand():
+    # two answer tokens over a 3-word vocabulary: "Yes" (id 0) then the end token (id 2)
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    ce = [-math.log(math.exp(2) / (math.exp(2) + 2)), -math.log(math.exp(3) / (math.exp(3) + 2))]
+    got = common.answer_token_loss(logits, torch.tensor([0, 2]), torch.tensor([1.0, 0.5]), n_tokens=4)
+    assert got.item() == pytest.approx((ce[0] + 0.5 * ce[1]) / 4)  # divided by N, not by sum(w)
+    assert common.answer_token_loss(logits, torch.tensor([0, 2]), torch.zeros(2), 4).item() == 0
+
+
 def test_t_prime_edge_cases():
     assert hidden_word_spans("a red ball", "a red ball") == []  # identical: t' is the caption
     spans = hidden_word_spans("red ball", "blue cube")  # nothing shared: t' is empty
