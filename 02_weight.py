@@ -11,9 +11,8 @@ P("Yes" | frame, 'Does this figure show "<t>"? Please answer yes or no.'), avera
 uniformly sampled frames. The authors never released this stage.
 
 Reads   <dir>/generated.csv   (01_generate.py: input columns + syn_video, relative to <dir>, + seed)
-Writes  <dir>/weighted.csv    the same columns + vqascore_target_<model>, vqascore_real_<model> for
-                              each ensemble member + score_syn_target = fbar(V^s,t^s),
-                              score_syn_real = fbar(V^s,t^r) + weight = WEIGHTINGS[--weighting]
+Writes  <dir>/weighted.csv    the same columns + vqascore_target_<model>, vqascore_real_<model> per member
+                              + score_syn_target = fbar(V^s,t^s), score_syn_real = fbar(V^s,t^r) + weight
         <dir>/weighted_fig2.png     Fig. 2: fbar(V^s,t^s) - fbar(V^s,t^r) per misalignment type
         <dir>/weighted.json         the settings, the per-type table of Fig. 2, the skip count
         <dir>/weighted_skipped.csv  rows that could not be scored and why (only if there are any)
@@ -23,26 +22,19 @@ Writes  <dir>/weighted.csv    the same columns + vqascore_target_<model>, vqasco
 Launch (one GPU holds one model at a time; more GPUs split the videos):
     python 02_weight.py --generated_csv out/generated.csv
     torchrun --standalone --nproc_per_node 4 02_weight.py --generated_csv out/generated.csv
-CPU-sized example, on the output of 01_generate.py's CPU-sized example (a tiny random InstructBLIP,
-LLaVA and BLIP-2, see tests/tiny_weight.py; several videos/s on one CPU thread):
+CPU-sized example, on the output of 01_generate.py's CPU-sized example (tiny random members, see
+tests/tiny_weight.py; several videos/s on one CPU thread):
     python tests/tiny_weight.py /tmp/tiny-vqa
     python 02_weight.py --generated_csv /tmp/gen/generated.csv \\
-        --models /tmp/tiny-vqa/instructblip /tmp/tiny-vqa/llava /tmp/tiny-vqa/blip2
+        --models /tmp/tiny-vqa/instructblip /tmp/tiny-vqa/clip-flant5 /tmp/tiny-vqa/llava
 
-The ensemble (the paper names the models, not their sizes): InstructBLIP-FlanT5-XXL, CLIP-FlanT5-XXL
-and LLaVA-1.5-13B, the sizes that t2v_metrics (VQAScore's code, where CLIP-FlanT5 comes from) uses by
-default and recommends "for maximal performance". One model sits on a GPU at a time (each ~25 GB in
-bfloat16), and scoring costs little next to rendering the videos (01_generate.py).
-CLIP-FlanT5 (Lin et al. 2024) is not a transformers model: CLIPFlanT5 below rebuilds it from
-transformers' parts and loads its released checkpoint (zhiqiulin/clip-flant5-xxl or -xl).
-NOTE (deviation): --vqascore first_token (default) reads P(first answer token) ("Yes") from the full
-softmax, the VQAScore of Lin et al.'s paper; t2v_metrics' code scores exp(-mean cross-entropy) over
-the answer's tokens and the end token ("Yes</s>"), --vqascore t2v_metrics.
-We follow t2v_metrics' prompts and answers, except that LLaVA gets its hub processor's chat template
-(no system sentence). Frames are padded to a square with the mean colour for CLIP-FlanT5 and LLaVA,
-as t2v_metrics does; other frames go through the hub processor alone.
-NOTE (deviation): InstructBLIP's hub processor squashes a frame to 224x224 where t2v_metrics resizes
-its short side and crops the centre (CogVideoX's 720x480 frames: squashed, not cut at the sides).
+The ensemble: InstructBLIP-FlanT5-XXL, CLIP-FlanT5-XXL (VQAScore's own model, rebuilt below from
+transformers' parts) and LLaVA-1.5-13B, the sizes (the paper gives none) that t2v_metrics, VQAScore's
+code, uses by default; ~25 GB each in bfloat16, one at a time. Prompts, answers and padding to a
+square follow t2v_metrics. NOTE (deviation): --vqascore first_token (default) is P("Yes"), VQAScore as
+its paper defines it; t2v_metrics' code takes exp(-mean cross-entropy) over "Yes" + the end token
+(--vqascore t2v_metrics). LLaVA gets its hub chat template (no system sentence). InstructBLIP's hub
+processor squashes a frame to 224x224 where t2v_metrics resizes its short side and crops the centre.
 """
 import gc
 import glob
@@ -60,10 +52,9 @@ from common import (WEIGHTINGS, answer_token_ids, load_video_llm, parse_args, pr
 VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # VQAScore's question
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-# Families whose processor has no chat template: (prompt around the question, the answer an
-# ENCODER-DECODER must produce), as t2v_metrics asks them (InstructBLIP answers lower-case "yes";
-# CLIP-FlanT5 is asked in its "t5_chat" style). Every other family uses its processor's chat template;
-# decoder-only models answer "Yes" (common.answer_token_ids), as t2v_metrics' LLaVA-1.5.
+# (prompt, answer) of the families without a chat template, as t2v_metrics asks them (InstructBLIP
+# answers "yes", CLIP-FlanT5 is asked in its "t5_chat" style). Every other family uses its processor's
+# chat template; decoder-only models answer "Yes" (common.answer_token_ids), as t2v_metrics' LLaVA-1.5.
 VQA_FORMATS = {
     "instructblip": ("Question: {question}", "yes"),
     "clip_t5": (SYSTEM + " USER: <image>\n{question} ASSISTANT: ", "Yes"),
@@ -102,16 +93,14 @@ class Args:
 
 
 # ---- CLIP-FlanT5 (Lin et al. 2024): FlanT5 whose encoder reads a CLIP image --------------------
+# The released checkpoint's layout (t2v_metrics' CLIPT5ForConditionalGeneration): T5's own weights +
+# vision_tower.vision_tower.* (a CLIPVisionModel, wrapped once) + mm_projector.{0,2}.* (mlp2x_gelu:
+# Linear, GELU, Linear); config.json = T5's + mm_vision_tower, mm_projector_type, mm_vision_select_layer.
 IMAGE = -200  # the image placeholder id in CLIP-FlanT5's input (t2v_metrics' value): no vocabulary id
 
 
 def clip_t5_classes():
-    """The model and processor classes of CLIP-FlanT5, built on first use (transformers loads lazily).
-
-    The released checkpoint's layout (t2v_metrics' CLIPT5ForConditionalGeneration): T5's own names
-    (shared, encoder, decoder, lm_head) + vision_tower.vision_tower.* (a CLIPVisionModel, wrapped once)
-    + mm_projector.{0,2}.* (mlp2x_gelu: Linear, GELU, Linear); config.json = T5's fields + mm_vision_tower,
-    mm_projector_type, mm_vision_select_layer."""
+    """CLIP-FlanT5's model and processor classes, defined on first use (transformers loads lazily)."""
     from transformers import BatchFeature, CLIPVisionConfig, CLIPVisionModel, T5Config, T5ForConditionalGeneration
 
     class CLIPT5Config(T5Config):
@@ -122,9 +111,9 @@ def clip_t5_classes():
 
         def __init__(self, config):
             super().__init__(config)
-            if (config.mm_projector_type, getattr(config, "mm_vision_select_feature", "patch")) != ("mlp2x_gelu", "patch"):
-                raise ValueError(f"CLIP-FlanT5 with mm_projector_type {config.mm_projector_type!r}: only mlp2x_gelu "
-                                 "on patch features (the released checkpoints) is implemented")
+            kind = getattr(config, "mm_projector_type", "linear"), getattr(config, "mm_vision_select_feature", "patch")
+            if kind != ("mlp2x_gelu", "patch"):
+                raise ValueError("CLIP-FlanT5: only the released mlp2x_gelu projector of patch features is built")
             self.vision_tower = torch.nn.Module()  # t2v_metrics' wrapper around the CLIP vision model
             self.vision_tower.vision_tower = CLIPVisionModel(CLIPVisionConfig.from_pretrained(config.mm_vision_tower))
             width = self.vision_tower.vision_tower.config.hidden_size
@@ -147,11 +136,8 @@ def clip_t5_classes():
             self.tokenizer, self.image_processor, self.num_patches = tokenizer, image_processor, num_patches
 
         def __call__(self, images, text, return_tensors="pt", **unused):
-            rows = []
-            for prompt in text:
-                before, after = prompt.split("<image>")
-                tokens = self.tokenizer([before, after])["input_ids"]
-                rows.append(tokens[0] + [IMAGE] * self.num_patches + tokens[1])
+            sides = [self.tokenizer(prompt.split("<image>"))["input_ids"] for prompt in text]  # [before, after]
+            rows = [before + [IMAGE] * self.num_patches + after for before, after in sides]
             pad = self.tokenizer.pad_token_id
             input_ids = torch.tensor([r + [pad] * (max(map(len, rows)) - len(r)) for r in rows])  # (n, L) right-padded
             pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -161,36 +147,30 @@ def clip_t5_classes():
     return CLIPFlanT5, CLIPFlanT5Processor
 
 
-def load_clip_flant5(path, device="cpu"):
-    """CLIP-FlanT5 from its released checkpoint (a hub id or folder), and its processor. A checkpoint
-    without the frozen vision tower's weights gets them from mm_vision_tower, as t2v_metrics does."""
-    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel
+def load_member(model_id, device="cpu"):
+    """An ensemble member and its processor: every model by transformers' Auto classes (common.
+    load_video_llm) but CLIP-FlanT5 (model_type "clip_t5"), from its released checkpoint. That may lack
+    the frozen vision tower's weights: they come from mm_vision_tower then, as in t2v_metrics."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel, PretrainedConfig
     from transformers.utils import cached_file
+    if PretrainedConfig.get_config_dict(model_id)[0].get("model_type") != "clip_t5":
+        return load_video_llm(model_id, device=device)
     model_class, processor_class = clip_t5_classes()
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model, info = model_class.from_pretrained(path, dtype=dtype, output_loading_info=True)
-    tower = model.config.mm_vision_tower
-    if any(k.startswith("vision_tower.") for k in info["missing_keys"]):
+    model, info = model_class.from_pretrained(model_id, dtype=dtype, output_loading_info=True)
+    tower, missing = model.config.mm_vision_tower, info["missing_keys"]
+    if any(k.startswith("vision_tower.") for k in missing):
         model.vision_tower.vision_tower = CLIPVisionModel.from_pretrained(tower, dtype=dtype)
-    missing = [k for k in info["missing_keys"] if not k.startswith("vision_tower.")]
-    if missing:
-        raise ValueError(f"{path}: not a CLIP-FlanT5 checkpoint, it lacks {missing[:5]}")
+    if any(not k.startswith("vision_tower.") for k in missing):
+        raise ValueError(f"{model_id}: not a CLIP-FlanT5 checkpoint, it lacks {sorted(missing)[:5]}")
     # t2v_metrics reads google/flan-t5-xxl's tokenizer (the same for -xl) unless the checkpoint has one
-    own = cached_file(path, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False)
-    tokenizer = AutoTokenizer.from_pretrained(path if own else "google/flan-t5-xxl", config=model.config)
+    own = cached_file(model_id, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_id if own else "google/flan-t5-xxl", config=model.config)
+    model.resize_token_embeddings(len(tokenizer))  # as t2v_metrics: T5's 32128 padded rows -> the 32100 tokens
     vision = model.vision_tower.vision_tower.config
     processor = processor_class(tokenizer, CLIPImageProcessorPil.from_pretrained(tower),
                                 (vision.image_size // vision.patch_size) ** 2)
     return model.to(device).eval(), processor
-
-
-def load_member(model_id, device="cpu"):
-    """An ensemble member and its processor: CLIP-FlanT5 (config.json's model_type "clip_t5") by
-    load_clip_flant5, every other model by transformers' Auto classes (common.load_video_llm)."""
-    from transformers import PretrainedConfig
-    if PretrainedConfig.get_config_dict(model_id)[0].get("model_type") == "clip_t5":
-        return load_clip_flant5(model_id, device)
-    return load_video_llm(model_id, device=device)
 
 
 # ---- §4: VQAScore (Lin et al. 2024) of one (image, caption) pair ---------------------------------
@@ -206,30 +186,21 @@ def vqa_prompt(processor, model_type, caption):
     raise ValueError(f"model type {model_type!r}: its processor has no chat template; add its prompt to VQA_FORMATS")
 
 
-def is_encoder_decoder(model):
-    """True for the FlanT5 members (the answer comes from T5's decoder)."""
-    return bool(model.config.get_text_config().is_encoder_decoder)
-
-
 def answer_ids(tokenizer, prompt, answer, encoder_decoder, vqascore):
-    """The answer tokens a_1..a_k that VQAScore reads. Encoder-decoder: the answer tokenised alone
-    (T5's decoder starts from scratch: "▁yes"); decoder-only: the token that follows the prompt
-    (common.answer_token_ids, "▁Yes" after LLaVA's "ASSISTANT:"; "Yes" is one token there).
-    first_token: its first token only (k = 1); t2v_metrics: all of them, then the end token."""
-    if encoder_decoder:
-        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    else:
-        ids = answer_token_ids(tokenizer, prompt)[:1]
+    """The answer tokens a_1..a_k that VQAScore reads: first_token, the answer's first token (k = 1);
+    t2v_metrics, its tokens and the end token. Encoder-decoder: the answer tokenised alone ("▁yes",
+    T5's decoder starts afresh); decoder-only: the token after the prompt (common.answer_token_ids,
+    "▁Yes" after LLaVA's "ASSISTANT:", where "Yes" is one token)."""
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if encoder_decoder else \
+        answer_token_ids(tokenizer, prompt)[:1]
     return ids[:1] if vqascore == "first_token" else ids + [tokenizer.eos_token_id]
 
 
 def pad_to_square(frame, colour):
     """t2v_metrics' expand2square: the frame centred on a square of `colour` (its side = the long side)."""
-    h, w = frame.shape[:2]
-    out = np.empty((max(h, w), max(h, w), 3), dtype=frame.dtype)
-    out[:] = colour
-    top, left = (max(h, w) - h) // 2, (max(h, w) - w) // 2
-    out[top:top + h, left:left + w] = frame
+    (h, w), side = frame.shape[:2], max(frame.shape[:2])
+    out = np.full((side, side, 3), colour, dtype=frame.dtype)
+    out[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = frame
     return out
 
 
@@ -243,17 +214,16 @@ def vqa_scores(model, processor, images, captions, pairs_per_forward=8, vqascore
     `pairs_per_forward` at a time. Returns a float tensor (n,) on the CPU."""
     if vqascore not in ("first_token", "t2v_metrics"):
         raise ValueError(f"--vqascore {vqascore!r}: use first_token or t2v_metrics")
-    enc_dec, model_type = is_encoder_decoder(model), model.config.model_type
-    prompts = [vqa_prompt(processor, model_type, caption) for caption in captions]
-    # every prompt ends the same way ("...Please answer yes or no." + the family's tail): one answer
+    enc_dec, model_type = model.config.get_text_config().is_encoder_decoder, model.config.model_type  # T5: enc_dec
+    prompts = [vqa_prompt(processor, model_type, caption) for caption in captions]  # [(prompt, answer word)]
     answer = torch.tensor(answer_ids(processor.tokenizer, *prompts[0], enc_dec, vqascore), device=model.device)
-    # BLIP-2 / InstructBLIP: the processor must put num_query_tokens image tokens in every prompt, where
-    # the Q-Former's outputs go. Saved without that number, BLIP-2's puts none and transformers scores
-    # the text alone without a word (every frame the same score); InstructBLIP's fails obscurely.
-    queries = getattr(model.config, "num_query_tokens", None)
-    if queries and getattr(processor, "num_query_tokens", None) != queries:
-        raise ValueError(f"{model_type}: the processor's num_query_tokens is {getattr(processor, 'num_query_tokens', None)}, "
-                         f"the model's {queries}: set it in the checkpoint's processor_config.json")
+    # BLIP-2 / InstructBLIP: each prompt needs num_query_tokens image tokens (the Q-Former's outputs go
+    # there); a processor saved without the number puts none (BLIP-2: transformers silently scores the
+    # text alone) or fails obscurely (InstructBLIP)
+    queries, theirs = getattr(model.config, "num_query_tokens", None), getattr(processor, "num_query_tokens", None)
+    if queries and theirs != queries:
+        raise ValueError(f"{model_type}: processor's num_query_tokens {theirs}, the model's {queries}: "
+                         "set it in processor_config.json")
     if model_type in PAD_TO_SQUARE:
         colour = [int(255 * m) for m in processor.image_processor.image_mean]  # t2v_metrics' int(x * 255)
         images = [pad_to_square(image, colour) for image in images]
@@ -350,8 +320,7 @@ def plot_fig2(rows, path):
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
     table = fig2_table(rows)
-    cols = min(4, len(table))
-    nrows = -(-len(table) // cols)  # ceil
+    cols, nrows = min(4, len(table)), -(-len(table) // 4)  # ceil
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
     for ax in axes.flat[len(table):]:
         ax.axis("off")
@@ -360,9 +329,8 @@ def plot_fig2(rows, path):
         ax.hist(diffs, bins=np.linspace(-1, 1, 41), color="tab:blue")
         ax.axvline(stats["mean"], color="tab:red", label=f"mean {stats['mean']:+.2f}")
         ax.axvline(0, color="black", linewidth=0.5)
-        ax.set_title(f"{kind} (n={stats['n']})")
-        ax.set_xlabel(r"$\bar f(V^s,t^s) - \bar f(V^s,t^r)$")
-        ax.set_ylabel("synthetic videos")
+        ax.set(title=f"{kind} (n={stats['n']})", xlabel=r"$\bar f(V^s,t^s) - \bar f(V^s,t^r)$",
+               ylabel="synthetic videos")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -114,7 +114,8 @@ def test_vqascore_encoder_decoder_from_the_decoders_softmax(which, form, vqascor
 def test_clip_flant5_is_a_hand_assembled_forward_of_its_parts(clip_flant5_dir, frames, vqascore):
     """The checkpoint's tensors put together by hand as t2v_metrics does: the frame padded to a square
     of the mean colour, CLIP's layer -2 without CLS, mm_projector, the patches between the two sides
-    of <image> (each tokenised with its </s>), T5 on those embeddings."""
+    of <image> (each tokenised with its </s>), T5 on those embeddings, its softmax over the
+    tokenizer's tokens only (t2v_metrics shrinks T5's padded vocabulary to them)."""
     from safetensors.torch import load_file
     from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, T5Config,
                               T5ForConditionalGeneration)
@@ -143,8 +144,10 @@ def test_clip_flant5_is_a_hand_assembled_forward_of_its_parts(clip_flant5_dir, f
         embeds = torch.cat([t5.shared(torch.tensor(tok(before)["input_ids"])), patches,
                             t5.shared(torch.tensor(tok(after)["input_ids"]))])[None]
         answer = tok("Yes")["input_ids"]  # "▁Yes" "</s>"
-        labels = torch.tensor([answer[:1] if vqascore == "first_token" else answer])
-        expected = math.exp(-t5(inputs_embeds=embeds, labels=labels).loss.item())
+        labels = torch.tensor(answer[:1] if vqascore == "first_token" else answer)
+        decoder_input_ids = torch.tensor([[0] + labels[:-1].tolist()])  # T5 starts from <pad>
+        logits = t5(inputs_embeds=embeds, decoder_input_ids=decoder_input_ids).logits[0, :, :len(tok)]
+        expected = math.exp(-torch.nn.functional.cross_entropy(logits, labels).item())
     model, processor = weight.load_member(clip_flant5_dir)
     assert type(model).__name__ == "CLIPFlanT5"
     got = weight.vqa_scores(model, processor, [frame], [CAPTION], vqascore=vqascore)
@@ -187,7 +190,7 @@ def test_a_processor_without_num_query_tokens_is_refused(which, frames, request,
     del config["num_query_tokens"]
     (folder / "processor_config.json").write_text(json.dumps(config))
     model, processor = weight.load_member(str(folder))
-    with pytest.raises(ValueError, match="num_query_tokens is None, the model's 4"):
+    with pytest.raises(ValueError, match="num_query_tokens None, the model.s 4"):
         weight.vqa_scores(model, processor, [frames[0]], [CAPTION])
 
 
@@ -201,8 +204,8 @@ def test_image_tokens_of_another_id_are_refused(blip2_dir, frames):
 def test_help_lists_the_papers_three_members():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "02_weight.py"), "--help"], capture_output=True,
                          text=True, check=True, env={**os.environ, "COLUMNS": "500"}).stdout  # one line a flag
-    default = "(default: ['Salesforce/instructblip-flan-t5-xxl', 'zhiqiulin/clip-flant5-xxl', 'llava-hf/llava-1.5-13b-hf'])"
-    assert default in out
+    members = ["Salesforce/instructblip-flan-t5-xxl", "zhiqiulin/clip-flant5-xxl", "llava-hf/llava-1.5-13b-hf"]
+    assert f"(default: {members})" in out
 
 
 def test_a_nan_score_is_an_error_not_a_weight(llava_dir, frames, monkeypatch):

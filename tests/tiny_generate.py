@@ -55,11 +55,13 @@ def tiny_cogvideox(path, seed=0):
 
 def tiny_ltx(path, seed=0):
     """A tiny LTX-Video pipeline (LTXPipeline; its VAE compresses 8x in time, 32x in space), saved."""
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+    from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline,
+                           LTXVideoTransformer3DModel)
     from transformers import T5Config, T5EncoderModel
     torch.manual_seed(seed)
     tokenizer = t5_tokenizer()
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                           num_heads=4))
     vae = AutoencoderKLLTXVideo(latent_channels=4, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
                                 layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5)
     transformer = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,

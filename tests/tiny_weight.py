@@ -101,7 +101,8 @@ def tiny_clip_flant5(path, frame_size=32, patch=8, seed=0, with_tower=True):
     model_type clip_t5, mm_vision_tower (here a 3-layer CLIP vision model saved in path/clip-vision,
     standing in for openai/clip-vit-large-patch14-336), mm_projector_type, mm_vision_select_layer;
     model.safetensors with T5's names + vision_tower.vision_tower.* + mm_projector.{0,2}.* (without
-    the vision tower's if with_tower=False); the T5-like tokenizer beside them."""
+    the vision tower's if with_tower=False); the T5-like tokenizer beside them. Like Flan-T5's 32128
+    rows for 32100 tokens, the vocabulary has 28 rows more than the tokenizer."""
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, T5Config, T5ForConditionalGeneration
     torch.manual_seed(seed)
@@ -112,7 +113,7 @@ def tiny_clip_flant5(path, frame_size=32, patch=8, seed=0, with_tower=True):
     tower.save_pretrained(tower_dir)
     CLIPImageProcessor(size={"shortest_edge": frame_size},
                        crop_size={"height": frame_size, "width": frame_size}).save_pretrained(tower_dir)
-    text = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+    text = T5Config(vocab_size=len(tok) + 28, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
                     feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
     t5 = T5ForConditionalGeneration(text)
