@@ -189,8 +189,11 @@ def load_generator(args, dist, settings):
         return cls(**kwargs)
     on_gpu = dist.device.startswith("cuda")
     dtype = (torch.bfloat16 if on_gpu else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
+    if DiffusionPipeline.load_config(args.pipeline)["_class_name"] == "WanPipeline":
+        dtype = {"vae": torch.float32, "default": dtype}  # Wan 2.1's model card keeps its VAE in float32
     pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=dtype, **kwargs)
-    stride = getattr(pipe, "vae_scale_factor_temporal", 1)  # the VAE keeps frame 0, then 1 latent per `stride` frames
+    # the VAE keeps frame 0, then 1 latent per `stride` frames (LTX-Video: vae_temporal_compression_ratio)
+    stride = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", 1)
     if (settings["num_frames"] - 1) % stride:
         raise ValueError(f"--num_frames {settings['num_frames']}: {type(pipe).__name__} renders 1 + a multiple of "
                          f"{stride} frames, e.g. {(settings['num_frames'] - 1) // stride * stride + 1}")

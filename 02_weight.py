@@ -11,9 +11,8 @@ P("Yes" | frame, 'Does this figure show "<t>"? Please answer yes or no.'), avera
 uniformly sampled frames. The authors never released this stage.
 
 Reads   <dir>/generated.csv   (01_generate.py: input columns + syn_video, relative to <dir>, + seed)
-Writes  <dir>/weighted.csv    the same columns + vqascore_target_<model>, vqascore_real_<model> for
-                              each ensemble member + score_syn_target = fbar(V^s,t^s),
-                              score_syn_real = fbar(V^s,t^r) + weight = WEIGHTINGS[--weighting]
+Writes  <dir>/weighted.csv    the same columns + vqascore_target_<model>, vqascore_real_<model> per member
+                              + score_syn_target = fbar(V^s,t^s), score_syn_real = fbar(V^s,t^r) + weight
         <dir>/weighted_fig2.png     Fig. 2: fbar(V^s,t^s) - fbar(V^s,t^r) per misalignment type
         <dir>/weighted.json         the settings, the per-type table of Fig. 2, the skip count
         <dir>/weighted_skipped.csv  rows that could not be scored and why (only if there are any)
@@ -23,25 +22,19 @@ Writes  <dir>/weighted.csv    the same columns + vqascore_target_<model>, vqasco
 Launch (one GPU holds one model at a time; more GPUs split the videos):
     python 02_weight.py --generated_csv out/generated.csv
     torchrun --standalone --nproc_per_node 4 02_weight.py --generated_csv out/generated.csv
-CPU-sized example, on the output of 01_generate.py's CPU-sized example (a tiny random InstructBLIP,
-LLaVA and BLIP-2, see tests/tiny_weight.py; several videos/s on one CPU thread):
+CPU-sized example, on the output of 01_generate.py's CPU-sized example (tiny random members, see
+tests/tiny_weight.py; several videos/s on one CPU thread):
     python tests/tiny_weight.py /tmp/tiny-vqa
     python 02_weight.py --generated_csv /tmp/gen/generated.csv \\
-        --models /tmp/tiny-vqa/instructblip /tmp/tiny-vqa/llava /tmp/tiny-vqa/blip2
+        --models /tmp/tiny-vqa/instructblip /tmp/tiny-vqa/clip-flant5 /tmp/tiny-vqa/llava
 
-NOTE (deviation): the paper's ensemble has CLIP-FlanT5 (Lin et al.'s VQAScore model), which
-transformers cannot load. Its stand-in is BLIP-2 FlanT5-XL: the same language model (FlanT5-XL,
-an encoder-decoder whose bidirectional encoder reads the image tokens together with the question,
-the property VQAScore credits for CLIP-FlanT5's accuracy) on a CLIP-style ViT (EVA-CLIP ViT-g).
-It differs in the connector (Q-Former, not an MLP) and in training (BLIP-2 pre-training, no
-LLaVA-1.5 instruction data), and it is close kin to InstructBLIP, so the ensemble is less varied
-than the paper's. Pass any other image-text model with --models.
-NOTE (deviation): t2v_metrics (VQAScore's code) scores exp(mean log-prob) of the answer's tokens
-including the end-of-sequence token ("Yes</s>"); we read P of the answer's first token from the
-full softmax at the answer position, the VQAScore definition of Lin et al., one forward, no labels.
-We follow t2v_metrics' prompts ("Question: ..." and "yes" for InstructBLIP) except that LLaVA gets
-its hub processor's chat template, without LLaVA's system sentence; and frames go through each
-model's own hub processor (LLaVA-1.5: resize and centre crop, where t2v_metrics pads to a square).
+The ensemble: InstructBLIP-FlanT5-XXL, CLIP-FlanT5-XXL (VQAScore's own model, rebuilt below from
+transformers' parts) and LLaVA-1.5-13B, the sizes (the paper gives none) that t2v_metrics, VQAScore's
+code, uses by default; ~25 GB each in bfloat16, one at a time. Prompts, answers and padding to a
+square follow t2v_metrics. NOTE (deviation): --vqascore first_token (default) is P("Yes"), VQAScore as
+its paper defines it; t2v_metrics' code takes exp(-mean cross-entropy) over "Yes" + the end token
+(--vqascore t2v_metrics). LLaVA gets its hub chat template (no system sentence). InstructBLIP's hub
+processor squashes a frame to 224x224 where t2v_metrics resizes its short side and crops the centre.
 """
 import gc
 import glob
@@ -57,18 +50,21 @@ from common import (WEIGHTINGS, answer_token_ids, load_video_llm, parse_args, pr
                     read_video, save_json, setup_distributed, shard, wait_for_files, write_csv)
 
 VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # VQAScore's question
-# Families whose processor has no chat template: (prompt around the question, the answer whose first
-# token an ENCODER-DECODER must produce first), as in t2v_metrics (its InstructBLIP is asked
-# "Question: ..." and answers lower-case "yes"). Every other family uses its processor's chat template;
-# decoder-only models answer "Yes" (common.answer_token_ids), as t2v_metrics' LLaVA-1.5.
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+# (prompt, answer) of the families without a chat template, as t2v_metrics asks them (InstructBLIP
+# answers "yes", CLIP-FlanT5 is asked in its "t5_chat" style). Every other family uses its processor's
+# chat template; decoder-only models answer "Yes" (common.answer_token_ids), as t2v_metrics' LLaVA-1.5.
 VQA_FORMATS = {
     "instructblip": ("Question: {question}", "yes"),
+    "clip_t5": (SYSTEM + " USER: <image>\n{question} ASSISTANT: ", "Yes"),
     "blip-2": ("Question: {question} Answer:", "yes"),  # BLIP-2's VQA prompt
 }
+PAD_TO_SQUARE = ("clip_t5", "llava")  # t2v_metrics' image_aspect_ratio "pad"
 PAPER_ENSEMBLE = [
-    "Salesforce/instructblip-flan-t5-xl",  # InstructBLIP-FlanT5
-    "llava-hf/llava-1.5-7b-hf",  # LLaVA-1.5
-    "Salesforce/blip2-flan-t5-xl",  # NOTE (deviation): stands in for CLIP-FlanT5 (see the docstring)
+    "Salesforce/instructblip-flan-t5-xxl",  # InstructBLIP-FlanT5 (Dai et al. 2023)
+    "zhiqiulin/clip-flant5-xxl",  # CLIP-FlanT5 (Lin et al. 2024, VQAScore's own model)
+    "llava-hf/llava-1.5-13b-hf",  # LLaVA-1.5 (Liu et al. 2024)
 ]
 PAPER_FIG2_MEANS = {"flip": -0.03, "hallucination": -0.05, "action": 0.09, "attribute": 0.15, "object": 0.15}
 REQUIRED = ("videopath", "caption", "neg_caption", "misalignment", "syn_video")
@@ -81,15 +77,100 @@ class Args:
     out_csv: str = ""
     """output CSV; default: weighted.csv next to --generated_csv (figure, JSON and cache beside it)"""
     models: list = field(default_factory=lambda: list(PAPER_ENSEMBLE))
-    """the VQA ensemble of fbar in Eq. (4): hub ids or local folders of transformers image-text models"""
+    """the VQA ensemble of fbar in Eq. (4): hub ids or local folders of transformers image-text models
+    or of CLIP-FlanT5 checkpoints (BLIP-2, e.g. Salesforce/blip2-flan-t5-xl, works too)"""
     num_frames: int = 4
     """frames of V^s sampled uniformly; fbar averages the VQAScore over them"""
+    vqascore: str = "first_token"
+    """first_token: P(first answer token), VQAScore as its paper writes it; t2v_metrics:
+    exp(-mean cross-entropy) over the answer's tokens + end token, as VQAScore's code computes it"""
     weighting: str = "difference"
     """phi, a key of common.WEIGHTINGS (Table 4); "difference" is Eq. (4)"""
     pairs_per_forward: int = 8
     """(frame, caption) pairs per forward pass: 8 = a video's 4 frames x 2 captions at once, 1 = one by one"""
     strict: bool = False
     """stop at the first row that cannot be scored, instead of skipping it and counting it"""
+
+
+# ---- CLIP-FlanT5 (Lin et al. 2024): FlanT5 whose encoder reads a CLIP image --------------------
+# The released checkpoint's layout (t2v_metrics' CLIPT5ForConditionalGeneration): T5's own weights +
+# vision_tower.vision_tower.* (a CLIPVisionModel, wrapped once) + mm_projector.{0,2}.* (mlp2x_gelu:
+# Linear, GELU, Linear); config.json = T5's + mm_vision_tower, mm_projector_type, mm_vision_select_layer.
+IMAGE = -200  # the image placeholder id in CLIP-FlanT5's input (t2v_metrics' value): no vocabulary id
+
+
+def clip_t5_classes():
+    """CLIP-FlanT5's model and processor classes, defined on first use (transformers loads lazily)."""
+    from transformers import BatchFeature, CLIPVisionConfig, CLIPVisionModel, T5Config, T5ForConditionalGeneration
+
+    class CLIPT5Config(T5Config):
+        model_type = "clip_t5"
+
+    class CLIPFlanT5(T5ForConditionalGeneration):
+        config_class = CLIPT5Config
+
+        def __init__(self, config):
+            super().__init__(config)
+            kind = getattr(config, "mm_projector_type", "linear"), getattr(config, "mm_vision_select_feature", "patch")
+            if kind != ("mlp2x_gelu", "patch"):
+                raise ValueError("CLIP-FlanT5: only the released mlp2x_gelu projector of patch features is built")
+            self.vision_tower = torch.nn.Module()  # t2v_metrics' wrapper around the CLIP vision model
+            self.vision_tower.vision_tower = CLIPVisionModel(CLIPVisionConfig.from_pretrained(config.mm_vision_tower))
+            width = self.vision_tower.vision_tower.config.hidden_size
+            self.mm_projector = torch.nn.Sequential(torch.nn.Linear(width, config.d_model), torch.nn.GELU(),
+                                                    torch.nn.Linear(config.d_model, config.d_model))
+
+        def forward(self, input_ids, pixel_values, **kwargs):
+            """T5 on the prompt's embeddings, the image's patches in place of its IMAGE placeholders."""
+            hidden = self.vision_tower.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+            image = self.mm_projector(hidden[self.config.mm_vision_select_layer][:, 1:])  # (n, patches, d): no CLS
+            embeds = self.get_input_embeddings()(input_ids.clamp(min=0))  # (n, L, d)
+            embeds = embeds.masked_scatter((input_ids == IMAGE)[..., None], image.to(embeds.dtype))
+            return super().forward(inputs_embeds=embeds, **kwargs)
+
+    class CLIPFlanT5Processor:
+        """t2v_metrics' input: CLIP preprocessing of a (padded) frame; the prompt's text on either side
+        of "<image>" tokenised apart, each with its end token, and one IMAGE per patch between them."""
+
+        def __init__(self, tokenizer, image_processor, num_patches):
+            self.tokenizer, self.image_processor, self.num_patches = tokenizer, image_processor, num_patches
+
+        def __call__(self, images, text, return_tensors="pt", **unused):
+            sides = [self.tokenizer(prompt.split("<image>"))["input_ids"] for prompt in text]  # [before, after]
+            rows = [before + [IMAGE] * self.num_patches + after for before, after in sides]
+            pad = self.tokenizer.pad_token_id
+            input_ids = torch.tensor([r + [pad] * (max(map(len, rows)) - len(r)) for r in rows])  # (n, L) right-padded
+            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            return BatchFeature({"input_ids": input_ids, "attention_mask": (input_ids != pad).long(),
+                                 "pixel_values": pixels}, tensor_type=return_tensors)
+
+    return CLIPFlanT5, CLIPFlanT5Processor
+
+
+def load_member(model_id, device="cpu"):
+    """An ensemble member and its processor: every model by transformers' Auto classes (common.
+    load_video_llm) but CLIP-FlanT5 (model_type "clip_t5"), from its released checkpoint. That may lack
+    the frozen vision tower's weights: they come from mm_vision_tower then, as in t2v_metrics."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel, PretrainedConfig
+    from transformers.utils import cached_file
+    if PretrainedConfig.get_config_dict(model_id)[0].get("model_type") != "clip_t5":
+        return load_video_llm(model_id, device=device)
+    model_class, processor_class = clip_t5_classes()
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model, info = model_class.from_pretrained(model_id, dtype=dtype, output_loading_info=True)
+    tower, missing = model.config.mm_vision_tower, info["missing_keys"]
+    if any(k.startswith("vision_tower.") for k in missing):
+        model.vision_tower.vision_tower = CLIPVisionModel.from_pretrained(tower, dtype=dtype)
+    if any(not k.startswith("vision_tower.") for k in missing):
+        raise ValueError(f"{model_id}: not a CLIP-FlanT5 checkpoint, it lacks {sorted(missing)[:5]}")
+    # t2v_metrics reads google/flan-t5-xxl's tokenizer (the same for -xl) unless the checkpoint has one
+    own = cached_file(model_id, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_id if own else "google/flan-t5-xxl", config=model.config)
+    model.resize_token_embeddings(len(tokenizer))  # as t2v_metrics: T5's 32128 padded rows -> the 32100 tokens
+    vision = model.vision_tower.vision_tower.config
+    processor = processor_class(tokenizer, CLIPImageProcessorPil.from_pretrained(tower),
+                                (vision.image_size // vision.patch_size) ** 2)
+    return model.to(device).eval(), processor
 
 
 # ---- §4: VQAScore (Lin et al. 2024) of one (image, caption) pair ---------------------------------
@@ -105,59 +186,78 @@ def vqa_prompt(processor, model_type, caption):
     raise ValueError(f"model type {model_type!r}: its processor has no chat template; add its prompt to VQA_FORMATS")
 
 
-def is_encoder_decoder(model):
-    """True for InstructBLIP-FlanT5 / BLIP-2-FlanT5 (the answer comes from T5's decoder)."""
-    return bool(model.config.get_text_config().is_encoder_decoder)
+def answer_ids(tokenizer, prompt, answer, encoder_decoder, vqascore):
+    """The answer tokens a_1..a_k that VQAScore reads: first_token, the answer's first token (k = 1);
+    t2v_metrics, its tokens and the end token. Encoder-decoder: the answer tokenised alone ("▁yes",
+    T5's decoder starts afresh); decoder-only: the token after the prompt (common.answer_token_ids,
+    "▁Yes" after LLaVA's "ASSISTANT:", where "Yes" is one token)."""
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if encoder_decoder else \
+        answer_token_ids(tokenizer, prompt)[:1]
+    return ids[:1] if vqascore == "first_token" else ids + [tokenizer.eos_token_id]
 
 
-def yes_token_id(processor, prompt, answer, encoder_decoder):
-    """Id of the first token of "Yes" where the answer starts. Encoder-decoder: the decoder's first
-    token, i.e. the answer tokenised alone ("▁yes" in T5); decoder-only: the token that follows the
-    prompt (common.answer_token_ids, e.g. "▁Yes" after LLaVA's "ASSISTANT:")."""
-    if encoder_decoder:
-        return processor.tokenizer(answer, add_special_tokens=False)["input_ids"][0]
-    return answer_token_ids(processor.tokenizer, prompt)[0]
+def pad_to_square(frame, colour):
+    """t2v_metrics' expand2square: the frame centred on a square of `colour` (its side = the long side)."""
+    (h, w), side = frame.shape[:2], max(frame.shape[:2])
+    out = np.full((side, side, 3), colour, dtype=frame.dtype)
+    out[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = frame
+    return out
 
 
 @torch.no_grad()
-def vqa_scores(model, processor, images, captions, pairs_per_forward=8):
-    """VQAScore of each (image, caption) pair: P("Yes" | image, question), one entry of the FULL
-    softmax over the vocabulary at the answer position (not Eq. 1's Yes/No ratio).
+def vqa_scores(model, processor, images, captions, pairs_per_forward=8, vqascore="first_token"):
+    """VQAScore of each (image, caption) pair: exp(mean_j log P(a_j | image, question, a_<j)) over the
+    answer tokens a_1..a_k of answer_ids, each read from the FULL softmax over the vocabulary (not
+    Eq. 1's Yes/No ratio); first_token (k = 1): P("Yes").
 
     images: list of n uint8 arrays (H, W, 3); captions: list of n texts. Pairs go through the model
     `pairs_per_forward` at a time. Returns a float tensor (n,) on the CPU."""
-    enc_dec = is_encoder_decoder(model)
-    prompts, yes = [], []
-    for caption in captions:
-        prompt, answer = vqa_prompt(processor, model.config.model_type, caption)
-        prompts.append(prompt)
-        yes.append(yes_token_id(processor, prompt, answer, enc_dec))
+    if vqascore not in ("first_token", "t2v_metrics"):
+        raise ValueError(f"--vqascore {vqascore!r}: use first_token or t2v_metrics")
+    enc_dec, model_type = model.config.get_text_config().is_encoder_decoder, model.config.model_type  # T5: enc_dec
+    prompts = [vqa_prompt(processor, model_type, caption) for caption in captions]  # [(prompt, answer word)]
+    answer = torch.tensor(answer_ids(processor.tokenizer, *prompts[0], enc_dec, vqascore), device=model.device)
+    # BLIP-2 / InstructBLIP: each prompt needs num_query_tokens image tokens (the Q-Former's outputs go
+    # there); a processor saved without the number puts none (BLIP-2: transformers silently scores the
+    # text alone) or fails obscurely (InstructBLIP)
+    queries, theirs = getattr(model.config, "num_query_tokens", None), getattr(processor, "num_query_tokens", None)
+    if queries and theirs != queries:
+        raise ValueError(f"{model_type}: processor's num_query_tokens {theirs}, the model's {queries}: "
+                         "set it in processor_config.json")
+    if model_type in PAD_TO_SQUARE:
+        colour = [int(255 * m) for m in processor.image_processor.image_mean]  # t2v_metrics' int(x * 255)
+        images = [pad_to_square(image, colour) for image in images]
     scores = []
     for s in range(0, len(captions), pairs_per_forward):
-        chunk = slice(s, s + pairs_per_forward)
-        # decoder-only: left padding puts every prompt's last token, where the answer starts, at -1
+        chunk = [p for p, _ in prompts[s:s + pairs_per_forward]]
+        n, k = len(chunk), len(answer)
+        # decoder-only: left padding puts every prompt's end, where the answer starts, at the same place
         pad = {} if enc_dec else {"padding_side": "left"}
-        inputs = processor(images=list(images[chunk]), text=prompts[chunk], padding=True, return_tensors="pt", **pad)
+        inputs = processor(images=list(images[s:s + n]), text=chunk, padding=True, return_tensors="pt", **pad)
         inputs = inputs.to(model.device, model.dtype)  # floats (pixels) to the model's dtype, ids stay ints
-        n = len(prompts[chunk])
-        if enc_dec:  # the decoder's first step: its input is the start token alone
-            start = model.config.get_text_config().decoder_start_token_id
-            decoder_input_ids = torch.full((n, 1), start, dtype=torch.long, device=model.device)
-            logits = model(**inputs, decoder_input_ids=decoder_input_ids).logits[:, 0]  # (n, vocab)
-        else:  # the next-token distribution after the prompt; lm_head runs on the last position only.
+        if queries and ((inputs["input_ids"] == model.config.image_token_id).sum(1) != queries).any():
+            raise ValueError(f"{model_type}: the prompts do not hold {queries} image tokens "
+                             f"(id {model.config.image_token_id}) each: the tokenizer's <image> is another id")
+        given = answer[:-1].expand(n, k - 1)  # a_1..a_{k-1}, the model's input while it predicts a_2..a_k
+        if enc_dec:  # the decoder reads its start token, then a_1..a_{k-1}
+            start = torch.full((n, 1), model.config.get_text_config().decoder_start_token_id, device=model.device)
+            logits = model(**inputs, decoder_input_ids=torch.cat([start, given], 1)).logits  # (n, k, vocab)
+        else:  # the prompt, then a_1..a_{k-1}; lm_head runs on the last k positions only.
             # Left padding shifts a short prompt's positions, which rotary embeddings (relative) ignore.
-            logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # (n, vocab)
-        p = logits.float().softmax(dim=-1)  # (n, vocab): the full softmax
-        scores.append(p.gather(1, torch.tensor(yes[chunk], device=p.device)[:, None])[:, 0].cpu())  # (n,) P(Yes)
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], given], 1)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(given)], 1)
+            logits = model(**inputs, logits_to_keep=k).logits  # (n, k, vocab)
+        log_p = logits.float().log_softmax(-1).gather(2, answer.expand(n, k)[..., None])[..., 0]  # (n, k) log P(a_j)
+        scores.append(log_p.mean(1).exp().cpu())  # (n,)
     return torch.cat(scores)
 
 
-def score_video(model, processor, frames, t_s, t_r, pairs_per_forward=8):
+def score_video(model, processor, frames, t_s, t_r, pairs_per_forward=8, vqascore="first_token"):
     """Per-frame VQAScores of (V^s, t^s) and (V^s, t^r): T frames x 2 captions = 2T pairs, by
     default one forward. frames: uint8 (T, H, W, 3). Returns two lists of T floats."""
     T = len(frames)
     p = vqa_scores(model, processor, [f for _ in range(2) for f in frames], [t_s] * T + [t_r] * T,
-                   pairs_per_forward).view(2, T)
+                   pairs_per_forward, vqascore).view(2, T)
     if not torch.isfinite(p).all():
         raise ValueError(f"non-finite VQAScore {p.tolist()}")
     return p[0].tolist(), p[1].tolist()
@@ -220,8 +320,7 @@ def plot_fig2(rows, path):
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
     table = fig2_table(rows)
-    cols = min(4, len(table))
-    nrows = -(-len(table) // cols)  # ceil
+    cols, nrows = min(4, len(table)), -(-len(table) // 4)  # ceil
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
     for ax in axes.flat[len(table):]:
         ax.axis("off")
@@ -230,9 +329,8 @@ def plot_fig2(rows, path):
         ax.hist(diffs, bins=np.linspace(-1, 1, 41), color="tab:blue")
         ax.axvline(stats["mean"], color="tab:red", label=f"mean {stats['mean']:+.2f}")
         ax.axvline(0, color="black", linewidth=0.5)
-        ax.set_title(f"{kind} (n={stats['n']})")
-        ax.set_xlabel(r"$\bar f(V^s,t^s) - \bar f(V^s,t^r)$")
-        ax.set_ylabel("synthetic videos")
+        ax.set(title=f"{kind} (n={stats['n']})", xlabel=r"$\bar f(V^s,t^s) - \bar f(V^s,t^r)$",
+               ylabel="synthetic videos")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -274,7 +372,7 @@ def main(args):
         mine = shard(rows_todo, dist)  # the work left is split evenly, however much was cached
         if not mine:
             continue
-        model, processor = load_video_llm(model_id, device=dist.device)
+        model, processor = load_member(model_id, device=dist.device)
         print0(f"{name}: prompt {vqa_prompt(processor, model.config.model_type, '<t>')[0]!r}")
         with open_part(os.path.join(cache, name, f"rank{dist.rank}.jsonl")) as part:
             for i in progress(mine, desc=f"VQAScore {name}"):
@@ -283,7 +381,7 @@ def main(args):
                     path = row["syn_video"] if os.path.isabs(row["syn_video"]) else os.path.join(root, row["syn_video"])
                     frames = read_video(path, args.num_frames, "uniform")
                     target, real = score_video(model, processor, frames, row["neg_caption"], row["caption"],
-                                               args.pairs_per_forward)
+                                               args.pairs_per_forward, args.vqascore)
                     record = {"key": keys[i], "target": target, "real": real}
                 except (FileNotFoundError, ValueError) as e:  # missing / undecodable video, NaN score
                     message = f"{args.generated_csv} row {i} ({row['syn_video']}), model {name}: {e}"

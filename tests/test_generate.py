@@ -11,6 +11,7 @@ import sys
 import decord
 import numpy as np
 import pytest
+import torch
 
 import common
 import tiny_generate
@@ -238,3 +239,20 @@ def test_a_frame_count_the_vae_cannot_make_is_refused(tmp_path, tiny_pipe):
     with pytest.raises(ValueError, match="--num_frames 10: CogVideoXPipeline renders 1 \\+ a multiple of 4 frames, e.g. 9"):
         gen.main(args_for(path, tmp_path / "out", tiny_pipe, num_frames=10))
     assert final_mp4s(tmp_path / "out") == []
+
+
+def test_ltx_videos_frame_count_is_checked_too(tmp_path):
+    """LTX-Video names its VAE's time stride vae_temporal_compression_ratio (8), not vae_scale_factor_temporal."""
+    args = gen.Args(pipeline=tiny_generate.tiny_ltx(str(tmp_path)), height=64, width=64, num_frames=10)
+    with pytest.raises(ValueError, match="--num_frames 10: LTXPipeline renders 1 \\+ a multiple of 8 frames, e.g. 9"):
+        gen.load_generator(args, common.setup_distributed(), gen.resolve_settings(args)[1])
+
+
+def test_wan_keeps_its_vae_in_float32_and_renders(tmp_path):
+    """As Wan 2.1's model card loads it: the VAE in float32, the rest in the chosen dtype."""
+    args = gen.Args(pipeline=tiny_generate.tiny_wan(str(tmp_path)), dtype="bfloat16", height=32, width=32,
+                    num_frames=9, num_inference_steps=1)
+    settings = gen.resolve_settings(args)[1]
+    pipe = gen.load_generator(args, common.setup_distributed(), settings)
+    assert (pipe.vae.dtype, pipe.transformer.dtype, pipe.text_encoder.dtype) == (torch.float32,) + (torch.bfloat16,) * 2
+    assert gen.generate(pipe, "A dog runs to the left.", 0, settings).shape == (9, 32, 32, 3)

@@ -5,6 +5,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -63,17 +64,24 @@ def read(path):
         return list(csv.DictReader(fh))
 
 
-# ---- VQAScore = P(Yes) from the model's full softmax, computed by hand ----------------------------
-def test_vqascore_decoder_only_is_p_yes_of_the_full_softmax(llava_dir, frames):
+# ---- VQAScore from the model's full softmax, computed by hand: P(Yes), and t2v_metrics' exp(-CE) ----
+# first_token: P(first answer token); t2v_metrics: exp(-mean cross-entropy) over "Yes" + the end token,
+# which is what a model's own loss gives with those labels (t2v_metrics' recipe)
+@pytest.mark.parametrize("vqascore", ["first_token", "t2v_metrics"])
+def test_vqascore_decoder_only_from_the_full_softmax(llava_dir, frames, vqascore):
     model, processor = common.load_video_llm(llava_dir)
     prompt = f'USER: <image>\nDoes this figure show "{CAPTION}"? Please answer yes or no. ASSISTANT:'
     inputs = processor(images=[frames[0]], text=[prompt], return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**inputs).logits[0, -1]  # every position computed; the last one answers
-    p = logits.softmax(-1)
     yes, no = processor.tokenizer.convert_tokens_to_ids(["▁Yes", "▁No"])
-    got = weight.vqa_scores(model, processor, [frames[0]], [CAPTION])
-    assert got.item() == pytest.approx(p[yes].item(), rel=1e-5)
+    answer = [yes] if vqascore == "first_token" else [yes, processor.tokenizer.eos_token_id]
+    ids = torch.cat([inputs["input_ids"], torch.tensor([answer])], 1)  # the prompt, then "Yes</s>"
+    labels = torch.cat([torch.full_like(inputs["input_ids"], -100), torch.tensor([answer])], 1)
+    with torch.no_grad():  # every position computed; the model's loss = mean CE over the answer
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                    labels=labels)
+    got = weight.vqa_scores(model, processor, [frames[0]], [CAPTION], vqascore=vqascore)
+    assert got.item() == pytest.approx(math.exp(-out.loss.item()), rel=1e-5)
+    p = out.logits[0, inputs["input_ids"].shape[1] - 1].softmax(-1)  # where the answer starts
     assert got.item() != pytest.approx((p[yes] / (p[yes] + p[no])).item(), rel=1e-2)  # not Eq. (1)'s ratio
 
 
@@ -82,25 +90,122 @@ def blip2_dir(tmp_path_factory):
     return tiny_weight.tiny_blip2(str(tmp_path_factory.mktemp("tiny-blip2")))
 
 
+@pytest.fixture(scope="module")
+def clip_flant5_dir(tmp_path_factory):
+    return tiny_weight.tiny_clip_flant5(str(tmp_path_factory.mktemp("tiny-clip-flant5")))
+
+
+@pytest.mark.parametrize("vqascore", ["first_token", "t2v_metrics"])
 @pytest.mark.parametrize("which, form", [("instructblip_dir", "Question: {}"), ("blip2_dir", "Question: {} Answer:")])
-def test_vqascore_encoder_decoder_is_p_yes_of_the_decoders_first_step(which, form, frames, request):
+def test_vqascore_encoder_decoder_from_the_decoders_softmax(which, form, vqascore, frames, request):
     model, processor = common.load_video_llm(request.getfixturevalue(which))
     prompt = form.format(f'Does this figure show "{CAPTION}"? Please answer yes or no.')
     inputs = processor(images=[frames[1]], text=[prompt], return_tensors="pt")
     yes = processor.tokenizer.convert_tokens_to_ids("▁yes")
-    with torch.no_grad():  # T5's loss on the one-token answer "yes" is -log P(yes) at the first step
-        loss = model(**inputs, labels=torch.tensor([[yes]])).loss
-    got = weight.vqa_scores(model, processor, [frames[1]], [CAPTION])
+    labels = [[yes]] if vqascore == "first_token" else [[yes, processor.tokenizer.eos_token_id]]
+    with torch.no_grad():  # T5's loss on the answer = mean -log P over its tokens, from the decoder's start
+        loss = model(**inputs, labels=torch.tensor(labels)).loss
+    got = weight.vqa_scores(model, processor, [frames[1]], [CAPTION], vqascore=vqascore)
     assert got.item() == pytest.approx(math.exp(-loss.item()), rel=1e-5)
 
 
-@pytest.mark.parametrize("which", ["llava_dir", "instructblip_dir", "blip2_dir"])
-def test_batched_equals_one_at_a_time(which, frames, request):
-    model, processor = common.load_video_llm(request.getfixturevalue(which))
-    batched = weight.score_video(model, processor, frames, NEG, CAPTION, pairs_per_forward=8)
-    single = weight.score_video(model, processor, frames, NEG, CAPTION, pairs_per_forward=1)
+# ---- CLIP-FlanT5 (VQAScore's model) from its released checkpoint's layout -------------------------
+@pytest.mark.parametrize("vqascore", ["first_token", "t2v_metrics"])
+def test_clip_flant5_is_a_hand_assembled_forward_of_its_parts(clip_flant5_dir, frames, vqascore):
+    """The checkpoint's tensors put together by hand as t2v_metrics does: the frame padded to a square
+    of the mean colour, CLIP's layer -2 without CLS, mm_projector, the patches between the two sides
+    of <image> (each tokenised with its </s>), T5 on those embeddings, its softmax over the
+    tokenizer's tokens only (t2v_metrics shrinks T5's padded vocabulary to them)."""
+    from safetensors.torch import load_file
+    from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, T5Config,
+                              T5ForConditionalGeneration)
+    state = load_file(os.path.join(clip_flant5_dir, "model.safetensors"))
+    config = json.load(open(os.path.join(clip_flant5_dir, "config.json")))
+    part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+    tower = CLIPVisionModel(CLIPVisionConfig.from_pretrained(config["mm_vision_tower"])).eval()
+    tower.load_state_dict(part("vision_tower.vision_tower."))
+    projector = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))
+    projector.load_state_dict(part("mm_projector."))
+    t5 = T5ForConditionalGeneration(T5Config.from_dict(config)).eval()
+    t5.load_state_dict({k: v for k, v in state.items() if not k.startswith(("vision_tower.", "mm_projector."))})
+    tok = AutoTokenizer.from_pretrained(clip_flant5_dir)
+    image_processor = CLIPImageProcessorPil.from_pretrained(config["mm_vision_tower"])
+
+    frame = frames[2][4:28]  # 24 x 32: padded to 32 x 32, rows 4..27 the frame, the rest the mean colour
+    square = np.empty((32, 32, 3), np.uint8)
+    square[:] = [int(255 * m) for m in image_processor.image_mean]
+    square[4:28] = frame
+    with torch.no_grad():
+        pixels = image_processor(images=[square], return_tensors="pt")["pixel_values"]
+        patches = projector(tower(pixels, output_hidden_states=True).hidden_states[-2][0, 1:])  # (16, 32)
+        before = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                  "helpful, detailed, and polite answers to the user's questions. USER: ")
+        after = f'\nDoes this figure show "{CAPTION}"? Please answer yes or no. ASSISTANT: '
+        embeds = torch.cat([t5.shared(torch.tensor(tok(before)["input_ids"])), patches,
+                            t5.shared(torch.tensor(tok(after)["input_ids"]))])[None]
+        answer = tok("Yes")["input_ids"]  # "▁Yes" "</s>"
+        labels = torch.tensor(answer[:1] if vqascore == "first_token" else answer)
+        decoder_input_ids = torch.tensor([[0] + labels[:-1].tolist()])  # T5 starts from <pad>
+        logits = t5(inputs_embeds=embeds, decoder_input_ids=decoder_input_ids).logits[0, :, :len(tok)]
+        expected = math.exp(-torch.nn.functional.cross_entropy(logits, labels).item())
+    model, processor = weight.load_member(clip_flant5_dir)
+    assert type(model).__name__ == "CLIPFlanT5"
+    got = weight.vqa_scores(model, processor, [frame], [CAPTION], vqascore=vqascore)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_clip_flant5_takes_a_missing_vision_tower_from_mm_vision_tower(clip_flant5_dir, frames, tmp_path):
+    bare = tiny_weight.tiny_clip_flant5(str(tmp_path), with_tower=False)  # same seed: the same weights
+    full, processor = weight.load_member(clip_flant5_dir)
+    model, _ = weight.load_member(bare)
+    a, b = (weight.score_video(m, processor, frames, NEG, CAPTION) for m in (full, model))
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5)
+
+
+def test_pad_to_square_centres_the_frame_on_the_colour():
+    frame = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 4, 3)  # wide: rows are added above and below
+    out = weight.pad_to_square(frame, [7, 8, 9])
+    assert out.shape == (4, 4, 3) and (out[1:3] == frame).all()
+    assert (out[[0, 3]] == [7, 8, 9]).all()
+    assert (weight.pad_to_square(frame.transpose(1, 0, 2), [7, 8, 9])[:, 1:3] == frame.transpose(1, 0, 2)).all()
+
+
+@pytest.mark.parametrize("vqascore", ["first_token", "t2v_metrics"])
+@pytest.mark.parametrize("which", ["llava_dir", "instructblip_dir", "blip2_dir", "clip_flant5_dir"])
+def test_batched_equals_one_at_a_time(which, vqascore, frames, request):
+    model, processor = weight.load_member(request.getfixturevalue(which))
+    batched = weight.score_video(model, processor, frames, NEG, CAPTION, pairs_per_forward=8, vqascore=vqascore)
+    single = weight.score_video(model, processor, frames, NEG, CAPTION, pairs_per_forward=1, vqascore=vqascore)
     np.testing.assert_allclose(np.array(batched), np.array(single), rtol=1e-4)
-    assert len(set(batched[0] + batched[1])) == 8  # frames and captions really change the score
+    assert len(set(batched[0])) > 1 and set(batched[0]).isdisjoint(batched[1])  # frames and captions matter
+
+
+# ---- guards: a BLIP processor that puts no image tokens in the prompt -----------------------------
+@pytest.mark.parametrize("which", ["instructblip_dir", "blip2_dir"])
+def test_a_processor_without_num_query_tokens_is_refused(which, frames, request, tmp_path):
+    """A checkpoint whose processor_config.json lacks num_query_tokens: BLIP-2's processor then puts no
+    image token in the prompt (transformers would score the text alone), InstructBLIP's crashes."""
+    folder = shutil.copytree(request.getfixturevalue(which), tmp_path / "ckpt")
+    config = json.loads((folder / "processor_config.json").read_text())
+    del config["num_query_tokens"]
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    model, processor = weight.load_member(str(folder))
+    with pytest.raises(ValueError, match="num_query_tokens None, the model.s 4"):
+        weight.vqa_scores(model, processor, [frames[0]], [CAPTION])
+
+
+def test_image_tokens_of_another_id_are_refused(blip2_dir, frames):
+    model, processor = weight.load_member(blip2_dir)
+    model.config.image_token_index += 1  # the tokenizer's <image> is not the model's image token
+    with pytest.raises(ValueError, match=r"do not hold 4 image tokens"):
+        weight.vqa_scores(model, processor, [frames[0]], [CAPTION])
+
+
+def test_help_lists_the_papers_three_members():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "02_weight.py"), "--help"], capture_output=True,
+                         text=True, check=True, env={**os.environ, "COLUMNS": "500"}).stdout  # one line a flag
+    members = ["Salesforce/instructblip-flan-t5-xxl", "zhiqiulin/clip-flant5-xxl", "llava-hf/llava-1.5-13b-hf"]
+    assert f"(default: {members})" in out
 
 
 def test_a_nan_score_is_an_error_not_a_weight(llava_dir, frames, monkeypatch):

@@ -1,4 +1,5 @@
-"""A tiny random CogVideoX text-to-video pipeline, built offline, for the tests of 01_generate.py.
+"""A tiny random CogVideoX text-to-video pipeline (and LTX-Video, Wan 2.1 ones for the loading
+guards), built offline, for the tests of 01_generate.py.
 
 Same classes as THUDM/CogVideoX-5b (CogVideoXTransformer3DModel with rotary positions,
 AutoencoderKLCogVideoX, a T5 encoder and T5 tokenizer, CogVideoXDDIMScheduler), at toy size, saved
@@ -49,6 +50,41 @@ def tiny_cogvideox(path, seed=0):
     pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
                              transformer=transformer.eval(), scheduler=CogVideoXDDIMScheduler())
     pipe.save_pretrained(path)
+    return path
+
+
+def tiny_ltx(path, seed=0):
+    """A tiny LTX-Video pipeline (LTXPipeline; its VAE compresses 8x in time, 32x in space), saved."""
+    from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline,
+                           LTXVideoTransformer3DModel)
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                           num_heads=4))
+    vae = AutoencoderKLLTXVideo(latent_channels=4, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                                layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5)
+    transformer = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                             cross_attention_dim=16, num_layers=1, caption_channels=32)
+    LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+                tokenizer=tokenizer, transformer=transformer.eval()).save_pretrained(path)
+    return path
+
+
+def tiny_wan(path, seed=0):
+    """A tiny Wan 2.1 text-to-video pipeline (WanPipeline: UMT5 encoder, AutoencoderKLWan), saved."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                               num_heads=4))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4)
+    transformer = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                        text_dim=32, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+    WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
+                scheduler=FlowMatchEulerDiscreteScheduler(), transformer=transformer.eval()).save_pretrained(path)
     return path
 
 

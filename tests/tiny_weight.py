@@ -6,7 +6,11 @@ checkpoints (model + processor), so that the stage loads them by path exactly as
 - tiny_instructblip / tiny_blip2: InstructBLIP-FlanT5 / BLIP-2-FlanT5 style, encoder-decoder (BLIP
   vision + Q-Former + T5), with a T5-like tokenizer (and, for InstructBLIP, a BERT-like Q-Former
   tokenizer), trained in memory.
+- tiny_clip_flant5: CLIP-FlanT5 (VQAScore's model) written in its released checkpoint's layout.
 """
+import json
+import os
+
 import torch
 
 import tiny
@@ -92,9 +96,45 @@ def tiny_blip2(path, **kw):
     return tiny_blip(path, instruct=False, **kw)
 
 
-if __name__ == "__main__":  # python tests/tiny_weight.py DIR: a tiny three-model ensemble under DIR
+def tiny_clip_flant5(path, frame_size=32, patch=8, seed=0, with_tower=True):
+    """CLIP-FlanT5 at toy size, written as zhiqiulin/clip-flant5-xxl is: config.json = T5's fields +
+    model_type clip_t5, mm_vision_tower (here a 3-layer CLIP vision model saved in path/clip-vision,
+    standing in for openai/clip-vit-large-patch14-336), mm_projector_type, mm_vision_select_layer;
+    model.safetensors with T5's names + vision_tower.vision_tower.* + mm_projector.{0,2}.* (without
+    the vision tower's if with_tower=False); the T5-like tokenizer beside them. Like Flan-T5's 32128
+    rows for 32100 tokens, the vocabulary has 28 rows more than the tokenizer."""
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, T5Config, T5ForConditionalGeneration
+    torch.manual_seed(seed)
+    tok = t5_tokenizer()
+    tower_dir = os.path.join(path, "clip-vision")
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=3,
+                                             num_attention_heads=2, image_size=frame_size, patch_size=patch)).eval()
+    tower.save_pretrained(tower_dir)
+    CLIPImageProcessor(size={"shortest_edge": frame_size},
+                       crop_size={"height": frame_size, "width": frame_size}).save_pretrained(tower_dir)
+    text = T5Config(vocab_size=len(tok) + 28, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+    t5 = T5ForConditionalGeneration(text)
+    projector = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))
+    state = {**t5.state_dict(), **{f"mm_projector.{k}": v for k, v in projector.state_dict().items()}}
+    if with_tower:
+        state.update({f"vision_tower.vision_tower.{k}": v for k, v in tower.state_dict().items()})
+    save_file({k: v.clone().contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
+    config = {**text.to_dict(), "model_type": "clip_t5", "architectures": ["CLIPT5ForConditionalGeneration"],
+              "mm_vision_tower": tower_dir, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
+              "mm_vision_select_feature": "patch", "mm_hidden_size": 24, "use_mm_proj": True}
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+    tok.save_pretrained(path)
+    return path
+
+
+if __name__ == "__main__":  # python tests/tiny_weight.py DIR: the tiny members under DIR
     import os
     import sys
     root = sys.argv[1] if len(sys.argv) > 1 else "tiny-vqa"
-    for name, build in (("instructblip", tiny_instructblip), ("llava", tiny_llava), ("blip2", tiny_blip2)):
+    for name, build in (("instructblip", tiny_instructblip), ("clip-flant5", tiny_clip_flant5), ("llava", tiny_llava),
+                        ("blip2", tiny_blip2)):
         print(build(os.path.join(root, name)))
