@@ -163,6 +163,14 @@ def test_answer_ids_and_t_prime_on_a_real_llama_tokenizer(llama_tok, prompt):
     assert [llama_tok.convert_ids_to_tokens(i) for i in
             common.answer_token_ids(llama_tok, common.entailment_prompt(None, "video_llava", "a dog", prompt)[0])] \
         == ["▁Yes", "▁No"]
+    # an explanation (VideoCon's example, final_test_nle.csv) follows its question's prompt token by token
+    question = 'What is the misalignment between this video and the description: "{caption}"?'
+    asked = common.entailment_prompt(None, "video_llava", "A basketball team walking off the field while the audience claps.",
+                                     prompt, question)[0]
+    nle = "a soccer team is walking off the field, not a basketball team."
+    ids = common.answer_ids(llama_tok, asked, nle)
+    assert llama_tok.decode(ids) == nle and llama_tok.convert_ids_to_tokens(ids[:2]) == ["▁a", "▁soccer"]
+    assert llama_tok(asked + " " + nle)["input_ids"][-len(ids):] == ids  # as the whole text tokenises
     for kind, caption, other, words in PAIRS:
         text, start = common.entailment_prompt(None, "video_llava", caption, prompt)
         spans = [(s + start, e + start) for s, e in hidden_word_spans(caption, other)]
