@@ -9,6 +9,7 @@ CSV and file helpers, video reading, and the video LLM that computes f(V, t).
 import contextlib
 import csv
 import hashlib
+import io
 import os
 import re
 import sys
@@ -247,16 +248,61 @@ def parse_args(cls, argv=None):
 
 
 # ---- files: CSV in, atomic writes out -----------------------------------------------------------
-def read_csv(path, required=()):
-    """Rows of a CSV as dicts; a clear error names the file and any missing column."""
+class Rows(list):
+    """read_csv's rows (dicts), with `lines` (each row's physical line in the file; the header is
+    line 1) and `skipped` ({problem: [lines]}, the rows left out)."""
+
+
+def read_csv(path, required=(), texts=()):
+    """The one reader of every stage's input CSV: rows as dicts, checked, with physical line numbers.
+
+    - a missing file or column, a byte that is not UTF-8, or a header with no row: an error naming
+      the file (and the line of the bad byte);
+    - a row with more or fewer fields than the header, or an empty `texts` column: skipped, named
+      by file:line and counted (Rows.skipped);
+    - an exact duplicate of an earlier row: dropped, named and counted (the same row twice would be
+      generated, weighted, trained on or scored twice).
+    Lines are the file's physical lines, so a quoted caption that spans lines moves the next row's
+    number as an editor shows it. Blank lines are ignored."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such CSV file")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        return list(reader)
+    data = open(path, "rb").read()
+    try:
+        text = data.decode("utf-8-sig")  # a BOM (a spreadsheet's export) is not part of the header
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8; save the file as UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    missing = [c for c in required if c not in (header or [])]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {header}")
+    rows, seen, skipped = Rows(), {}, {}
+    rows.lines, rows.skipped = [], skipped
+    start = reader.line_num + 1  # the physical line where the next record starts
+    for fields in reader:
+        line, start = start, reader.line_num + 1
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            kind = f"not {len(header)} fields as in the header"
+        elif empty := [c for c in texts if not fields[header.index(c)].strip()]:
+            kind = "empty " + " and ".join(empty)
+        elif tuple(fields) in seen:
+            kind = "exact duplicate of an earlier row"
+        else:
+            seen[tuple(fields)] = line
+            rows.append(dict(zip(header, fields)))
+            rows.lines.append(line)
+            continue
+        skipped.setdefault(kind, []).append(line)
+    for kind, lines in skipped.items():  # one message per kind of bad row
+        print0(f"{path}: {len(lines)} row(s) skipped, {kind}: line(s) {', '.join(map(str, lines[:20]))}"
+               + (", ..." if len(lines) > 20 else ""))
+    if not rows:
+        raise ValueError(f"{path}: no usable row" + (f" ({sum(map(len, skipped.values()))} skipped)" if skipped else
+                                                     " (only a header)" if header else " (empty file)"))
+    return rows
 
 
 @contextlib.contextmanager
@@ -288,6 +334,35 @@ def save_json(path, obj):
     import json
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=2, default=str)
+
+
+def file_hash(path):
+    """sha256 of a file's bytes (the content of an input, for a settings-checked resume)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_resume(path, record, dist=None):
+    """Settings-checked resume. `record` (the inputs' content hashes and every setting that changes
+    the results) describes the work kept next to `path`: the first run writes it there (rank 0), a
+    rerun with the same record continues that work, and a rerun with another one stops, naming each
+    setting that differs, before it deletes or reuses anything."""
+    import json
+    record = json.loads(json.dumps(record, default=str))  # as it reads back (tuples -> lists, ...)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+        differ = [f"{k}: {old.get(k)!r} then, {record.get(k)!r} now" for k in sorted(set(old) | set(record))
+                  if old.get(k) != record.get(k)]
+        if differ:
+            raise ValueError(f"{path}: the work here was made with other settings ({'; '.join(differ)}); "
+                             f"rerun with the same settings to resume, or pass another output folder "
+                             f"(or delete this one) to start again")
+    elif dist is None or dist.master:
+        save_json(path, record)
 
 
 # ---- videos -------------------------------------------------------------------------------------
