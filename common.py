@@ -173,6 +173,13 @@ def setup_distributed():
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if cuda:
         torch.cuda.set_device(local_rank)
+    # NOTE: these torch modules take the WORLD group as a default argument when first imported
+    # (transformers imports them). Imported after init_process_group, they keep the group alive past
+    # destroy_process_group, and its gloo threads ran on into interpreter exit, where a rank could abort
+    # ("terminate called without an active exception"). Imported before, those defaults are None.
+    import importlib
+    for name in ("torch.distributed.fsdp.sharded_grad_scaler", "torch.distributed.nn.functional", "torch.distributed.optim"):
+        importlib.import_module(name)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
     return Dist(rank, local_rank, world, f"cuda:{local_rank}" if cuda else "cpu", rank == 0)
