@@ -352,6 +352,12 @@ def file_hash(path):
     return digest.hexdigest()
 
 
+def settings_diff(old, new):
+    """'key: old then, new now; ...' for every key whose value differs ('' if none does)."""
+    return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k))
+
+
 def check_resume(path, record, dist=None):
     """Settings-checked resume. `record` (the inputs' content hashes and every setting that changes
     the results) describes the work kept next to `path`: the first run writes it there (rank 0), a
@@ -362,10 +368,8 @@ def check_resume(path, record, dist=None):
     if os.path.exists(path):
         with open(path, encoding="utf-8") as fh:
             old = json.load(fh)
-        differ = [f"{k}: {old.get(k)!r} then, {record.get(k)!r} now" for k in sorted(set(old) | set(record))
-                  if old.get(k) != record.get(k)]
-        if differ:
-            raise ValueError(f"{path}: the work here was made with other settings ({'; '.join(differ)}); "
+        if differ := settings_diff(old, record):
+            raise ValueError(f"{path}: the work here was made with other settings ({differ}); "
                              f"rerun with the same settings to resume, or pass another output folder "
                              f"(or delete this one) to start again")
     elif dist is None or dist.master:
@@ -431,10 +435,18 @@ PROMPT_FORMATS = {
 }
 
 
+def must_exist(name_or_path, flag):
+    """Stop with a clear message when a model argument names a folder that does not exist (hub ids
+    are 'org/name': an absolute path, ./, ../, ~ or a second '/' marks a folder)."""
+    if not os.path.exists(name_or_path) and (name_or_path.startswith((os.sep, ".", "~")) or name_or_path.count("/") > 1):
+        raise FileNotFoundError(f"{flag} {name_or_path}: no such folder (a hub id has the form org/name)")
+
+
 def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
     """A transformers video LLM and its processor, from a hub id or a local directory.
     dtype defaults to bfloat16 on GPU and float32 on CPU."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    must_exist(name_or_path, "--model")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     processor = AutoProcessor.from_pretrained(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device)
