@@ -49,8 +49,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from common import (check_resume, example_seed, file_hash, parse_args, print0, progress, read_csv, save_json,
-                    setup_distributed, shard, wait_for_files, write_csv, write_video)
+from common import (check_resume, example_seed, file_hash, must_exist, parse_args, print0, progress, read_csv,
+                    save_json, setup_distributed, shard, wait_for_files, write_csv, write_video)
 
 REQUIRED = ("videopath", "caption", "neg_caption", "misalignment")
 TEXTS = ("videopath", "caption", "neg_caption")  # must not be empty
@@ -169,7 +169,7 @@ def resolve_settings(args):
     """Steps, guidance, size, frames and fps: each flag if given (non-zero), else the default of the
     pipeline class named in the checkpoint's model_index.json (read without loading any weights)."""
     from diffusers import DiffusionPipeline
-    cls = python_class(args.pipeline)
+    cls = python_class(args.pipeline) or must_exist(args.pipeline, "--pipeline")
     name = cls.__name__ if cls else DiffusionPipeline.load_config(args.pipeline)["_class_name"]
     defaults = PIPELINE_DEFAULTS.get(name, getattr(cls, "defaults", {}))
     settings = {k: getattr(args, k) or defaults.get(k) for k in SETTINGS}
