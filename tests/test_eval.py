@@ -332,3 +332,17 @@ def test_two_torchrun_ranks_give_the_one_rank_scores(video_llava_dir, tmp_path):
     two = scores_of(str(tmp_path / "two" / "ssv2_events_scores.csv"))
     assert len(one) == 6 and one == pytest.approx(two, abs=1e-6)
     assert "unreadable video" in run.stdout and "gone.mp4" in run.stdout  # rank 1's failure reaches rank 0
+
+
+def test_ranks_end_through_files_not_collectives(video_llava_dir, tmp_path, monkeypatch):
+    """Issue 14 item 18: two simulated ranks with no process group at all, rank 1 long done before
+    rank 0 starts: no barrier or gather to time out; rank 0 merges both parts and rank 1's failures."""
+    task, root = write_toy_task(tmp_path)
+    args = ev.Args(model=video_llava_dir, ssv2_events=task, candidates=3, video_root=root, out_dir=str(tmp_path / "out"))
+    _, _, pairs = ev.read_task("ssv2_events", task)
+    model, processor = common.load_video_llm(video_llava_dir)
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        final, bad = ev.score_task("ssv2_events", pairs, model, processor, args, common.Dist(rank, rank, 2, "cpu", rank == 0))
+    assert len(scores_of(final)) == 6 and len(bad) == 1 and "gone.mp4" in bad[0]  # gone.mp4 is rank 1's
+    assert sorted(os.listdir(tmp_path / "out")) == ["ssv2_events_scores.csv", "ssv2_events_settings.json"]
