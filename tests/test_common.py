@@ -338,7 +338,7 @@ import os, sys
 sys.path.insert(0, {root!r})
 import common
 dist = common.setup_distributed()
-from transformers import AutoModelForImageTextToText  # imports torch.distributed.fsdp, as every stage does
+import transformers.modeling_utils  # imports torch.distributed.fsdp, as loading any model does
 import torch
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
