@@ -349,8 +349,8 @@ print(sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.list
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_no_gloo_thread_outlives_destroy_process_group(tmp_path):
     """Issue 14 item 17: a rank ended with gloo's threads still running (transformers' imports kept
-    the WORLD group alive past destroy_process_group), and some runs aborted at exit ("terminate
-    called without an active exception"). After destroy_process_group only the main thread is left."""
+    the WORLD group alive past destroy_process_group), and some runs aborted at exit (SIGABRT from
+    C++'s std::terminate). After destroy_process_group only the main thread is left."""
     script = tmp_path / "exit_threads.py"
     script.write_text(EXIT_THREADS.format(root=ROOT))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
