@@ -403,8 +403,7 @@ def main(args):
         torch.distributed.barrier()
     model, processor = (None, None) if args.scores else common.load_video_llm(args.model, device=dist.device)
     if model is not None and args.adapter:  # the LoRA adapter of 03_train.py on the base model
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        model = common.load_adapter(model, args.adapter, args.model)
     results = {}
     for name, path in tasks.items():
         # ---- §6 datasets: the task file, duplicates dropped ----

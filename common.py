@@ -453,6 +453,23 @@ def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
     return model.eval(), processor
 
 
+def load_adapter(model, path, base=""):
+    """A LoRA adapter (03_train.py's <out_dir>/adapter) on `model` with peft, checked: every LoRA
+    tensor of the file must land on a LoRA weight of the model and every LoRA weight must come from
+    the file, else an error names the adapter and the base (peft itself only warns, and an adapter of
+    another base model then scores as the bare base)."""
+    from peft import PeftModel
+    from peft.utils import load_peft_weights
+    model = PeftModel.from_pretrained(model, path).eval()
+    saved = load_peft_weights(path, device="cpu")
+    ours = {re.sub(r"\.default(?=\.)", "", k, count=1): v for k, v in model.state_dict().items() if "lora_" in k}
+    bad = sorted(set(saved) ^ set(ours)) or [k for k in saved if not torch.equal(saved[k], ours[k].cpu())]
+    if bad:
+        raise ValueError(f"--adapter {path}: {len(bad)} LoRA tensor(s) do not fit the base model {base} (e.g. "
+                         f"{bad[0]}); was it trained on another one?")
+    return model
+
+
 def entailment_prompt(processor, model_type, caption, prompt="llava_v1"):
     """The prompt text up to where the answer starts, and where `caption` sits in it (char offset).
     prompt: a PROMPT_FORMATS name, used by Video-LLaVA; other families use their chat template."""

@@ -317,6 +317,16 @@ def test_lora_adapter_loads_and_changes_scores(video_llava_dir, tmp_path):
     with torch.no_grad():
         a = common.alignment_logits(loaded, processor, [frames], [CAPTIONS[1]])
     assert s_tuned[("2.mp4", CAPTIONS[1])] == pytest.approx(torch.sigmoid(a).item(), abs=1e-5)
+    # issue 14 item 6: an adapter whose LoRA weights sit where this base has none (another base model's
+    # layout, here its layer 0 renamed to a layer 7 that the tiny model lacks) stops instead of scoring
+    from safetensors.torch import load_file, save_file
+    import shutil
+    shutil.copytree(tmp_path / "adapter", tmp_path / "other")
+    weights = load_file(str(tmp_path / "other" / "adapter_model.safetensors"))
+    save_file({k.replace("layers.0.", "layers.7."): v for k, v in weights.items()},
+              str(tmp_path / "other" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"--adapter .*other: \d+ LoRA tensor\(s\) do not fit the base model"):
+        ev.main(ev.Args(**common_args, adapter=str(tmp_path / "other"), out_dir=str(tmp_path / "other_out")))
 
 
 def test_two_torchrun_ranks_give_the_one_rank_scores(video_llava_dir, tmp_path):
