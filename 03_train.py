@@ -303,9 +303,9 @@ def main(args):
     if per_epoch == 0:
         raise ValueError(f"{args.train_csv}: {len(rows)} usable rows, fewer than one --batch_size {args.batch_size}")
     total = per_epoch * args.num_epochs
-    if total <= args.warmup_steps:  # every step in the linear warm-up; a 1-step run trains at lr 0
-        raise ValueError(f"{total} optimizer steps, all inside --warmup_steps {args.warmup_steps}: the learning rate "
-                         f"never reaches --lr (a single step runs at lr 0); pass --warmup_steps {total // 10}")
+    if total == 1 and args.warmup_steps > 0:  # the linear warm-up starts at lr 0: nothing would train
+        raise ValueError(f"1 optimizer step with --warmup_steps {args.warmup_steps}: it runs at lr 0 and the adapter "
+                         f"would stay untrained; pass --warmup_steps 0 (or more rows / --num_epochs)")
     stop = min(total, args.max_steps) if args.max_steps else total
     # what a checkpoint was made with: the CSV's content and every setting that changes the weights
     plan = {**asdict(args), "train_csv": common.file_hash(args.train_csv), "rows": len(rows)}

@@ -138,24 +138,24 @@ def read_scores(path, part=False):
     scores, rows, report = {}, [], {"duplicates": 0, "malformed": 0}
     with open(path, newline="", encoding="utf-8") as fh:
         text = fh.read()
-    if part and not text.endswith("\r\n"):
-        text, report["torn"] = text[: text.rfind("\r\n") + 2], 1  # rfind -1: nothing is left
-    for i, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
-        if i == 1 and row[:3] == ["videopath", "caption", "score"]:
-            continue
-        try:
-            key, score = (row[0], description(row[1])), float(row[2])
-            assert np.isfinite(score)
-        except (IndexError, ValueError, AssertionError):
-            report["malformed"] += 1
-            continue
-        if key in scores:
-            if scores[key] != score:
-                raise ValueError(f"{path}: row {i} scores {key} as {score}, an earlier row as {scores[key]}")
-            report["duplicates"] += 1
-            continue
-        scores[key] = score
-        rows.append(row)
+        if part and not text.endswith("\r\n"):
+            text, report["torn"] = text[: text.rfind("\r\n") + 2], 1  # rfind -1: nothing is left
+        for i, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+            if i == 1 and row[:3] == ["videopath", "caption", "score"]:
+                continue
+            try:
+                key, score = (row[0], description(row[1])), float(row[2])
+                assert np.isfinite(score)
+            except (IndexError, ValueError, AssertionError):
+                report["malformed"] += 1
+                continue
+            if key in scores:
+                if scores[key] != score:
+                    raise ValueError(f"{path}: row {i} scores {key} as {score}, an earlier row as {scores[key]}")
+                report["duplicates"] += 1
+                continue
+            scores[key] = score
+            rows.append(row)
     return scores, rows, report
 
 
