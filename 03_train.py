@@ -51,8 +51,8 @@ import torch
 import common
 from common import WEIGHTINGS
 
-TERMS = ("loss", "l_real", "l_syn", "l_scr")
-RUN_ONLY = ("out_dir", "resume", "max_steps", "num_workers", "save_every", "gradient_checkpointing")  # no effect on weights  # Eq. (7) and its three terms, logged separately
+TERMS = ("loss", "l_real", "l_syn", "l_scr")  # Eq. (7) and its three terms, logged separately
+RUN_ONLY = ("out_dir", "resume", "max_steps", "num_workers", "save_every", "gradient_checkpointing")  # no effect on weights
 # LoRA on the language model's linear layers only; the vision tower's q/k/v_proj stay frozen.
 LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -198,8 +198,8 @@ def load_videos(batch, args):
 
 def die_with(parent, worker_id):
     """DataLoader worker_init_fn: the kernel ends this worker when the training process dies, even
-    by SIGKILL (Linux prctl PR_SET_PDEATHSIG). Without it, a worker blocked writing its batch to a
-    pipe that its sibling workers keep open outlived a killed run (~0.5 GB each)."""
+    by SIGKILL (Linux prctl PR_SET_PDEATHSIG). Without it, workers outlived a killed run (~0.5 GB
+    each): PyTorch's own parent check does not reach a worker that is stuck elsewhere."""
     if sys.platform.startswith("linux"):
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
