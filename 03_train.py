@@ -49,6 +49,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -61,6 +63,7 @@ from common import WEIGHTINGS
 
 TERMS = ("loss", "l_real", "l_syn", "l_scr", "l_nle")  # Eq. (7), its three terms and the NLE loss, logged apart
 NLE_QUESTION = 'What is the misalignment between this video and the description: "{caption}"?'  # VideoCon's
+RUN_ONLY = ("out_dir", "resume", "max_steps", "num_workers", "save_every", "gradient_checkpointing")  # no effect on weights
 # LoRA on the language model's linear layers only; the vision tower's q/k/v_proj stay frozen.
 LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -157,8 +160,13 @@ def load_triplets(args):
     if args.weighting != "csv" and args.weighting not in WEIGHTINGS:
         raise ValueError(f"--weighting {args.weighting!r}: use 'csv' or one of {sorted(WEIGHTINGS)}")
     scores = {"csv": ["weight"], "fixed": []}.get(args.weighting, ["score_syn_target", "score_syn_real"])
-    rows = common.read_csv(args.train_csv, ["videopath", "caption", "neg_caption"]
-                           + (["syn_video"] + scores if args.use_syn else []))
+    texts = ["videopath", "caption", "neg_caption"]  # an empty syn_video is a triplet without a twin
+    rows = common.read_csv(args.train_csv, texts + (["syn_video"] + scores if args.use_syn else []), texts=texts)
+    for c in scores if args.use_syn else []:  # VQAScores lie in [0, 1], phi <= 1 (a NaN is a counted skip below)
+        low = 0 if c.startswith("score") else -math.inf  # a negative weight is clamped at 0 below
+        if bad := [f"{line} ({r[c]})" for line, r in zip(rows.lines, rows) if not low <= number(r[c]) <= 1
+                   and not math.isnan(number(r[c]))]:
+            raise ValueError(f"{args.train_csv}: {c} outside [{low}, 1] on line(s) {', '.join(bad[:10])}")
     column = {c: np.array([number(r[c]) for r in rows]) for c in (scores if args.use_syn else [])}
     if not args.use_syn or args.weighting == "fixed":
         w = np.ones(len(rows))
@@ -171,10 +179,10 @@ def load_triplets(args):
     csv_dir = os.path.dirname(os.path.abspath(args.train_csv))
     keep, skipped = [], []
     for i, r in enumerate(rows):
-        t = dict(kind="triplet", row=i, real=os.path.join(args.video_root, r["videopath"]), caption=r["caption"],
-                 neg=r["neg_caption"], syn=None, w=0.0, rows=2)
+        t = dict(kind="triplet", line=rows.lines[i], real=os.path.join(args.video_root, r["videopath"]),
+                 caption=r["caption"], neg=r["neg_caption"], syn=None, w=0.0, rows=2)
         if not os.path.isfile(t["real"]):
-            skipped.append(dict(file=args.train_csv, row=i, videopath=r["videopath"], reason=f"video not found: {t['real']}"))
+            skipped.append(dict(file=args.train_csv, line=t["line"], videopath=r["videopath"], reason=f"video not found: {t['real']}"))
             continue
         keep.append(t)
         if not args.use_syn:
@@ -183,7 +191,7 @@ def load_triplets(args):
         no_twin = ("no syn_video" if not syn else f"synthetic video not found: {syn}" if not os.path.isfile(syn)
                    else "weight is missing or not a number" if not math.isfinite(w[i]) else "")
         if no_twin:
-            skipped.append(dict(file=args.train_csv, row=i, videopath=r["videopath"], reason=f"trained without a twin: {no_twin}"))
+            skipped.append(dict(file=args.train_csv, line=t["line"], videopath=r["videopath"], reason=f"trained without a twin: {no_twin}"))
         else:
             t.update(syn=syn, w=float(w[i]))
     if not keep:
@@ -199,18 +207,18 @@ def load_explanations(args):
     a syn_video, it has no synthetic twin and no t'. Returns (rows, skipped)."""
     if not args.feedback_csv:
         return [], []
-    rows = common.read_csv(args.feedback_csv, ["videopath", "neg_caption", "nle"])
+    texts = ["videopath", "neg_caption", "nle"]  # an empty one is a bad row of the reader, named and counted
+    rows = common.read_csv(args.feedback_csv, texts, texts=texts)
     keep, skipped = [], []
-    for i, r in enumerate(rows):
+    for line, r in zip(rows.lines, rows):
         if r.get("split", "train") != "train":
             continue
-        e = dict(kind="nle", row=i, real=os.path.join(args.video_root, r["videopath"]), neg=r["neg_caption"],
+        e = dict(kind="nle", line=line, real=os.path.join(args.video_root, r["videopath"]), neg=r["neg_caption"],
                  nle=r["nle"].strip(), rows=1)
-        reason = ("empty nle" if not e["nle"] else "" if os.path.isfile(e["real"]) else f"video not found: {e['real']}")
-        if reason:
-            skipped.append(dict(file=args.feedback_csv, row=i, videopath=r["videopath"], reason=reason))
-        else:
+        if os.path.isfile(e["real"]):
             keep.append(e)
+        else:
+            skipped.append(dict(file=args.feedback_csv, line=line, videopath=r["videopath"], reason=f"video not found: {e['real']}"))
     return keep, skipped
 
 
@@ -267,6 +275,17 @@ def load_videos(batch, args):
     """DataLoader collate (runs in a worker): decode each distinct video of a micro-batch once."""
     paths = list(dict.fromkeys([r["real"] for r in batch] + [r["syn"] for r in batch if r.get("syn")]))
     return batch, paths, [common.read_video(p, args.num_frames, args.frame_sampling) for p in paths]
+
+
+def die_with(parent, worker_id):
+    """DataLoader worker_init_fn: the kernel ends this worker when the training process dies, even
+    by SIGKILL (Linux prctl PR_SET_PDEATHSIG). Without it, workers outlived a killed run (~0.5 GB
+    each): PyTorch's own parent check does not reach a worker that is stuck elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the training process died before prctl took effect
+        os._exit(1)
 
 
 # ---- every pair of a micro-batch, in one call ---------------------------------------------------
@@ -386,8 +405,8 @@ def load_checkpoint(args, plan, model, optimizer, scheduler):
         common.print0(f"--resume: no checkpoint in {args.out_dir}/checkpoints, starting from step 0")
         return 0
     state = torch.load(paths[-1], map_location="cpu", weights_only=True)
-    if state["plan"] != plan:
-        raise ValueError(f"{paths[-1]}: written for {state['plan']}, this run is {plan}; resume with the same settings")
+    if differ := common.settings_diff(state["plan"], plan):
+        raise ValueError(f"{paths[-1]}: written with other settings ({differ}); resume with the same settings")
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
@@ -411,7 +430,7 @@ def main(args):
     triplets, skipped = load_triplets(args)
     explanations, skipped_nle = load_explanations(args)
     items, skipped = triplets + explanations, skipped + skipped_nle
-    accum, rest = divmod(args.batch_size, args.micro_batch_size * dist.world_size)
+    accum, rest = divmod(args.batch_size, max(args.micro_batch_size, 1) * dist.world_size)
     if rest or not accum or args.micro_batch_size < 2:
         raise ValueError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
                          f"{args.micro_batch_size} (at least 2: a triplet is 2 rows) x {dist.world_size} processes")
@@ -421,16 +440,15 @@ def main(args):
     if total == 0:
         raise ValueError(f"{args.train_csv}: {2 * len(triplets) + len(explanations)} usable rows, fewer than one "
                          f"--batch_size {args.batch_size}")
+    if total == 1 and args.warmup_steps > 0:  # the linear warm-up starts at lr 0: nothing would train
+        raise ValueError(f"1 optimizer step with --warmup_steps {args.warmup_steps}: it runs at lr 0 and the adapter "
+                         f"would stay untrained; pass --warmup_steps 0 (or more rows / --num_epochs)")
     stop = min(total, args.max_steps) if args.max_steps else total
-    plan = dict(items=len(items), batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                num_epochs=args.num_epochs, seed=args.seed)
+    # what a checkpoint was made with: the CSVs' content and every setting that changes the weights
+    plan = {**asdict(args), "train_csv": common.file_hash(args.train_csv), "items": len(items),
+            "feedback_csv": common.file_hash(args.feedback_csv) if args.feedback_csv else ""}
+    plan = {k: v for k, v in plan.items() if k not in RUN_ONLY}
     log_path = os.path.join(args.out_dir, "log.jsonl")
-    if dist.master:
-        os.makedirs(args.out_dir, exist_ok=True)
-        common.save_json(os.path.join(args.out_dir, "args.json"), asdict(args))
-        common.write_csv(os.path.join(args.out_dir, "skipped.csv"), skipped, ["file", "row", "videopath", "reason"])
-        if not args.resume:  # a fresh run replaces an older one in the same folder
-            shutil.rmtree(os.path.join(args.out_dir, "checkpoints"), ignore_errors=True)
     no_twin = sum(r["syn"] is None for r in triplets) if args.use_syn else 0
     common.print0(f"{len(triplets)} triplets ({no_twin} without a twin, trained on L_real alone) and {len(explanations)} "
                   f"explanations; {len(skipped) - no_twin} rows skipped; all listed in skipped.csv. {total} steps of "
@@ -449,6 +467,12 @@ def main(args):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total)
     start = load_checkpoint(args, plan, model, optimizer, scheduler) if args.resume else 0
+    if dist.master:  # only now, with the model and data loaded, does a fresh run replace an older one here
+        os.makedirs(args.out_dir, exist_ok=True)
+        common.save_json(os.path.join(args.out_dir, "args.json"), asdict(args))
+        common.write_csv(os.path.join(args.out_dir, "skipped.csv"), skipped, ["file", "line", "videopath", "reason"])
+        if not args.resume:
+            shutil.rmtree(os.path.join(args.out_dir, "checkpoints"), ignore_errors=True)
     if dist.master and os.path.exists(log_path):  # drop log lines of steps a killed run did after `start`
         lines = [ln for ln in open(log_path, encoding="utf-8") if json.loads(ln)["step"] <= start]
         with common.atomic_path(log_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
@@ -460,22 +484,23 @@ def main(args):
 
     loader = torch.utils.data.DataLoader(
         items, batch_sampler=[mb for s in range(start, stop) for mb in micro_batches(epochs, s, accum, dist)],
-        collate_fn=functools.partial(load_videos, args=args), num_workers=args.num_workers)
+        collate_fn=functools.partial(load_videos, args=args), num_workers=args.num_workers,
+        worker_init_fn=functools.partial(die_with, os.getpid()))
     batches = iter(loader)
     for step in range(start, stop):
         t0, lr = time.time(), scheduler.get_last_lr()[0]
         sums = torch.zeros(len(TERMS), device=dist.device)
         for j in range(accum):
             batch, paths, frames = next(batches)
-            torch.manual_seed(common.example_seed(args.seed, step, *[(r["kind"], r["row"]) for r in batch]))  # LoRA dropout
+            torch.manual_seed(common.example_seed(args.seed, step, *[(r["kind"], r["line"]) for r in batch]))  # LoRA dropout
             last = j == accum - 1  # gradients are all-reduced only on the last micro-step
             with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
                 with torch.autocast("cuda", torch.bfloat16, enabled=cuda and args.bf16):
                     terms = objective(micro_batch_pairs(net, processor, batch, paths, frames, args), batch, args)
                 if not all(torch.isfinite(v) for v in terms.values()):
                     raise FloatingPointError(
-                        f"step {step + 1}: non-finite loss {({k: v.item() for k, v in terms.items()})} on rows "
-                        f"{[(r['kind'], r['row']) for r in batch]} of {args.train_csv} / {args.feedback_csv} (videos {paths})")
+                        f"step {step + 1}: non-finite loss {({k: v.item() for k, v in terms.items()})} on "
+                        f"lines {[(r['kind'], r['line']) for r in batch]} of {args.train_csv} / {args.feedback_csv} (videos {paths})")
                 (terms["loss"] / accum).backward()
             sums += torch.stack([terms[k].detach().float() for k in TERMS])
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
