@@ -349,18 +349,25 @@ PROMPT_FORMATS = {
 }
 
 
-def shared_prefix_attention(module, query, key, value, attention_mask, prefix_length=0, **kwargs):
-    """sdpa, except on answer_states' rows [prefix | suffixes] (prefix_length > 0): there the prefix
-    attends causally to itself through sdpa's causal kernel, with no mask, and only the suffix
-    queries go through the 4-D mask: the same numbers as sdpa with the whole mask, at the cost of one
-    causal prefix plus the suffixes (the whole mask costs as much as a dense square)."""
+SUFFIX_WINDOW = 256  # suffix queries per attention call in shared_prefix_attention
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, suffix_windows=(), **kwargs):
+    """sdpa, except on answer_states' rows [prefix | suffixes] (suffix_windows given): there the prefix
+    (columns < P) attends causally to itself through sdpa's causal kernel, unmasked, and the suffix
+    queries go in windows of columns [a, b), each to the prefix and to columns [lo, b) (lo: where the
+    window's first suffixes start) through the suffix queries' mask (rows, 1, W - P, W). The same numbers
+    as sdpa with the whole square mask, at a fraction of the cost: sdpa computes masked-out scores too."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward as sdpa
-    if not prefix_length:
+    if not suffix_windows:
         return sdpa(module, query, key, value, attention_mask, **kwargs)
-    P = prefix_length
-    head, _ = sdpa(module, query[:, :, :P], key[:, :, :P], value[:, :, :P], None, is_causal=True, **kwargs)
-    tail, _ = sdpa(module, query[:, :, P:], key, value, attention_mask[:, :, P:], **kwargs)  # mask: (rows, 1, W, W)
-    return torch.cat([head, tail], dim=1), None  # (batch, length, heads, head_dim)
+    P = suffix_windows[0][0]
+    out = [sdpa(module, query[:, :, :P], key[:, :, :P], value[:, :, :P], None, is_causal=True, **kwargs)[0]]
+    for a, b, lo in suffix_windows:
+        k, v = (torch.cat([x[:, :, :P], x[:, :, lo:b]], dim=2) for x in (key, value))  # (batch, heads, keys, dim)
+        mask = attention_mask[:, :, a - P:b - P]
+        out.append(sdpa(module, query[:, :, a:b], k, v, torch.cat([mask[..., :P], mask[..., lo:b]], dim=-1), **kwargs)[0])
+    return torch.cat(out, dim=1), None  # (batch, length, heads, head_dim)
 
 
 def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
@@ -530,6 +537,7 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
     W = P + max(sum(len(tails[i]) for i in idx) for _, idx in groups)
     ids, pos = torch.full((R, W), pad), torch.zeros(len(positions[0]), R, W, dtype=torch.long)
     block = torch.full((R, W), -1)  # the pair a suffix token belongs to (-1: prefix or padding)
+    first = torch.arange(W).repeat(R, 1)  # the column where a suffix token's suffix starts
     visible = torch.zeros(R, W, dtype=torch.bool)  # keys a suffix token may see: real prefix, visible own tokens
     keep, order = torch.zeros(R, W, dtype=torch.bool), []  # where the LM head is applied, in row-major order
     for r, (v, idx) in enumerate(groups):
@@ -538,12 +546,17 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
         for i in idx:
             m, k = len(tails[i]), max(1, len(answers[i])) if answers else 1
             ids[r, at:at + m], block[r, at:at + m], visible[r, at:at + m] = torch.tensor(tails[i]), i, torch.tensor(shown[i])
+            first[r, at:at + m] = at
             pos[:, r, at:at + m], keep[r, at + m - k:at + m] = starts[v] + torch.arange(m), True
             order.append(i); at += m  # noqa: E702
-    same = (block[:, P:, None] == block[:, None, :]) & torch.ones(W - P, W, dtype=torch.bool).tril(P)
-    allowed = torch.cat([torch.ones(P, W, dtype=torch.bool).tril().expand(R, P, W),  # the prefix: causal
-                         visible[:, None, :] & (same | (torch.arange(W) < P))], dim=1)  # the suffixes
-    mask = torch.zeros(R, 1, W, W, dtype=hf.dtype).masked_fill_(~allowed[:, None], torch.finfo(hf.dtype).min)
+    # the suffix queries' mask (shared_prefix_attention runs the prefix causally, unmasked): True = attend
+    allowed = visible[:, None, None, :] & ((block[:, None, P:, None] == block[:, None, None, :])
+                                           & torch.ones(W - P, W, dtype=torch.bool).tril(P) | (torch.arange(W) < P))
+    if hf.config.get_text_config()._attn_implementation != "sdpa_shared_prefix":  # sdpa, eager: the whole square
+        allowed = torch.cat([torch.ones(R, 1, P, W, dtype=torch.bool).tril(), allowed], dim=2)
+    zero, low = torch.tensor([0, torch.finfo(hf.dtype).min], dtype=hf.dtype)
+    mask = torch.where(allowed, zero, low)  # additive, built once (sdpa would convert a bool mask in every layer)
+    windows = [(a, min(a + SUFFIX_WINDOW, W), int(first[:, a].min())) for a in range(P, W, SUFFIX_WINDOW)]
     pick = lambda x: x[[v for v, _ in groups]] if torch.is_tensor(x) else tuple(x[v] for v, _ in groups)  # noqa: E731
     video = type(encoded)(pooler_output=pick(encoded.pooler_output))  # each row's video
     if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL adds vision features in early layers
@@ -554,7 +567,7 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
     hook = hf.lm_head.register_forward_pre_hook(lambda module, args: grabbed.append(args[0]))
     try:
         out = model(input_ids=ids.to(hf.device), attention_mask=mask.to(hf.device), position_ids=pos.squeeze(0).to(hf.device),
-                    mm_encoder_outputs={"video": video}, logits_to_keep=keep.to(hf.device), prefix_length=P)
+                    mm_encoder_outputs={"video": video}, logits_to_keep=keep.to(hf.device), suffix_windows=windows)
     finally:
         hook.remove()
     sizes = [max(1, len(answers[i])) if answers else 1 for i in order]

@@ -83,9 +83,10 @@ def yes_no(processor, model, caption):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("per_row", [0, 2])  # all of a video's captions on one prefix, or rows of 2
+@pytest.mark.parametrize("per_row, window", [(0, 256), (2, 256), (0, 7)])  # rows of 2; attention windows of 7
 @torch.no_grad()
-def test_packed_scores_equal_a_plain_forward_of_each_prompt(family, per_row, family_dir):
+def test_packed_scores_equal_a_plain_forward_of_each_prompt(family, per_row, window, family_dir, monkeypatch):
+    monkeypatch.setattr(common, "SUFFIX_WINDOW", window)  # 7: windows that cut suffixes (see shared_prefix_attention)
     model, processor = common.load_video_llm(family_dir(family))
     videos, index = videos_for(family), [1, 0, 0, 1, 1, 0, 1]
     captions = [CAPTIONS[k % 5] for k in range(len(index))]
@@ -144,6 +145,19 @@ def test_gradients_equal_a_plain_forward_under_activation_checkpointing(family, 
     for mine, ref in zip(ours, grads(plain)):
         assert ref.abs().max() > 0
         torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@torch.no_grad()
+def test_other_attention_implementations_take_the_whole_square_mask(implementation, family_dir):
+    from transformers import AutoModelForImageTextToText
+    model, processor = common.load_video_llm(family_dir("video_llava"))
+    other = AutoModelForImageTextToText.from_pretrained(family_dir("video_llava"), attn_implementation=implementation)
+    videos, index = videos_for("video_llava"), [0, 1, 1, 0]
+    hidden = [None, common.hidden_word_spans(CAPTIONS[1], "a cat"), None, None]
+    a = common.alignment_logits(model, processor, videos, CAPTIONS[:4], index, hidden)
+    torch.testing.assert_close(common.alignment_logits(other, processor, videos, CAPTIONS[:4], index, hidden), a,
+                               atol=1e-5, rtol=0)
 
 
 def test_prompts_that_share_no_prefix_are_refused(family_dir):
