@@ -550,8 +550,9 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
             pos[:, r, at:at + m], keep[r, at + m - k:at + m] = starts[v] + torch.arange(m), True
             order.append(i); at += m  # noqa: E702
     # the suffix queries' mask (shared_prefix_attention runs the prefix causally, unmasked): True = attend
-    allowed = visible[:, None, None, :] & ((block[:, None, P:, None] == block[:, None, None, :])
-                                           & torch.ones(W - P, W, dtype=torch.bool).tril(P) | (torch.arange(W) < P))
+    S = W - P
+    own = (block[:, P:, None] == block[:, None, P:]) & torch.ones(S, S, dtype=torch.bool).tril() & visible[:, None, P:]
+    allowed = torch.cat([visible[:, None, :P].expand(R, S, P), own], dim=2)[:, None]  # (rows, 1, S, W)
     if hf.config.get_text_config()._attn_implementation != "sdpa_shared_prefix":  # sdpa, eager: the whole square
         allowed = torch.cat([torch.ones(R, 1, P, W, dtype=torch.bool).tril(), allowed], dim=2)
     zero, low = torch.tensor([0, torch.finfo(hf.dtype).min], dtype=hf.dtype)
