@@ -2,7 +2,6 @@
 suffixes packed after it) against a plain forward of each whole prompt, for the four model families:
 scores, t' masking, gradients under activation checkpointing, teacher-forced answer logits; and
 Qwen2.5-VL (3-D rotary positions) through 03_train.py, one process and two."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,24 +11,12 @@ import torch
 
 import common
 import tiny
-import tiny_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("train", os.path.join(ROOT, "03_train.py"))
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
+from test_train import ROOT, one_thread, toy, train  # noqa: F401 (fixtures: one torch thread, the 8-row toy set)
 
 FAMILIES = ["video_llava", "onevision", "qwen2_5_vl", "qwen3_vl"]
 CAPTIONS = ["a red square moves to the right", "a dog", "the square moves left and then it stops quickly",
             "Covering [something] with [something]", "a blue square is thrown to the left"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +154,6 @@ def test_prompts_that_share_no_prefix_are_refused(family_dir):
 
 
 # ---- Qwen2.5-VL through 03_train.py -------------------------------------------------------------
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return tiny_train.write_toy_set(str(tmp_path_factory.mktemp("toy")))
-
-
 def qwen_args(model, toy, out, **kw):
     return train.Args(model=model, train_csv=toy[0], video_root=toy[1], out_dir=str(out), batch_size=4,
                       micro_batch_size=2, num_epochs=1, max_steps=2, warmup_steps=1, lr=1e-2, num_workers=0, **kw)
