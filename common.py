@@ -549,14 +549,14 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
             first[r, at:at + m] = at
             pos[:, r, at:at + m], keep[r, at + m - k:at + m] = starts[v] + torch.arange(m), True
             order.append(i); at += m  # noqa: E702
-    # the suffix queries' mask (shared_prefix_attention runs the prefix causally, unmasked): True = attend
+    # the suffix queries' additive mask, built once (sdpa would convert a bool mask in every layer);
+    # shared_prefix_attention runs the prefix causally, unmasked
+    zero, low = torch.tensor([0, torch.finfo(hf.dtype).min], dtype=hf.dtype)
     S = W - P
     own = (block[:, P:, None] == block[:, None, P:]) & torch.ones(S, S, dtype=torch.bool).tril() & visible[:, None, P:]
-    allowed = torch.cat([visible[:, None, :P].expand(R, S, P), own], dim=2)[:, None]  # (rows, 1, S, W)
+    mask = torch.cat([torch.where(visible[:, None, :P], zero, low).expand(R, S, P), torch.where(own, zero, low)], dim=2)[:, None]
     if hf.config.get_text_config()._attn_implementation != "sdpa_shared_prefix":  # sdpa, eager: the whole square
-        allowed = torch.cat([torch.ones(R, 1, P, W, dtype=torch.bool).tril(), allowed], dim=2)
-    zero, low = torch.tensor([0, torch.finfo(hf.dtype).min], dtype=hf.dtype)
-    mask = torch.where(allowed, zero, low)  # additive, built once (sdpa would convert a bool mask in every layer)
+        mask = torch.cat([torch.where(torch.ones(P, W, dtype=torch.bool).tril(), zero, low).expand(R, 1, P, W), mask], dim=2)
     windows = [(a, min(a + SUFFIX_WINDOW, W), int(first[:, a].min())) for a in range(P, W, SUFFIX_WINDOW)]
     pick = lambda x: x[[v for v, _ in groups]] if torch.is_tensor(x) else tuple(x[v] for v, _ in groups)  # noqa: E731
     video = type(encoded)(pooler_output=pick(encoded.pooler_output))  # each row's video
