@@ -366,7 +366,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, suffix_wi
     for a, b, lo in suffix_windows:
         k, v = (torch.cat([x[:, :, :P], x[:, :, lo:b]], dim=2) for x in (key, value))  # (batch, heads, keys, dim)
         mask = attention_mask[:, :, a - P:b - P]
-        out.append(sdpa(module, query[:, :, a:b], k, v, torch.cat([mask[..., :P], mask[..., lo:b]], dim=-1), **kwargs)[0])
+        mask = torch.cat([mask[..., :P], mask[..., lo:b]], dim=-1)
+        out.append(sdpa(module, query[:, :, a:b], k, v, mask, **kwargs)[0])
     return torch.cat(out, dim=1), None  # (batch, length, heads, head_dim)
 
 
@@ -380,7 +381,8 @@ def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
     AttentionMaskInterface.register("sdpa_shared_prefix", sdpa_mask)  # 2-D masks become sdpa's masks
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     processor = AutoProcessor.from_pretrained(name_or_path)
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa_shared_prefix")
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype,
+                                                        attn_implementation="sdpa_shared_prefix")
     return model.to(device).eval(), processor
 
 
@@ -449,7 +451,8 @@ def build_text_batch(model, processor, captions, num_video_tokens, hidden=None, 
     hf = unwrap(model)
     rows, masks = [], []
     for i, caption in enumerate(captions):
-        text, ids, _, visible = prompt_tokens(processor, hf.config.model_type, caption, hidden[i] if hidden else None, prompt)
+        text, ids, _, visible = prompt_tokens(processor, hf.config.model_type, caption,
+                                              hidden[i] if hidden else None, prompt)
         n = [num_video_tokens if t == hf.config.video_token_id else 1 for t in ids]  # expand <video>
         rows.append(sum(([t] * k for t, k in zip(ids, n)), []))
         masks.append(sum(([int(v)] * k for v, k in zip(visible, n)), []))
@@ -475,15 +478,18 @@ def video_prefixes(model, processor, videos, head, head_text, features=None):
         if features is None:
             with torch.no_grad():
                 features = encode_videos(model, processor, videos)
-        ids = torch.tensor(head).repeat_interleave(torch.where(torch.tensor(head) == hf.config.video_token_id, features.shape[1], 1))
+        ids = torch.tensor(head)
+        ids = ids.repeat_interleave(torch.where(ids == hf.config.video_token_id, features.shape[1], 1))
         n = len(features)
-        return [ids] * n, [torch.arange(len(ids))[None]] * n, [len(ids)] * n, BaseModelOutputWithPooling(pooler_output=features)
+        encoded = BaseModelOutputWithPooling(pooler_output=features)
+        return [ids] * n, [torch.arange(len(ids))[None]] * n, [len(ids)] * n, encoded
     # Qwen-VL: the processor expands the placeholder (a size-dependent count; Qwen3-VL adds timestamps);
     # get_rope_index of the prefix plus one text token gives its positions and where the text goes on
     with torch.no_grad():
         enc = [processor(text=head_text, videos=[v], return_tensors="pt") for v in videos]
-        encoded = hf.model.get_video_features(torch.cat([e["pixel_values_videos"] for e in enc]).to(hf.device, hf.dtype),
-                                              torch.cat([e["video_grid_thw"] for e in enc]).to(hf.device), return_dict=True)
+        pixels, grids = (torch.cat([e[k] for e in enc]).to(hf.device) for k in ("pixel_values_videos",
+                                                                                "video_grid_thw"))
+        encoded = hf.model.get_video_features(pixels.to(hf.dtype), grids, return_dict=True)
     ids, positions, starts = [], [], []
     for e in enc:
         extra = {k: e[k] for k in ("video_grid_thw", "second_per_grid_ts") if k in e}
@@ -518,14 +524,16 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
     # ---- each prompt, cut after its video placeholder: the shared prefix, then the pair's suffix ----
     heads, tails, shown = {}, [], []
     for i, caption in enumerate(captions):
-        text, ids, offsets, visible = prompt_tokens(processor, hf.config.model_type, caption, hidden[i] if hidden else None,
-                                                    prompt, questions[i] if questions else QUESTION)
+        text, ids, offsets, visible = prompt_tokens(processor, hf.config.model_type, caption,
+                                                    hidden[i] if hidden else None, prompt,
+                                                    questions[i] if questions else QUESTION)
         cut = len(ids) - ids[::-1].index(video_id) if video_id in ids else 0
         heads[tuple(ids[:cut])] = text[:offsets[cut - 1][1]] if all(visible[:cut]) else None
         fed = list(answers[i][:-1]) if answers else []  # the last answer token is predicted, never read
         tails.append(ids[cut:] + fed); shown.append(visible[cut:] + [True] * len(fed))  # noqa: E702
     if len(heads) != 1 or None in heads.values() or next(iter(heads)).count(video_id) != 1:
-        raise ValueError(f"the prompts must share one prefix with one video placeholder (id {video_id}), the caption after it")
+        raise ValueError(f"the prompts must share one prefix with one video placeholder (id {video_id}), "
+                         "the caption after it")
     (head, head_text), = heads.items()
     prefix, positions, starts, encoded = video_prefixes(model, processor, videos, list(head), head_text, features)
     # ---- rows [one video's prefix, padded to the longest | its pairs' suffixes, one after another] ----
@@ -545,8 +553,8 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
         ids[r, :p], pos[:, r, :p], visible[r, :p] = prefix[v], positions[v], True
         for i in idx:
             m, k = len(tails[i]), max(1, len(answers[i])) if answers else 1
-            ids[r, at:at + m], block[r, at:at + m], visible[r, at:at + m] = torch.tensor(tails[i]), i, torch.tensor(shown[i])
-            first[r, at:at + m] = at
+            ids[r, at:at + m], visible[r, at:at + m] = torch.tensor(tails[i]), torch.tensor(shown[i])
+            block[r, at:at + m], first[r, at:at + m] = i, at
             pos[:, r, at:at + m], keep[r, at + m - k:at + m] = starts[v] + torch.arange(m), True
             order.append(i); at += m  # noqa: E702
     # the suffix queries' additive mask, built once (sdpa would convert a bool mask in every layer);
@@ -554,9 +562,11 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
     zero, low = torch.tensor([0, torch.finfo(hf.dtype).min], dtype=hf.dtype)
     S = W - P
     own = (block[:, P:, None] == block[:, None, P:]) & torch.ones(S, S, dtype=torch.bool).tril() & visible[:, None, P:]
-    mask = torch.cat([torch.where(visible[:, None, :P], zero, low).expand(R, S, P), torch.where(own, zero, low)], dim=2)[:, None]
+    mask = torch.cat([torch.where(visible[:, None, :P], zero, low).expand(R, S, P), torch.where(own, zero, low)], dim=2)
+    mask = mask[:, None]  # (rows, 1, S, W)
     if hf.config.get_text_config()._attn_implementation != "sdpa_shared_prefix":  # sdpa, eager: the whole square
-        mask = torch.cat([torch.where(torch.ones(P, W, dtype=torch.bool).tril(), zero, low).expand(R, 1, P, W), mask], dim=2)
+        causal = torch.where(torch.ones(P, W, dtype=torch.bool).tril(), zero, low)
+        mask = torch.cat([causal.expand(R, 1, P, W), mask], dim=2)
     windows = [(a, min(a + SUFFIX_WINDOW, W), int(first[:, a].min())) for a in range(P, W, SUFFIX_WINDOW)]
     pick = lambda x: x[[v for v, _ in groups]] if torch.is_tensor(x) else tuple(x[v] for v, _ in groups)  # noqa: E731
     video = type(encoded)(pooler_output=pick(encoded.pooler_output))  # each row's video
@@ -567,8 +577,9 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
     grabbed = []
     hook = hf.lm_head.register_forward_pre_hook(lambda module, args: grabbed.append(args[0]))
     try:
-        out = model(input_ids=ids.to(hf.device), attention_mask=mask.to(hf.device), position_ids=pos.squeeze(0).to(hf.device),
-                    mm_encoder_outputs={"video": video}, logits_to_keep=keep.to(hf.device), suffix_windows=windows)
+        out = model(input_ids=ids.to(hf.device), attention_mask=mask.to(hf.device),
+                    position_ids=pos.squeeze(0).to(hf.device), mm_encoder_outputs={"video": video},
+                    logits_to_keep=keep.to(hf.device), suffix_windows=windows)
     finally:
         hook.remove()
     sizes = [max(1, len(answers[i])) if answers else 1 for i in order]
@@ -592,10 +603,12 @@ def alignment_logits(model, processor, videos, captions, video_index=None, hidde
     from the bf16 logits: a bf16 logit near 20 is rounded to a multiple of 1/8, which would put the
     scores on a coarse grid (ties in retrieval rankings, steps in the losses)."""
     hf = unwrap(model)
-    states, _ = answer_states(model, processor, videos, captions, video_index, hidden, features, prompt, per_row=per_row)
+    states, _ = answer_states(model, processor, videos, captions, video_index, hidden, features, prompt,
+                              per_row=per_row)
     text, _ = entailment_prompt(processor, hf.config.model_type, captions[0], prompt)
     yes_no = answer_token_ids(processor.tokenizer, text)
     bias = None if hf.lm_head.bias is None else hf.lm_head.bias[yes_no].float()
     with torch.autocast(hf.device.type, enabled=False):  # autocast would run it in bf16
-        logits = F.linear(torch.stack([s[0] for s in states]).float(), hf.lm_head.weight[yes_no].float(), bias)  # (n, 2)
+        rows = torch.stack([s[0] for s in states]).float()  # (n, hidden)
+        logits = F.linear(rows, hf.lm_head.weight[yes_no].float(), bias)  # (n, 2)
     return logits[:, 0] - logits[:, 1]
