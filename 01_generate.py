@@ -49,8 +49,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from common import (example_seed, parse_args, print0, progress, read_csv, save_json, setup_distributed, shard,
-                    wait_for_files, write_csv, write_video)
+from common import (check_resume, example_seed, file_hash, must_exist, parse_args, print0, progress, read_csv,
+                    save_json, setup_distributed, shard, wait_for_files, write_csv, write_video)
 
 REQUIRED = ("videopath", "caption", "neg_caption", "misalignment")
 TEXTS = ("videopath", "caption", "neg_caption")  # must not be empty
@@ -112,31 +112,31 @@ class Args:
 def select_rows(rows, args):
     """The rows to generate, in file order, and how many bad rows were skipped.
 
-    A bad row is one with a missing or extra field, an empty videopath / caption / neg_caption, or
-    the same (videopath, neg_caption) as an earlier row (same identity = same seed = same video)."""
-    keep, first_line, skipped = [], {}, 0
-    for line, row in enumerate(rows, start=2):  # line 1 of the file is the header
-        # csv.DictReader gives a row with extra fields a key None, a short row values None
-        if None in row or None in row.values():
-            problem = "wrong number of fields"
-        elif (args.split and row.get("split", args.split) != args.split
-              or args.misalignment and row["misalignment"] not in args.misalignment):
+    rows: common.read_csv's, which already skipped (named by line, counted) rows with a wrong
+    number of fields, an empty videopath / caption / neg_caption, and exact duplicates. Here a row
+    with the same (videopath, neg_caption) as an earlier one (same identity = same seed = same
+    video) is skipped too. A --split / --misalignment that selects no row is an error."""
+    keep, first_line, duplicates = [], {}, []
+    for line, row in zip(rows.lines, rows):
+        if (args.split and row.get("split", args.split) != args.split
+                or args.misalignment and row["misalignment"] not in args.misalignment):
             continue  # not asked for
-        elif any(not row[c].strip() for c in TEXTS):
-            problem = "empty " + " and ".join(c for c in TEXTS if not row[c].strip())
-        elif (row["videopath"], row["neg_caption"]) in first_line:
-            first = first_line[row["videopath"], row["neg_caption"]]
-            problem = f"duplicate of line {first} (same videopath and neg_caption)"
-        else:
-            first_line[row["videopath"], row["neg_caption"]] = line
-            keep.append(row)
+        if (row["videopath"], row["neg_caption"]) in first_line:
+            duplicates.append(line)
             continue
-        print0(f"{args.input_csv}:{line}: {problem}; skipped")
-        skipped += 1
-    for kind in set(args.misalignment) - {r["misalignment"] for r in keep}:
-        print0(f"--misalignment {kind!r}: no usable row of this type in {args.input_csv}; its types: "
-               f"{sorted({str(r['misalignment']) for r in rows})}")
-    return keep[: args.limit or None], skipped
+        first_line[row["videopath"], row["neg_caption"]] = line
+        keep.append(row)
+    if duplicates:
+        print0(f"{args.input_csv}: {len(duplicates)} row(s) skipped, same videopath and neg_caption as an earlier "
+               f"row: line(s) {', '.join(map(str, duplicates))}")
+    types = sorted({r["misalignment"] for r in rows})
+    for kind in sorted(set(args.misalignment) - {r["misalignment"] for r in keep}):
+        print0(f"--misalignment {kind!r}: no usable row of this type in {args.input_csv}; its types: {types}")
+    if not keep:
+        raise ValueError(f"{args.input_csv}: no usable row with --split {args.split!r}"
+                         + (f" and --misalignment {args.misalignment}" if args.misalignment else "")
+                         + f"; its splits: {sorted({r.get('split', '') for r in rows})}, its types: {types}")
+    return keep[: args.limit or None], sum(map(len, rows.skipped.values())) + len(duplicates)
 
 
 def video_name(row):
@@ -169,7 +169,7 @@ def resolve_settings(args):
     """Steps, guidance, size, frames and fps: each flag if given (non-zero), else the default of the
     pipeline class named in the checkpoint's model_index.json (read without loading any weights)."""
     from diffusers import DiffusionPipeline
-    cls = python_class(args.pipeline)
+    cls = python_class(args.pipeline) or must_exist(args.pipeline, "--pipeline")
     name = cls.__name__ if cls else DiffusionPipeline.load_config(args.pipeline)["_class_name"]
     defaults = PIPELINE_DEFAULTS.get(name, getattr(cls, "defaults", {}))
     settings = {k: getattr(args, k) or defaults.get(k) for k in SETTINGS}
@@ -231,7 +231,7 @@ def main(args):
     dist = setup_distributed()
     if not args.input_csv:
         raise ValueError("pass --input_csv, a CSV with columns " + ", ".join(REQUIRED))
-    rows = read_csv(args.input_csv, required=REQUIRED)  # a missing column: error naming the file
+    rows = read_csv(args.input_csv, required=REQUIRED, texts=TEXTS)  # bad rows named by line, counted
     todo, skipped = select_rows(rows, args)
     for row in todo:  # the two output columns, both functions of the row's identity only
         row["syn_video"] = os.path.join("videos", video_name(row))  # relative to out_dir, the CSV's folder
@@ -241,6 +241,11 @@ def main(args):
         return os.path.exists(os.path.join(args.out_dir, row["syn_video"]))
     name, settings = resolve_settings(args)
     print0(f"{len(todo)} rows to render with {args.pipeline} ({name}, {settings}); {skipped} bad rows skipped")
+    # ---- settings-checked resume: the videos on disk were made from this input with these settings ----
+    check_resume(os.path.join(args.out_dir, "resume.json"), {
+        "input_csv": file_hash(args.input_csv), "split": args.split, "misalignment": sorted(args.misalignment),
+        "seed": args.seed, "pipeline": args.pipeline, "pipeline_kwargs": args.pipeline_kwargs,
+        "dtype": args.dtype, **settings}, dist)
 
     # ---- §4: V^s = G(t^s, noise) for this rank's rows, skipping those already on disk ----
     # Each rank takes every world_size-th row of the same list; names and seeds come from the rows,

@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from common import (WEIGHTINGS, answer_token_ids, load_video_llm, parse_args, print0, progress, read_csv,
-                    read_video, save_json, setup_distributed, shard, wait_for_files, write_csv)
+from common import (WEIGHTINGS, answer_token_ids, check_resume, file_hash, load_video_llm, parse_args, print0,
+                    progress, read_csv, read_video, save_json, setup_distributed, shard, wait_for_files, write_csv)
 
 VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # VQAScore's question
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -346,7 +346,7 @@ def main(args):
     names = [member_name(m) for m in args.models]
     if len(set(names)) != len(names):
         raise ValueError(f"two ensemble members share a name {names}: their score columns would collide")
-    rows = read_csv(args.generated_csv, required=REQUIRED)
+    rows = read_csv(args.generated_csv, required=REQUIRED, texts=("caption", "neg_caption", "syn_video"))
     root = os.path.dirname(os.path.abspath(args.generated_csv))  # syn_video is relative to the CSV's folder
     out_csv = args.out_csv or os.path.join(root, "weighted.csv")
     stem = os.path.splitext(out_csv)[0]
@@ -356,7 +356,12 @@ def main(args):
     for i, k in enumerate(keys):
         first.setdefault(k, i)
 
-    # ---- resume: every rank reads the cache, then all agree before anyone writes to it ----------
+    # ---- resume: a member's cache holds scores of this CSV with these settings, else it stops ----
+    source = file_hash(args.generated_csv)
+    for model_id, name in zip(args.models, names):
+        check_resume(os.path.join(cache, f"{name}.json"), {"generated_csv": source, "model": model_id,
+                                                             "num_frames": args.num_frames, "vqascore": args.vqascore}, dist)
+    # every rank reads the cache, then all agree before anyone writes to it
     caches = [read_cache(os.path.join(cache, name)) for name in names]
     todo = [[first[k] for k in first if k not in done] for done, _ in caches]  # row indices per model
     if dist.master:  # an earlier run's end-of-work markers
@@ -384,7 +389,7 @@ def main(args):
                                                args.pairs_per_forward, args.vqascore)
                     record = {"key": keys[i], "target": target, "real": real}
                 except (FileNotFoundError, ValueError) as e:  # missing / undecodable video, NaN score
-                    message = f"{args.generated_csv} row {i} ({row['syn_video']}), model {name}: {e}"
+                    message = f"{args.generated_csv}:{rows.lines[i]} ({row['syn_video']}), model {name}: {e}"
                     if args.strict:
                         raise ValueError(message) from e
                     print(f"[rank {dist.rank}] skipping {message}", flush=True)

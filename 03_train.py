@@ -40,6 +40,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -50,6 +52,7 @@ import common
 from common import WEIGHTINGS
 
 TERMS = ("loss", "l_real", "l_syn", "l_scr")  # Eq. (7) and its three terms, logged separately
+RUN_ONLY = ("out_dir", "resume", "max_steps", "num_workers", "save_every", "gradient_checkpointing")  # no effect on weights
 # LoRA on the language model's linear layers only; the vision tower's q/k/v_proj stay frozen.
 LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -136,8 +139,13 @@ def load_triplets(args):
     if args.weighting != "csv" and args.weighting not in WEIGHTINGS:
         raise ValueError(f"--weighting {args.weighting!r}: use 'csv' or one of {sorted(WEIGHTINGS)}")
     scores = {"csv": ["weight"], "fixed": []}.get(args.weighting, ["score_syn_target", "score_syn_real"])
-    rows = common.read_csv(args.train_csv, ["videopath", "caption", "neg_caption"]
-                           + (["syn_video"] + scores if args.use_syn else []))
+    texts = ["videopath", "caption", "neg_caption"] + (["syn_video"] if args.use_syn else [])
+    rows = common.read_csv(args.train_csv, texts + (scores if args.use_syn else []), texts=texts)
+    for c in scores if args.use_syn else []:  # VQAScores lie in [0, 1], phi <= 1 (a NaN is a counted skip below)
+        low = 0 if c.startswith("score") else -math.inf  # a negative weight is clamped at 0 below
+        if bad := [f"{line} ({r[c]})" for line, r in zip(rows.lines, rows) if not low <= number(r[c]) <= 1
+                   and not math.isnan(number(r[c]))]:
+            raise ValueError(f"{args.train_csv}: {c} outside [{low}, 1] on line(s) {', '.join(bad[:10])}")
     column = {c: np.array([number(r[c]) for r in rows]) for c in (scores if args.use_syn else [])}
     if not args.use_syn or args.weighting == "fixed":
         w = np.ones(len(rows))
@@ -158,7 +166,7 @@ def load_triplets(args):
         reason = ("weight is missing or not a number" if not math.isfinite(t["w"])
                   else f"video not found: {missing[0]}" if missing else "")
         if reason:
-            skipped.append(dict(row=i, videopath=r["videopath"], reason=reason))
+            skipped.append(dict(line=rows.lines[i], videopath=r["videopath"], reason=reason))
         else:
             keep.append(t)
     if not keep:
@@ -186,6 +194,17 @@ def load_videos(batch, args):
     """DataLoader collate (runs in a worker): decode each distinct video of a micro-batch once."""
     paths = list(dict.fromkeys([r["real"] for r in batch] + [r["syn"] for r in batch if "syn" in r]))
     return batch, paths, [common.read_video(p, args.num_frames, args.frame_sampling) for p in paths]
+
+
+def die_with(parent, worker_id):
+    """DataLoader worker_init_fn: the kernel ends this worker when the training process dies, even
+    by SIGKILL (Linux prctl PR_SET_PDEATHSIG). Without it, workers outlived a killed run (~0.5 GB
+    each): PyTorch's own parent check does not reach a worker that is stuck elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the training process died before prctl took effect
+        os._exit(1)
 
 
 # ---- the six alignment logits of a micro-batch, in one call -------------------------------------
@@ -254,8 +273,8 @@ def load_checkpoint(args, plan, model, optimizer, scheduler):
         common.print0(f"--resume: no checkpoint in {args.out_dir}/checkpoints, starting from step 0")
         return 0
     state = torch.load(paths[-1], map_location="cpu", weights_only=True)
-    if state["plan"] != plan:
-        raise ValueError(f"{paths[-1]}: written for {state['plan']}, this run is {plan}; resume with the same settings")
+    if differ := common.settings_diff(state["plan"], plan):
+        raise ValueError(f"{paths[-1]}: written with other settings ({differ}); resume with the same settings")
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
@@ -275,6 +294,8 @@ def main(args):
     cuda = dist.device.startswith("cuda")
     # ---- data: the same global batches for any number of processes ----
     rows, skipped = load_triplets(args)
+    if min(args.batch_size, args.micro_batch_size) < 1:
+        raise ValueError(f"--batch_size {args.batch_size} and --micro_batch_size {args.micro_batch_size}: both must be >= 1")
     accum, rest = divmod(args.batch_size, args.micro_batch_size * dist.world_size)
     if rest or not accum:
         raise ValueError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
@@ -283,15 +304,14 @@ def main(args):
     if per_epoch == 0:
         raise ValueError(f"{args.train_csv}: {len(rows)} usable rows, fewer than one --batch_size {args.batch_size}")
     total = per_epoch * args.num_epochs
+    if total == 1 and args.warmup_steps > 0:  # the linear warm-up starts at lr 0: nothing would train
+        raise ValueError(f"1 optimizer step with --warmup_steps {args.warmup_steps}: it runs at lr 0 and the adapter "
+                         f"would stay untrained; pass --warmup_steps 0 (or more rows / --num_epochs)")
     stop = min(total, args.max_steps) if args.max_steps else total
-    plan = dict(rows=len(rows), batch_size=args.batch_size, num_epochs=args.num_epochs, seed=args.seed)
+    # what a checkpoint was made with: the CSV's content and every setting that changes the weights
+    plan = {**asdict(args), "train_csv": common.file_hash(args.train_csv), "rows": len(rows)}
+    plan = {k: v for k, v in plan.items() if k not in RUN_ONLY}
     log_path = os.path.join(args.out_dir, "log.jsonl")
-    if dist.master:
-        os.makedirs(args.out_dir, exist_ok=True)
-        common.save_json(os.path.join(args.out_dir, "args.json"), asdict(args))
-        common.write_csv(os.path.join(args.out_dir, "skipped.csv"), skipped, ["row", "videopath", "reason"])
-        if not args.resume:  # a fresh run replaces an older one in the same folder
-            shutil.rmtree(os.path.join(args.out_dir, "checkpoints"), ignore_errors=True)
     common.print0(f"{len(rows)} rows ({len(skipped)} skipped, listed in skipped.csv), {total} steps of "
                   f"{args.batch_size} rows = {dist.world_size} processes x {accum} micro-batches x {args.micro_batch_size}")
 
@@ -308,6 +328,12 @@ def main(args):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total)
     start = load_checkpoint(args, plan, model, optimizer, scheduler) if args.resume else 0
+    if dist.master:  # only now, with the model and data loaded, does a fresh run replace an older one here
+        os.makedirs(args.out_dir, exist_ok=True)
+        common.save_json(os.path.join(args.out_dir, "args.json"), asdict(args))
+        common.write_csv(os.path.join(args.out_dir, "skipped.csv"), skipped, ["line", "videopath", "reason"])
+        if not args.resume:
+            shutil.rmtree(os.path.join(args.out_dir, "checkpoints"), ignore_errors=True)
     if dist.master and os.path.exists(log_path):  # drop log lines of steps a killed run did after `start`
         lines = [ln for ln in open(log_path, encoding="utf-8") if json.loads(ln)["step"] <= start]
         with common.atomic_path(log_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
@@ -319,7 +345,8 @@ def main(args):
 
     loader = torch.utils.data.DataLoader(
         rows, batch_sampler=[mb for s in range(start, stop) for mb in micro_batches(len(rows), s, accum, dist, args)],
-        collate_fn=functools.partial(load_videos, args=args), num_workers=args.num_workers)
+        collate_fn=functools.partial(load_videos, args=args), num_workers=args.num_workers,
+        worker_init_fn=functools.partial(die_with, os.getpid()))
     batches = iter(loader)
     for step in range(start, stop):
         t0, lr = time.time(), scheduler.get_last_lr()[0]

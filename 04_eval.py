@@ -23,6 +23,8 @@ counts the queries whose metrics depend on the order of ties ("tie_sensitive_que
 """
 import csv
 import glob
+import io
+import json
 import os
 import re
 from collections import defaultdict
@@ -102,27 +104,43 @@ def description(caption):
 
 
 def read_task(name, path):
-    """Rows of a task file, exact duplicate rows dropped; returns (rows, report, pairs to score)."""
+    """Rows of a task file (common.read_csv: bad rows and exact duplicates named, skipped, counted);
+    returns (rows, report, pairs to score). A file that cannot measure anything (every neg_caption
+    equal to its caption, no retrieval query with both a match and a non-match) is an error."""
     required = {"atphard": ["question", "answer", "option"], "videocon_human": ["neg_caption", "hard"],
                 "videocon_llm": ["neg_caption"]}.get(name, ["match"])
-    rows = common.read_csv(path, ["videopath", "caption", *required])
-    unique = list({tuple(r.items()): r for r in rows}.values())
-    report = {"file": path, "rows": len(rows), "duplicate_rows_dropped": len(rows) - len(unique)}
-    if name == "videocon_llm" and "split" in unique[0]:
-        unique = [r for r in unique if r["split"] == "test"]
-        report["rows_in_split_test"] = len(unique)
     texts = ("caption", "neg_caption") if name.startswith("videocon") else ("caption",)
-    pairs = {(r["videopath"], description(r[t])) for r in unique for t in texts}
-    return unique, report, sorted(pairs)
+    rows = common.read_csv(path, ["videopath", "caption", *required], texts=("videopath", *texts))
+    report = {"file": path, "rows": len(rows) + sum(map(len, rows.skipped.values())),
+              "rows_skipped": {k: len(v) for k, v in rows.skipped.items()}}
+    own = lambda r: len(texts) == 2 and description(r["caption"]) == description(r["neg_caption"])  # noqa: E731
+    if same := [line for line, r in zip(rows.lines, rows) if own(r)]:  # a row that is its own negative
+        common.print0(f"{path}: {len(same)} row(s) skipped, neg_caption equal to caption: "
+                      f"line(s) {', '.join(map(str, same))}")
+        report["rows_skipped"]["neg_caption equal to caption"] = len(same)
+    rows = [r for r in rows if not own(r) and (name != "videocon_llm" or r.get("split", "test") == "test")]
+    if name == "videocon_llm":
+        report["rows_in_split_test"] = len(rows)
+    if not rows:
+        raise ValueError(f"{path}: no row left to evaluate")
+    if name.startswith("ssv2") and len({r["match"] for r in rows}) < 2:
+        raise ValueError(f"{path}: every row has match = {rows[0]['match']}; retrieval needs matches and non-matches")
+    pairs = {(r["videopath"], description(r[t])) for r in rows for t in texts}
+    return rows, report, sorted(pairs)
 
 
-def read_scores(path):
+def read_scores(path, part=False):
     """(videopath, description) -> score from ours (with a header) or VideoCon's headerless score CSV
-    (videopath, caption, score[, ...]). Exact duplicates and rows that do not parse (the last line of a
-    killed run) are skipped and counted; two scores for one pair are an error naming file and row."""
+    (videopath, caption, score[, ...]). Exact duplicates and rows that do not parse are skipped and
+    counted; two scores for one pair are an error naming file and row. part=True: a rank's part file,
+    appended as it goes, whose last line without its line end is a killed run's torn record: it is
+    neither read nor counted as done, even when what is left of it parses."""
     scores, rows, report = {}, [], {"duplicates": 0, "malformed": 0}
     with open(path, newline="", encoding="utf-8") as fh:
-        for i, row in enumerate(csv.reader(fh), start=1):
+        text = fh.read()
+        if part and not text.endswith("\r\n"):
+            text, report["torn"] = text[: text.rfind("\r\n") + 2], 1  # rfind -1: nothing is left
+        for i, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
             if i == 1 and row[:3] == ["videopath", "caption", "score"]:
                 continue
             try:
@@ -247,23 +265,32 @@ def decoded_videos(paths, args):
 
 def score_task(name, pairs, model, processor, args, dist):
     """Score the pairs that no earlier run scored, videos sharded over ranks, appending to this
-    rank's part file as it goes; rank 0 then merges everything into <task>_scores.csv."""
+    rank's part file as it goes; rank 0 then merges everything into <task>_scores.csv.
+
+    No collective: videos are sharded before the resume scan, so no rank needs to agree with the
+    others on what is done, and rank 0 waits for each rank's `finished` file (common.wait_for_files),
+    which also carries that rank's unreadable videos, however far apart the shards finish."""
     final = os.path.join(args.out_dir, f"{name}_scores.csv")
-    parts = sorted(glob.glob(os.path.join(args.out_dir, f"{name}_scores.rank*.csv")))
-    done = set().union(*(read_scores(p)[0] for p in [final, *parts] if os.path.exists(p)))
-    if dist.world_size > 1:  # every rank has read what is done before any rank writes: same shards
-        torch.distributed.barrier()
-    todo = defaultdict(list)  # videopath -> captions still to score on it
-    for video, caption in sorted(set(pairs) - done):
-        todo[video].append(caption)
-    videos = common.shard(sorted(todo), dist)
-    common.print0(f"{name}: {len(pairs) - sum(map(len, todo.values()))} of {len(pairs)} pairs already scored; "
-           f"{len(todo)} videos to run on {dist.world_size} rank(s)")
+    adapter = [os.path.join(args.adapter, f) for f in ("adapter_config.json", "adapter_model.safetensors")]
+    common.check_resume(os.path.join(args.out_dir, f"{name}_settings.json"), {  # the scores here are of this
+        "task_file": common.file_hash(getattr(args, name)), "model": args.model, "prompt": args.prompt,
+        "adapter": [common.file_hash(f) for f in adapter if os.path.exists(f)] if args.adapter else "",
+        **{k: getattr(args, k) for k in ("video_root", "strip_prefix", "num_frames", "sampling")}}, dist)
     part = os.path.join(args.out_dir, f"{name}_scores.rank{dist.rank}.csv")
     data = open(part, "rb").read() if os.path.exists(part) else b""
-    if not data.endswith(b"\r\n"):  # a killed run may have left half a record: cut it before appending
+    if not data.endswith(b"\r\n"):  # a killed run may have left half a record: cut it before anything reads it
         with common.atomic_path(part) as tmp, open(tmp, "wb") as fh:
             fh.write(data[: data.rfind(b"\r\n") + 2] if b"\r\n" in data else b"")
+    parts = sorted(glob.glob(os.path.join(args.out_dir, f"{name}_scores.rank*.csv")))
+    done = set().union(*(read_scores(p, part=p != final)[0] for p in [final, *parts] if os.path.exists(p)))
+    videos = set(common.shard(sorted({v for v, _ in pairs}), dist))
+    todo = defaultdict(list)  # videopath -> captions still to score on it (this rank's videos only)
+    for video, caption in sorted(set(pairs) - done):
+        if video in videos:
+            todo[video].append(caption)
+    videos = sorted(todo)
+    common.print0(f"{name}: {len(set(pairs) & done)} of {len(pairs)} pairs already scored; "
+                  f"{len(todo)} videos to run on rank 0 of {dist.world_size}")
     bad = []
     with open(part, "a", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
@@ -283,14 +310,16 @@ def score_task(name, pairs, model, processor, args, dist):
             writer.writerows([batch[k][0], c, f"{torch.sigmoid(x).item():.9g}", f"{x.item():.9g}"]
                              for k, c, x in zip(index, captions, a))
             fh.flush()  # written as it goes: a killed run loses at most this batch
-    if dist.world_size > 1:  # every rank's errors to rank 0 (also waits for every part file)
-        gathered = [None] * dist.world_size
-        torch.distributed.all_gather_object(gathered, bad); bad = sum(gathered, [])  # noqa: E702
-    if dist.master:
-        parts = sorted(glob.glob(os.path.join(args.out_dir, f"{name}_scores.rank*.csv")))
-        merged = [row for p in [final, *parts] if os.path.exists(p) for row in read_scores(p)[1]]
-        common.write_csv(final, [dict(zip(["videopath", "caption", "score", "logit"], r)) for r in merged])
-        list(map(os.remove, parts))
+    finished = [os.path.join(args.out_dir, f"{name}_finished.rank{r}.json") for r in range(dist.world_size)]
+    common.save_json(finished[dist.rank], bad)  # this rank's part is complete
+    if not dist.master:
+        return final, bad
+    common.wait_for_files(finished)  # not a barrier: no timeout however far apart the shards finish
+    bad = [m for path in finished for m in json.load(open(path, encoding="utf-8"))]
+    parts = sorted(glob.glob(os.path.join(args.out_dir, f"{name}_scores.rank*.csv")))
+    merged = [row for p in [final, *parts] if os.path.exists(p) for row in read_scores(p, part=p != final)[1]]
+    common.write_csv(final, [dict(zip(["videopath", "caption", "score", "logit"], r)) for r in merged])
+    list(map(os.remove, parts + finished))
     return final, bad
 
 
@@ -309,10 +338,13 @@ def main(args):
     if not tasks or (args.scores and len(tasks) != 1) or args.ties not in ("videocon", "stable"):
         raise ValueError(f"give task files ({', '.join('--' + t for t in TASKS)}), exactly one with --scores; "
                          f"--ties is 'videocon' or 'stable' (got {args.ties!r})")
+    if dist.master:  # a killed run's "finished" files; no rank writes one before the barrier below
+        list(map(os.remove, glob.glob(os.path.join(glob.escape(args.out_dir), "*_finished.rank*.json"))))
+    if dist.world_size > 1:  # at startup, the ranks a moment apart: the only collective of this script
+        torch.distributed.barrier()
     model, processor = (None, None) if args.scores else common.load_video_llm(args.model, device=dist.device)
     if model is not None and args.adapter:  # the LoRA adapter of 03_train.py on the base model
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        model = common.load_adapter(model, args.adapter, args.model)
     results = {}
     for name, path in tasks.items():
         # ---- §6 datasets: the task file, duplicates dropped ----

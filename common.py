@@ -9,6 +9,7 @@ CSV and file helpers, video reading, and the video LLM that computes f(V, t).
 import contextlib
 import csv
 import hashlib
+import io
 import os
 import re
 import sys
@@ -172,6 +173,13 @@ def setup_distributed():
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if cuda:
         torch.cuda.set_device(local_rank)
+    # NOTE: these torch modules take the WORLD group as a default argument when first imported
+    # (transformers imports them). Imported after init_process_group, they keep the group alive past
+    # destroy_process_group, and its gloo threads ran on into interpreter exit, where a rank could abort
+    # ("terminate called without an active exception"). Imported before, those defaults are None.
+    import importlib
+    for name in ("torch.distributed.fsdp.sharded_grad_scaler", "torch.distributed.nn.functional", "torch.distributed.optim"):
+        importlib.import_module(name)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
     return Dist(rank, local_rank, world, f"cuda:{local_rank}" if cuda else "cpu", rank == 0)
@@ -247,16 +255,61 @@ def parse_args(cls, argv=None):
 
 
 # ---- files: CSV in, atomic writes out -----------------------------------------------------------
-def read_csv(path, required=()):
-    """Rows of a CSV as dicts; a clear error names the file and any missing column."""
+class Rows(list):
+    """read_csv's rows (dicts), with `lines` (each row's physical line in the file; the header is
+    line 1) and `skipped` ({problem: [lines]}, the rows left out)."""
+
+
+def read_csv(path, required=(), texts=()):
+    """The one reader of every stage's input CSV: rows as dicts, checked, with physical line numbers.
+
+    - a missing file or column, a byte that is not UTF-8, or a header with no row: an error naming
+      the file (and the line of the bad byte);
+    - a row with more or fewer fields than the header, or an empty `texts` column: skipped, named
+      by file:line and counted (Rows.skipped);
+    - an exact duplicate of an earlier row: dropped, named and counted (the same row twice would be
+      generated, weighted, trained on or scored twice).
+    Lines are the file's physical lines, so a quoted caption that spans lines moves the next row's
+    number as an editor shows it. Blank lines are ignored."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such CSV file")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        return list(reader)
+    data = open(path, "rb").read()
+    try:
+        text = data.decode("utf-8-sig")  # a BOM (a spreadsheet's export) is not part of the header
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8; save the file as UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    missing = [c for c in required if c not in (header or [])]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {header}")
+    rows, seen, skipped = Rows(), {}, {}
+    rows.lines, rows.skipped = [], skipped
+    start = reader.line_num + 1  # the physical line where the next record starts
+    for fields in reader:
+        line, start = start, reader.line_num + 1
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            kind = f"not {len(header)} fields as in the header"
+        elif empty := [c for c in texts if not fields[header.index(c)].strip()]:
+            kind = "empty " + " and ".join(empty)
+        elif tuple(fields) in seen:
+            kind = "exact duplicate of an earlier row"
+        else:
+            seen[tuple(fields)] = line
+            rows.append(dict(zip(header, fields)))
+            rows.lines.append(line)
+            continue
+        skipped.setdefault(kind, []).append(line)
+    for kind, lines in skipped.items():  # one message per kind of bad row
+        print0(f"{path}: {len(lines)} row(s) skipped, {kind}: line(s) {', '.join(map(str, lines[:20]))}"
+               + (", ..." if len(lines) > 20 else ""))
+    if not rows:
+        raise ValueError(f"{path}: no usable row" + (f" ({sum(map(len, skipped.values()))} skipped)" if skipped else
+                                                     " (only a header)" if header else " (empty file)"))
+    return rows
 
 
 @contextlib.contextmanager
@@ -288,6 +341,39 @@ def save_json(path, obj):
     import json
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=2, default=str)
+
+
+def file_hash(path):
+    """sha256 of a file's bytes (the content of an input, for a settings-checked resume)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def settings_diff(old, new):
+    """'key: old then, new now; ...' for every key whose value differs ('' if none does)."""
+    return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k))
+
+
+def check_resume(path, record, dist=None):
+    """Settings-checked resume. `record` (the inputs' content hashes and every setting that changes
+    the results) describes the work kept next to `path`: the first run writes it there (rank 0), a
+    rerun with the same record continues that work, and a rerun with another one stops, naming each
+    setting that differs, before it deletes or reuses anything."""
+    import json
+    record = json.loads(json.dumps(record, default=str))  # as it reads back (tuples -> lists, ...)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+        if differ := settings_diff(old, record):
+            raise ValueError(f"{path}: the work here was made with other settings ({differ}); "
+                             f"rerun with the same settings to resume, or pass another output folder "
+                             f"(or delete this one) to start again")
+    elif dist is None or dist.master:
+        save_json(path, record)
 
 
 # ---- videos -------------------------------------------------------------------------------------
@@ -371,6 +457,13 @@ def shared_prefix_attention(module, query, key, value, attention_mask, suffix_wi
     return torch.cat(out, dim=1), None  # (batch, length, heads, head_dim)
 
 
+def must_exist(name_or_path, flag):
+    """Stop with a clear message when a model argument names a folder that does not exist (hub ids
+    are 'org/name': an absolute path, ./, ../, ~ or a second '/' marks a folder)."""
+    if not os.path.exists(name_or_path) and (name_or_path.startswith((os.sep, ".", "~")) or name_or_path.count("/") > 1):
+        raise FileNotFoundError(f"{flag} {name_or_path}: no such folder (a hub id has the form org/name)")
+
+
 def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
     """A transformers video LLM and its processor, from a hub id or a local directory, with
     shared_prefix_attention (plain sdpa wherever answer_states does not ask for it).
@@ -379,11 +472,29 @@ def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
     from transformers.masking_utils import sdpa_mask
     AttentionInterface.register("sdpa_shared_prefix", shared_prefix_attention)
     AttentionMaskInterface.register("sdpa_shared_prefix", sdpa_mask)  # 2-D masks become sdpa's masks
+    must_exist(name_or_path, "--model")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     processor = AutoProcessor.from_pretrained(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype,
                                                         attn_implementation="sdpa_shared_prefix")
     return model.to(device).eval(), processor
+
+
+def load_adapter(model, path, base=""):
+    """A LoRA adapter (03_train.py's <out_dir>/adapter) on `model` with peft, checked: every LoRA
+    tensor of the file must land on a LoRA weight of the model and every LoRA weight must come from
+    the file, else an error names the adapter and the base (peft itself only warns, and an adapter of
+    another base model then scores as the bare base)."""
+    from peft import PeftModel
+    from peft.utils import load_peft_weights
+    model = PeftModel.from_pretrained(model, path).eval()
+    saved = load_peft_weights(path, device="cpu")
+    ours = {re.sub(r"\.default(?=\.)", "", k, count=1): v for k, v in model.state_dict().items() if "lora_" in k}
+    bad = sorted(set(saved) ^ set(ours)) or [k for k in saved if not torch.equal(saved[k], ours[k].cpu())]
+    if bad:
+        raise ValueError(f"--adapter {path}: {len(bad)} LoRA tensor(s) do not fit the base model {base} (e.g. "
+                         f"{bad[0]}); was it trained on another one?")
+    return model
 
 
 def entailment_prompt(processor, model_type, caption, prompt="llava_v1", question=QUESTION):

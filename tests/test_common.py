@@ -1,6 +1,8 @@
 """common.py: every equation against numbers worked by hand, then the plumbing and the model."""
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -328,3 +330,31 @@ def test_shard_covers_every_item_once():
     items = list(range(10))
     parts = [common.shard(items, common.Dist(rank=r, world_size=3)) for r in range(3)]
     assert sorted(sum(parts, [])) == items and parts[1] == [1, 4, 7]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXIT_THREADS = """
+import os, sys
+sys.path.insert(0, {root!r})
+import common
+dist = common.setup_distributed()
+import transformers.modeling_utils  # imports torch.distributed.fsdp, as loading any model does
+import torch
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+print(sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_no_gloo_thread_outlives_destroy_process_group(tmp_path):
+    """Issue 14 item 17: a rank ended with gloo's threads still running (transformers' imports kept
+    the WORLD group alive past destroy_process_group), and some runs aborted at exit (SIGABRT from
+    C++'s std::terminate). After destroy_process_group only the main thread is left."""
+    script = tmp_path / "exit_threads.py"
+    script.write_text(EXIT_THREADS.format(root=ROOT))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("['python']") == 2, done.stdout  # no gloo_tcp_loop / pt_gloo_runloop thread

@@ -65,10 +65,11 @@ def first_run(tiny_pipe, tmp_path_factory):
     """One run over 3 good rows, 4 bad ones and one row of another split."""
     tmp = tmp_path_factory.mktemp("gen")
     rows = GOOD[:3] + [
-        GOOD[1],  # line 5: duplicate of line 3
-        ["act/v5.mp4", "A cat jumps.", "  ", "action", "train"],  # line 6: empty neg_caption
-        ["act/v6.mp4", "", "A bird walks.", "action", "train"],  # line 7: empty caption
-        ["act/v7.mp4", "A car turns.", "A car stops.", "action"],  # line 8: a field short
+        ["act/v1.mp4", "A man\nrides.", *GOOD[0][2:]],  # lines 5-6: same videopath and neg_caption as line 2
+        GOOD[1],  # line 7: exact duplicate of line 3
+        ["act/v5.mp4", "A cat jumps.", "  ", "action", "train"],  # line 8: empty neg_caption
+        ["act/v6.mp4", "", "A bird walks.", "action", "train"],  # line 9: empty caption
+        ["act/v7.mp4", "A car turns.", "A car stops.", "action"],  # line 10: a field short
         ["act/v8.mp4", "A kid sings.", "A kid shouts.", "action", "test"],  # another split: not asked for
     ]
     args = args_for(write_rows(tmp / "in.csv", rows), tmp / "out", tiny_pipe)
@@ -95,11 +96,40 @@ def test_one_decodable_video_per_good_row_with_its_seed(first_run):
 
 def test_bad_rows_are_named_skipped_and_counted(first_run):
     args, printed = first_run
-    assert f"{args.input_csv}:5: duplicate of line 3" in printed
-    assert f"{args.input_csv}:6: empty neg_caption; skipped" in printed
-    assert f"{args.input_csv}:7: empty caption; skipped" in printed
-    assert f"{args.input_csv}:8: wrong number of fields; skipped" in printed
-    assert "3 rows, 4 bad rows skipped" in printed  # line 9 (split test) is not asked for, not bad
+    # physical lines: the quoted newline in line 5's caption makes the next row line 7
+    assert f"{args.input_csv}: 1 row(s) skipped, same videopath and neg_caption as an earlier row: line(s) 5" in printed
+    assert f"{args.input_csv}: 1 row(s) skipped, exact duplicate of an earlier row: line(s) 7" in printed
+    assert f"{args.input_csv}: 1 row(s) skipped, empty neg_caption: line(s) 8" in printed
+    assert f"{args.input_csv}: 1 row(s) skipped, empty caption: line(s) 9" in printed
+    assert f"{args.input_csv}: 1 row(s) skipped, not 5 fields as in the header: line(s) 10" in printed
+    assert "3 rows to render" in printed and "5 bad rows skipped" in printed  # split test: not asked for, not bad
+
+
+def test_a_rerun_with_another_selection_or_settings_stops_and_keeps_the_csv(first_run, tiny_pipe):
+    """Issue 14 item 3: a rerun into the same out_dir that selects other rows (another --split, a
+    misspelt --misalignment) or renders with other settings stops, naming what differs; the CSV stays."""
+    args, _ = first_run
+    before = read_out(args.out_dir)
+    with pytest.raises(ValueError, match=r"no usable row with --split 'train' and --misalignment \['acton'\]"):
+        run(args_for(args.input_csv, args.out_dir, tiny_pipe, misalignment=["acton"]))
+    with pytest.raises(ValueError, match=r"resume.json: the work here was made with other settings \(split: 'train' then, 'test' now\)"):
+        run(args_for(args.input_csv, args.out_dir, tiny_pipe, split="test"))
+    with pytest.raises(ValueError, match=r"num_inference_steps: 2 then, 3 now"):
+        run(args_for(args.input_csv, args.out_dir, tiny_pipe, num_inference_steps=3))
+    assert read_out(args.out_dir) == before
+
+
+def test_bad_bytes_and_header_only_files_name_the_file_and_line(tmp_path, tiny_pipe):
+    """Issue 14 items 12 and 14: a byte that is not UTF-8 is named by file and physical line; a
+    header-only file is an error, not an empty run."""
+    path = write_rows(tmp_path / "in.csv", [GOOD[0], ["act/v1.mp4", "A man\nrides.", "A horse.", "object", "train"]])
+    with open(path, "ab") as fh:
+        fh.write(b"act/v9.mp4,Un caf\xe9,Un th\xe9,object,train\r\n")
+    with pytest.raises(ValueError, match=rf"{path}:5: byte 0xe9 is not UTF-8"):
+        gen.main(args_for(path, tmp_path / "out", tiny_pipe))
+    path = write_rows(tmp_path / "in.csv", [])
+    with pytest.raises(ValueError, match=rf"{path}: no usable row \(only a header\)"):
+        gen.main(args_for(path, tmp_path / "out", tiny_pipe))
 
 
 def test_missing_column_names_the_file(tmp_path, tiny_pipe):
@@ -224,6 +254,8 @@ def test_two_process_torchrun_matches_one_process(tmp_path, tiny_pipe, first_run
 
 
 def test_settings_come_from_the_flags_or_the_pipeline_defaults(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"--pipeline {tmp_path}/no-such-model: no such folder"):
+        gen.resolve_settings(gen.Args(pipeline=str(tmp_path / "no-such-model"), **TINY))  # issue 14 item 16
     (tmp_path / "model_index.json").write_text('{"_class_name": "SomeNewVideoPipeline"}')
     with pytest.raises(ValueError, match="no defaults for SomeNewVideoPipeline .*; pass --guidance_scale --fps$"):
         gen.resolve_settings(gen.Args(pipeline=str(tmp_path), **TINY))

@@ -99,10 +99,10 @@ def test_bad_rows_are_a_counted_skip_and_phi_is_clamped(toy):
     common.write_csv(csv, rows)
     kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     assert [r["index"] for r in kept] == [0, 5, 6, 7] and kept[1]["w"] == 0.0
-    assert [(s["row"], s["reason"]) for s in skipped] == [
-        (1, "weight is missing or not a number"), (2, "weight is missing or not a number"),
-        (3, "video not found: " + os.path.join(toy[1], "nowhere.mp4")),
-        (4, "video not found: " + os.path.join(os.path.dirname(toy[0]), "videos", "nowhere.mp4"))]
+    assert [(s["line"], s["reason"]) for s in skipped] == [  # the file's lines: the header is line 1
+        (3, "weight is missing or not a number"), (4, "weight is missing or not a number"),
+        (5, "video not found: " + os.path.join(toy[1], "nowhere.mp4")),
+        (6, "video not found: " + os.path.join(os.path.dirname(toy[0]), "videos", "nowhere.mp4"))]
     for r in rows:
         r["weight"] = ""
     common.write_csv(csv, rows)
@@ -113,6 +113,34 @@ def test_bad_rows_are_a_counted_skip_and_phi_is_clamped(toy):
     # the VideoCon baseline needs no synthetic columns at all
     common.write_csv(csv, [{k: r[k] for k in ("videopath", "caption", "neg_caption")} for r in rows])
     assert len(train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], use_syn=False))[0]) == 7
+
+
+def test_bad_training_rows_are_named_by_line(toy, tmp_path, capsys):
+    """Issue 14 items 7, 8, 9, 12, 13, 14: empty captions, exact duplicates and rows with a wrong field
+    count are named by line and skipped; weights above 1 or VQAScores outside [0, 1], bytes that are
+    not UTF-8 and header-only files stop the run, naming file and line."""
+    rows = common.read_csv(toy[0])
+    csv = os.path.join(os.path.dirname(toy[0]), "bad.csv")
+    common.write_csv(csv, rows + [rows[0], {**rows[1], "caption": " "}])  # lines 10 and 11
+    kept, _ = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+    assert len(kept) == 8 and sum(r["caption"] == rows[0]["caption"] for r in kept) == 1
+    printed = capsys.readouterr().out
+    assert f"{csv}: 1 row(s) skipped, exact duplicate of an earlier row: line(s) 10" in printed
+    assert f"{csv}: 1 row(s) skipped, empty caption: line(s) 11" in printed
+    common.write_csv(csv, rows[:2] + [{**rows[2], "weight": "7.5"}])
+    with pytest.raises(ValueError, match=r"bad.csv: weight outside \[-inf, 1\] on line\(s\) 4 \(7.5\)"):
+        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+    common.write_csv(csv, rows[:2] + [{**rows[2], "score_syn_real": "-0.5"}])
+    with pytest.raises(ValueError, match=r"score_syn_real outside \[0, 1\] on line\(s\) 4 \(-0.5\)"):
+        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], weighting="difference"))
+    common.write_csv(csv, rows[:2])
+    with open(csv, "ab") as fh:
+        fh.write(",".join(rows[2].values()).replace("square", "carr\xe9").encode("latin-1") + b"\r\n")
+    with pytest.raises(ValueError, match=r"bad.csv:4: byte 0xe9 is not UTF-8"):
+        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+    common.write_csv(csv, [], fieldnames=list(rows[0]))
+    with pytest.raises(ValueError, match=r"bad.csv: no usable row \(only a header\)"):
+        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
 
 
 # ---- the six scores in one call, and Eq. (7) ----------------------------------------------------
@@ -241,7 +269,7 @@ def test_second_family_trains_through_the_same_code(onevision_dir, toy, tmp_path
     os.replace(tmp_path / "rows.csv", csv)
     model = train.main(make_args(onevision_dir, csv, toy[1], tmp_path / "out", max_steps=1))
     assert common.read_csv(tmp_path / "out" / "skipped.csv") == [
-        {"row": "8", "videopath": "gone.mp4", "reason": "video not found: " + os.path.join(toy[1], "gone.mp4")}]
+        {"line": "10", "videopath": "gone.mp4", "reason": "video not found: " + os.path.join(toy[1], "gone.mp4")}]
     (line,) = read_log(tmp_path / "out")
     assert all(math.isfinite(line[k]) and line[k] > 0 for k in train.TERMS)
     adapted = {n.rsplit(".lora_", 1)[0] for n, _ in model.named_parameters() if ".lora_" in n}
@@ -264,3 +292,77 @@ def test_settings_that_cannot_make_the_global_batch_are_refused(video_llava_dir,
         train.main(make_args(video_llava_dir, *toy, tmp_path, micro_batch_size=3))
     with pytest.raises(ValueError, match="8 usable rows, fewer than one --batch_size 16"):
         train.main(make_args(video_llava_dir, *toy, tmp_path, batch_size=16))
+
+
+@pytest.fixture
+def two_steps(video_llava_dir, toy, tmp_path):
+    """An out_dir holding a run killed after step 2 (its checkpoint, args.json, log)."""
+    train.main(make_args(video_llava_dir, *toy, tmp_path, max_steps=2))
+    return tmp_path
+
+
+def test_a_new_run_deletes_nothing_before_model_and_data_load(toy, two_steps):
+    """Issue 14 items 2 and 16: a typo in --model is named, and the previous run's checkpoints and
+    args.json are still there."""
+    tmp_path = two_steps
+    kept = (os.listdir(tmp_path / "checkpoints"), open(tmp_path / "args.json").read())
+    with pytest.raises(FileNotFoundError, match=f"--model {tmp_path}/no-such-model: no such folder"):
+        train.main(make_args(str(tmp_path / "no-such-model"), *toy, tmp_path))
+    assert (os.listdir(tmp_path / "checkpoints"), open(tmp_path / "args.json").read()) == kept
+
+
+def test_resume_checks_the_data_and_bad_schedules_are_refused(video_llava_dir, toy, two_steps):
+    """Issue 14 items 4, 11, 16: --resume after the CSV's content changed (same row count) stops
+    naming it; a 1-step run with a warm-up (lr 0) and --micro_batch_size 0 are refused with a message."""
+    tmp_path = two_steps
+    rows = common.read_csv(toy[0])
+    csv = os.path.join(os.path.dirname(toy[0]), "changed.csv")  # same rows, one weight changed
+    common.write_csv(csv, [{**rows[0], "weight": "0.125"}] + rows[1:])
+    with pytest.raises(ValueError, match=r"written with other settings \(train_csv: '[0-9a-f]{64}' then, "):
+        train.main(make_args(video_llava_dir, csv, toy[1], tmp_path, resume=True))
+    with pytest.raises(ValueError, match="1 optimizer step with --warmup_steps 1: it runs at lr 0"):
+        train.main(make_args(video_llava_dir, *toy, tmp_path / "warm", batch_size=8, num_epochs=1))
+    with pytest.raises(ValueError, match="--micro_batch_size 0: both must be >= 1"):
+        train.main(make_args(video_llava_dir, *toy, tmp_path / "zero", micro_batch_size=0))
+
+
+def children(pid):
+    path = f"/proc/{pid}/task/{pid}/children"
+    return [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
+
+
+def running(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_run_leaves_no_dataloader_worker(video_llava_dir, toy, tmp_path):
+    """Issue 14 item 15: SIGKILL the training process mid-run; its DataLoader workers end with it."""
+    import signal
+    import time
+    cmd = [sys.executable, os.path.join(ROOT, "03_train.py"), "--model", video_llava_dir, "--train_csv", toy[0],
+           "--video_root", toy[1], "--out_dir", str(tmp_path), "--batch_size", "4", "--micro_batch_size", "2",
+           "--num_epochs", "50", "--warmup_steps", "1", "--num_workers", "2"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (os.path.exists(tmp_path / "log.jsonl") and os.path.getsize(tmp_path / "log.jsonl")):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first step"
+            time.sleep(0.2)
+        time.sleep(2)  # the workers fill their prefetch queue
+        workers = children(proc.pid)
+        assert len(workers) == 2
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.time() + 20  # PyTorch's own watchdog would need >= 5 s, when it is not blocked
+    while any(map(running, workers)) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [w for w in workers if running(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"{len(left)} DataLoader worker(s) outlived the killed run"

@@ -226,10 +226,11 @@ EXPECTED = {"fixed": [1.0, 1.0, 1.0], "target": [0.6, 0.25, 0.4],
             "difference": [0.35, 0.0, 0.0]}
 
 
-def hand_made_run(folder, weighting):
-    """generated.csv + a complete cache written by hand: main() loads no model, it only merges."""
+def hand_made_run(folder, weighting, extra=()):
+    """generated.csv (+ extra rows) and a complete cache written by hand: main() loads no model, it only merges."""
     generated = make_generated(folder, n=3, missing=(0, 1, 2))
     rows = common.read_csv(generated)
+    common.write_csv(generated, rows + [{**rows[i], **change} for i, change in extra])
     for name, scores in CACHE.items():
         os.makedirs(os.path.join(folder, "weighted_cache", name))
         with open(os.path.join(folder, "weighted_cache", name, "rank0.jsonl"), "w") as fh:
@@ -249,6 +250,15 @@ def test_every_weighting_on_a_hand_made_table(name, tmp_path):
     # a weighting a student adds has no hand-worked numbers: it must agree with itself row by row
     expected = EXPECTED.get(name) or [float(WEIGHTINGS[name](np.float64(t), np.float64(r))) for t, r in zip(FT, FR)]
     assert got == pytest.approx(expected)
+
+
+def test_duplicate_and_empty_rows_are_named_and_not_weighted(tmp_path, capsys):
+    """Issue 14 items 7 and 8: an exact duplicate and an empty neg_caption are named by line, not weighted."""
+    out = read(hand_made_run(str(tmp_path), "difference", extra=[(0, {}), (1, {"neg_caption": " "})]))
+    assert [float(r["weight"]) for r in out] == pytest.approx(EXPECTED["difference"])
+    printed = capsys.readouterr().out
+    assert "generated.csv: 1 row(s) skipped, exact duplicate of an earlier row: line(s) 5" in printed
+    assert "generated.csv: 1 row(s) skipped, empty neg_caption: line(s) 6" in printed
 
 
 def test_unknown_weighting_is_refused(tmp_path):
@@ -287,7 +297,7 @@ def test_missing_and_undecodable_videos_are_skipped_and_counted(llava_dir, tmp_p
     assert [r["syn_video"] for r in skipped] == ["videos/1.mp4", "videos/2.mp4"]
     assert "not found" in skipped[0]["skip_reason"] and "cannot decode" in skipped[1]["skip_reason"]
     assert json.loads((tmp_path / "weighted.json").read_text())["skipped"] == 2
-    with pytest.raises(ValueError, match=r"row 1 \(videos/1.mp4\).*not found"):
+    with pytest.raises(ValueError, match=r"generated.csv:3 \(videos/1.mp4\).*not found"):  # the file's line
         run(generated, [llava_dir], out_csv=str(tmp_path / "strict.csv"), strict=True)
 
 
@@ -319,6 +329,12 @@ def test_resume_and_two_ranks_give_the_same_csv(llava_dir, instructblip_dir, tmp
     assert "to score per model: " + f"{os.path.basename(llava_dir)} 1, {os.path.basename(instructblip_dir)} 0" \
         in capsys.readouterr().out  # only the lost video was scored again, and instructblip never loaded
     assert part.read_text().splitlines()[len(lines) - 1] == lines[-1][:25]  # the cut line was ended, then skipped
+    # settings-checked resume (issue 14 item 5): a cache of 4 frames / first_token is not reused for others
+    for change in ("num_frames: 4 then, 2 now", "vqascore: 'first_token' then, 't2v_metrics' now"):
+        key, value = change.split(": ")[0], 2 if change.startswith("num") else "t2v_metrics"
+        with pytest.raises(ValueError, match=rf"weighted_cache/{os.path.basename(llava_dir)}.json: the work here was "
+                                             rf"made with other settings \({change}\)"):
+            run(generated, models, **{key: value})
 
     two = str(tmp_path / "two" / "weighted.csv")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
