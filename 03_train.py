@@ -209,7 +209,8 @@ def die_with(parent, worker_id):
 
 # ---- the six alignment logits of a micro-batch, in one call -------------------------------------
 def triplet_logits(model, processor, batch, paths, frames, args):
-    """a = logit_Yes - logit_No of each row's pairs, from ONE alignment_logits call.
+    """a = logit_Yes - logit_No of each row's pairs, from ONE alignment_logits call: the prompt prefix of
+    each of the 2b videos runs once, with the suffixes of the video's three captions packed after it.
 
     Returns name -> (b,) tensor: "rr" = (V^r, t^r), "rs" = (V^r, t^s), "ss" = (V^s, t^s),
     "sr" = (V^s, t^r), "r'" = (V^r, t'), "s'" = (V^s, t'). t' on a video is that video's OWN
