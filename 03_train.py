@@ -299,39 +299,37 @@ def micro_batch_pairs(model, processor, batch, paths, frames, args):
     LCS(t^r, t^s) hidden from attention, as the released code masks the row's own caption; an
     explanation row is the pair "nle" = (V^r, its question about t^s), answered by the explanation.
 
-    Returns per pair (item position in batch, name, a, ce): a = logit_Yes - logit_No (Eq. 1, float32);
-    ce = the full-vocabulary cross-entropy of each answer token (teacher-forced, then the end token;
-    None where no token loss is asked: t' pairs, and entailment pairs under --answer_loss two_way)."""
+    Returns per pair (item position in batch, name, a, tokens): a = logit_Yes - logit_No (Eq. 1, in
+    float32); tokens = (logits (K, vocab), targets (K,)) of the answer's K tokens -- the word or the
+    explanation, then the end token, teacher-forced -- or None where no token loss is asked (t' pairs,
+    and the entailment pairs under --answer_loss two_way)."""
     hf, tok = common.unwrap(model), processor.tokenizer
     where = {p: k for k, p in enumerate(paths)}
     text, _ = common.entailment_prompt(processor, hf.config.model_type, "", args.prompt)
     word = dict(zip(("Yes", "No"), common.answer_token_ids(tok, text)))
+    end = [tok.eos_token_id]  # the token that ends an answer (LLaMA's </s>, as the released "ASSISTANT: Yes</s>")
     specs = []  # (item, name, video, caption, hidden-from, question, answer ids)
     for k, r in enumerate(batch):
         if r["kind"] == "nle":
             asked, _ = common.entailment_prompt(processor, hf.config.model_type, r["neg"], args.prompt, NLE_QUESTION)
-            specs.append((k, "nle", r["real"], r["neg"], None, NLE_QUESTION, common.answer_ids(tok, asked, r["nle"])))
+            specs.append((k, "nle", r["real"], r["neg"], None, NLE_QUESTION, common.answer_ids(tok, asked, r["nle"]) + end))
             continue
         token = args.answer_loss == "vocab"
-        specs += [(k, "rr", r["real"], r["caption"], None, None, [word["Yes"]] if token else None),
-                  (k, "rs", r["real"], r["neg"], None, None, [word["No"]] if token else None)]
+        yes, no = ([word["Yes"]] + end, [word["No"]] + end) if token else (None, None)  # the word, then the end
+        specs += [(k, "rr", r["real"], r["caption"], None, None, yes), (k, "rs", r["real"], r["neg"], None, None, no)]
         if r["syn"]:
-            specs += [(k, "ss", r["syn"], r["neg"], None, None, [word["Yes"]] if token else None),
-                      (k, "sr", r["syn"], r["caption"], None, None, [word["No"]] if token else None)]
+            specs += [(k, "ss", r["syn"], r["neg"], None, None, yes), (k, "sr", r["syn"], r["caption"], None, None, no)]
             if args.use_scr:
                 specs += [(k, "r'", r["real"], r["caption"], r["neg"], None, None),
                           (k, "s'", r["syn"], r["neg"], r["caption"], None, None)]
-    states = common.answer_states(
+    states, logits = common.answer_states(
         model, processor, frames, [s[3] for s in specs], [where[s[2]] for s in specs],
         hidden=[common.hidden_word_spans(s[3], s[4]) if s[4] else None for s in specs], prompt=args.prompt,
         questions=[s[5] or common.QUESTION for s in specs], answers=[s[6] or [] for s in specs])
     out = []
-    for (k, name, *_, answer), h in zip(specs, states):  # h: (1 + len(answer), hidden)
-        yes_no = common.answer_logits(model, h[:1], [word["Yes"], word["No"]])[0]  # Eq. (1)'s two logits
-        tokens = None
-        if answer:  # each answer token and then the end token, predicted by the state before it
-            tokens = (common.answer_logits(model, h), torch.tensor(answer + [tok.eos_token_id], device=h.device))
-        out.append((k, name, yes_no[0] - yes_no[1], tokens))
+    for (k, name, *_, answer), h, z in zip(specs, states, logits):  # row j of h, z predicts answer token j
+        yes, no = common.answer_logits(model, h[:1], [word["Yes"], word["No"]])[0]  # Eq. (1), in float32
+        out.append((k, name, yes - no, (z, torch.tensor(answer, device=z.device)) if answer else None))
     return out
 
 

@@ -86,8 +86,8 @@ class Args:
     """frames per video (Video-LLaVA: 8)"""
     sampling: str = "uniform"
     """frame sampling: 'uniform' (Video-LLaVA) or 'middle' (VideoCon / mPLUG-Owl)"""
-    batch_size: int = 16
-    """caption suffixes packed into one row of a forward pass (a row holds one copy of its video's prefix cache)"""
+    batch_size: int = 64
+    """captions packed after one copy of their video's prompt prefix in a row of a forward pass (common.answer_states)"""
     video_batch: int = 4
     """videos vision-encoded and prefixed together (and decoded ahead, in as many threads)"""
     out_dir: str = "runs/eval"
@@ -245,66 +245,6 @@ def task_metrics(name, rows, scores, args):
     return out
 
 
-# ---- §3 Eq. (1), fast: the video prefix once, only the caption suffixes per pair ----------------
-@torch.no_grad()
-def fast_alignment_logits(model, processor, features, captions, video_index, batch_size=16, prompt="llava_v1"):
-    """a = logit_Yes - logit_No for caption i on video video_index[i]: the same numbers as
-    common.alignment_logits, computed without re-running the video for every caption.
-
-    Every prompt starts with the same tokens (`USER: <video>` expanded to L video tokens, then
-    `Does this video entail the description: "`). We run that shared prefix ONCE per video and keep
-    its key/value cache; the captions' suffixes (the caption, `"? ASSISTANT:`) then run packed on it,
-    batch_size of them per row, each at its true positions and seeing only the prefix and itself,
-    and f is read at each suffix's own last token. features: encode_videos(...) (V, L, hidden)."""
-    from transformers import DynamicCache
-    from transformers.modeling_outputs import BaseModelOutputWithPooling as Encoded
-    hf = common.unwrap(model)
-    ids, mask, _, (yes, no) = common.build_text_batch(model, processor, captions, 1, prompt=prompt)  # <video> not expanded yet
-    rows = [r[len(r) - n:] for r, n in zip(ids, mask.sum(1).tolist())]  # drop the left padding
-    shortest = min(map(len, rows))
-    same = torch.stack([r[:shortest] for r in rows]).eq(rows[0][:shortest]).all(0)
-    cut = min(int(same.long().cumprod(0).sum()), shortest - 1)  # tokens all prompts share; >= 1 left each
-    head, video = rows[0][:cut], hf.config.video_token_id
-    if (head == video).sum() != 1 or any((r[cut:] == video).any() for r in rows):
-        raise ValueError("the prompts share no prefix that holds the whole video; cannot share its cache")
-    head = head.repeat_interleave(torch.where(head == video, features.shape[1], 1))  # <video> -> L tokens
-    rows, P = [r[cut:] for r in rows], len(head)  # the caption suffixes; the prefix length
-    device, used = hf.device, sorted(set(video_index))
-    slot = {v: k for k, v in enumerate(used)}  # video -> its row in the prefix cache
-    prefix = hf.model(input_ids=head.to(device).expand(len(used), P),
-                      position_ids=torch.arange(P, device=device).expand(len(used), P),
-                      mm_encoder_outputs={"video": Encoded(pooler_output=features[used])},
-                      use_cache=True).past_key_values
-    kv = [(layer.keys, layer.values) for layer in prefix.layers]  # (V, heads, P, head_dim) per layer
-    # pack: each row of a forward pass holds up to batch_size suffixes of ONE video, one after the
-    # other; a 4-D mask lets every suffix see the prefix and itself (causally), never another suffix
-    per_video = {s: [i for i, v in enumerate(video_index) if slot[v] == s] for s in slot.values()}
-    pieces = [(s, idx[j:j + batch_size]) for s, idx in per_video.items() for j in range(0, len(idx), batch_size)]
-    pad, out = processor.tokenizer.pad_token_id or 0, torch.empty(len(captions))
-    for g in range(0, len(pieces), len(used)):  # rows of one forward pass: as many as videos
-        group = pieces[g:g + len(used)]
-        width = max(sum(len(rows[i]) for i in idx) for _, idx in group)
-        # token ids, positions, and which caption each slot holds (padding: pad id, position P, -1)
-        input_ids, positions, block = (torch.full((len(group), width), x) for x in (pad, P, -1))
-        last = []  # (row, slot) of each caption's last token: where its answer starts
-        for r, (_, idx) in enumerate(group):
-            at = 0
-            for i in idx:
-                n = len(rows[i])
-                input_ids[r, at:at + n], positions[r, at:at + n], block[r, at:at + n] = rows[i], P + torch.arange(n), i
-                last.append((r, at + n - 1)); at += n  # noqa: E702
-        own = (block[:, :, None] == block[:, None, :]) & torch.ones(width, width, dtype=torch.bool).tril()
-        allowed = torch.cat([torch.ones(len(group), width, P, dtype=torch.bool), own], dim=2)[:, None]
-        mask = torch.zeros(allowed.shape, dtype=hf.dtype).masked_fill(~allowed, torch.finfo(hf.dtype).min)
-        slots = torch.tensor([s for s, _ in group], device=device)
-        cache = DynamicCache([(k[slots], v[slots]) for k, v in kv], config=hf.config)  # one prefix copy per row
-        hidden = hf.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),  # (rows, width, hidden)
-                          position_ids=positions.to(device), past_key_values=cache, use_cache=True).last_hidden_state
-        logits = hf.lm_head(hidden[tuple(torch.tensor(last, device=device).T)]).float()  # (captions, vocab)
-        out[[i for _, idx in group for i in idx]] = (logits[:, yes] - logits[:, no]).cpu()
-    return out
-
-
 def decoded_videos(paths, args):
     """Lists of --video_batch (videopath, frames or the error that names it); while the caller
     works on one list, the next one is decoded in threads."""
@@ -362,10 +302,11 @@ def score_task(name, pairs, model, processor, args, dist):
             batch = [(v, frames) for v, frames in chunk if not isinstance(frames, Exception)]
             if not batch:
                 continue
-            features = common.encode_videos(model, processor, [frames for _, frames in batch])  # each video once
             index = [k for k, (v, _) in enumerate(batch) for _ in todo[v]]
             captions = [c for v, _ in batch for c in todo[v]]
-            a = fast_alignment_logits(model, processor, features, captions, index, args.batch_size, args.prompt)
+            with torch.no_grad():  # §3 Eq. (1): each video encoded once, its prompt prefix run once per row
+                a = common.alignment_logits(model, processor, [frames for _, frames in batch], captions, index,
+                                            prompt=args.prompt, per_row=args.batch_size)
             writer.writerows([batch[k][0], c, f"{torch.sigmoid(x).item():.9g}", f"{x.item():.9g}"]
                              for k, c, x in zip(index, captions, a))
             fh.flush()  # written as it goes: a killed run loses at most this batch

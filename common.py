@@ -449,6 +449,28 @@ PROMPT_FORMATS = {
 }
 
 
+SUFFIX_WINDOW = 256  # suffix queries per attention call in shared_prefix_attention
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, suffix_windows=(), **kwargs):
+    """sdpa, except on answer_states' rows [prefix | suffixes] (suffix_windows given): there the prefix
+    (columns < P) attends causally to itself through sdpa's causal kernel, unmasked, and the suffix
+    queries go in windows of columns [a, b), each to the prefix and to columns [lo, b) (lo: where the
+    window's first suffixes start) through the suffix queries' mask (rows, 1, W - P, W). The same numbers
+    as sdpa with the whole square mask, at a fraction of the cost: sdpa computes masked-out scores too."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward as sdpa
+    if not suffix_windows:
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+    P = suffix_windows[0][0]
+    out = [sdpa(module, query[:, :, :P], key[:, :, :P], value[:, :, :P], None, is_causal=True, **kwargs)[0]]
+    for a, b, lo in suffix_windows:
+        k, v = (torch.cat([x[:, :, :P], x[:, :, lo:b]], dim=2) for x in (key, value))  # (batch, heads, keys, dim)
+        mask = attention_mask[:, :, a - P:b - P]
+        mask = torch.cat([mask[..., :P], mask[..., lo:b]], dim=-1)
+        out.append(sdpa(module, query[:, :, a:b], k, v, mask, **kwargs)[0])
+    return torch.cat(out, dim=1), None  # (batch, length, heads, head_dim)
+
+
 def must_exist(name_or_path, flag):
     """Stop with a clear message when a model argument names a folder that does not exist (hub ids
     are 'org/name': an absolute path, ./, ../, ~ or a second '/' marks a folder)."""
@@ -457,14 +479,19 @@ def must_exist(name_or_path, flag):
 
 
 def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
-    """A transformers video LLM and its processor, from a hub id or a local directory.
+    """A transformers video LLM and its processor, from a hub id or a local directory, with
+    shared_prefix_attention (plain sdpa wherever answer_states does not ask for it).
     dtype defaults to bfloat16 on GPU and float32 on CPU."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForImageTextToText, AutoProcessor
+    from transformers.masking_utils import sdpa_mask
+    AttentionInterface.register("sdpa_shared_prefix", shared_prefix_attention)
+    AttentionMaskInterface.register("sdpa_shared_prefix", sdpa_mask)  # 2-D masks become sdpa's masks
     must_exist(name_or_path, "--model")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     processor = AutoProcessor.from_pretrained(name_or_path)
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device)
-    return model.eval(), processor
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype,
+                                                        attn_implementation="sdpa_shared_prefix")
+    return model.to(device).eval(), processor
 
 
 def load_adapter(model, path, base=""):
@@ -484,31 +511,35 @@ def load_adapter(model, path, base=""):
     return model
 
 
-def entailment_prompt(processor, model_type, caption, prompt="llava_v1"):
+def entailment_prompt(processor, model_type, caption, prompt="llava_v1", question=QUESTION):
     """The prompt text up to where the answer starts, and where `caption` sits in it (char offset).
-    prompt: a PROMPT_FORMATS name, used by Video-LLaVA; other families use their chat template."""
-    question = QUESTION.format(caption=caption)
+    prompt: a PROMPT_FORMATS name, used by Video-LLaVA; other families use their chat template.
+    question: the question asked about `caption` (a template with one {caption} field)."""
+    asked = question.format(caption=caption)
     if model_type == "video_llava":
         if prompt not in PROMPT_FORMATS:
             raise ValueError(f"--prompt {prompt!r}: use one of {sorted(PROMPT_FORMATS)}")
-        text = PROMPT_FORMATS[prompt].format(question=question)
+        text = PROMPT_FORMATS[prompt].format(question=asked)
     else:
-        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": asked}]}]
         text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    return text, text.rindex(question) + question.index('"') + 1
+    return text, text.rindex(asked) + question.index("{caption}")
+
+
+def answer_ids(tokenizer, prompt, answer):
+    """Token ids of `answer` as it follows `prompt` in one text, found by tokenising prompt + answer,
+    so it holds for any tokenizer ("▁Yes" in LLaMA, "Yes" in Qwen). "USER: ... ASSISTANT:" is
+    answered " Yes"; a chat template ending in a newline, "Yes"."""
+    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + ("" if prompt[-1].isspace() else " ") + answer, add_special_tokens=False)["input_ids"]
+    if full[: len(base)] != base or len(full) == len(base):
+        raise ValueError(f"the tokenizer merges the prompt's end {prompt[-20:]!r} with the answer {answer[:20]!r}")
+    return full[len(base):]
 
 
 def answer_token_ids(tokenizer, prompt):
-    """Ids of the first token of the answers "Yes" and "No" as they follow `prompt`, found by
-    tokenising prompt + answer, so it holds for any tokenizer ("▁Yes" in LLaMA, "Yes" in Qwen).
-    "USER: ... ASSISTANT:" is answered " Yes"; a chat template ending in a newline, "Yes"."""
-    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = []
-    for answer in ("Yes", "No"):
-        full = tokenizer(prompt + ("" if prompt[-1].isspace() else " ") + answer, add_special_tokens=False)["input_ids"]
-        if full[: len(base)] != base:
-            raise ValueError(f"the tokenizer merges the prompt's end with {answer!r}: {prompt[-20:]!r}")
-        ids.append(full[len(base)])
+    """Ids of the first token of the answers "Yes" and "No" as they follow `prompt`."""
+    ids = [answer_ids(tokenizer, prompt, answer)[0] for answer in ("Yes", "No")]
     if ids[0] == ids[1]:
         raise ValueError(f"'Yes' and 'No' start with the same token {ids[0]} after {prompt[-20:]!r}")
     return ids
@@ -530,61 +561,185 @@ def encode_videos(model, processor, videos):
     return features.reshape(len(videos), -1, features.shape[-1])
 
 
-def build_text_batch(model, processor, captions, num_video_tokens, hidden=None, prompt="llava_v1"):
-    """Token ids of the entailment prompts, the video placeholder expanded to num_video_tokens,
-    left-padded so that the answer position is the last one for every row.
+def prompt_tokens(processor, model_type, caption, hidden=None, prompt="llava_v1", question=QUESTION):
+    """One prompt's text, its token ids (the video placeholder not expanded), each token's character
+    span, and whether it is visible: False where it overlaps a hidden word span of the caption
+    (hidden: [(start, end)] into `caption`, t' of footnote 2)."""
+    text, start = entailment_prompt(processor, model_type, caption, prompt, question)
+    enc = processor.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    spans = [(s + start, e + start) for s, e in hidden or []]
+    return text, enc["input_ids"], enc["offset_mapping"], token_visibility(enc["offset_mapping"], spans)
 
-    hidden: optional list (one per caption) of character spans of the caption to hide from
-    attention (t' of footnote 2); prompt: a PROMPT_FORMATS name (Video-LLaVA).
+
+def build_text_batch(model, processor, captions, num_video_tokens, hidden=None, prompt="llava_v1"):
+    """Token ids of whole entailment prompts, one per row, the video placeholder expanded to
+    num_video_tokens, left-padded so that the answer position is the last one for every row (a plain
+    full forward, e.g. for pretraining; scoring uses answer_states).
     Returns input_ids, attention_mask, position_ids, (yes, no)."""
     hf = unwrap(model)
-    tok = processor.tokenizer
-    video_id = hf.config.video_token_id
     rows, masks = [], []
     for i, caption in enumerate(captions):
-        text, start = entailment_prompt(processor, hf.config.model_type, caption, prompt)
-        enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
-        spans = [(s + start, e + start) for s, e in ((hidden[i] if hidden else None) or [])]
-        visible = token_visibility(enc["offset_mapping"], spans)
-        ids, mask = [], []
-        for t, v in zip(enc["input_ids"], visible):
-            n = num_video_tokens if t == video_id else 1  # expand the single <video> placeholder
-            ids += [t] * n; mask += [int(v)] * n  # noqa: E702
-        rows.append(ids); masks.append(mask)  # noqa: E702
+        text, ids, _, visible = prompt_tokens(processor, hf.config.model_type, caption,
+                                              hidden[i] if hidden else None, prompt)
+        n = [num_video_tokens if t == hf.config.video_token_id else 1 for t in ids]  # expand <video>
+        rows.append(sum(([t] * k for t, k in zip(ids, n)), []))
+        masks.append(sum(([int(v)] * k for v, k in zip(visible, n)), []))
     width = max(map(len, rows))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = processor.tokenizer.pad_token_id or 0
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     attention_mask = torch.tensor([[0] * (width - len(m)) + m for m in masks])
     # positions count real tokens only (left padding does not shift them); hidden t' tokens keep
     # their positions: t' is the same caption with some words made invisible, not a new text.
     not_pad = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     position_ids = (not_pad.cumsum(1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids, answer_token_ids(tok, text)
+    return input_ids, attention_mask, position_ids, answer_token_ids(processor.tokenizer, text)
+
+
+def video_prefixes(model, processor, videos, head, head_text, features=None):
+    """Each video's prompt prefix (`head`: the prompt's token ids up to its video placeholder, whose
+    text is head_text), the placeholder expanded. Per video: token ids (P_v,) and positions (d, P_v)
+    (d = 3: Qwen-VL's 3-D rotary positions, from its own get_rope_index; else d = 1), and the position
+    where the text after the video goes on; then the vision encoder's output (frozen: no_grad)."""
+    hf = unwrap(model)
+    if not hasattr(hf.model, "get_rope_index"):  # LLaVA families: L tokens per video, 1-D positions
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        if features is None:
+            with torch.no_grad():
+                features = encode_videos(model, processor, videos)
+        ids = torch.tensor(head)
+        ids = ids.repeat_interleave(torch.where(ids == hf.config.video_token_id, features.shape[1], 1))
+        n = len(features)
+        encoded = BaseModelOutputWithPooling(pooler_output=features)
+        return [ids] * n, [torch.arange(len(ids))[None]] * n, [len(ids)] * n, encoded
+    # Qwen-VL: the processor expands the placeholder (a size-dependent count; Qwen3-VL adds timestamps);
+    # get_rope_index of the prefix plus one text token gives its positions and where the text goes on
+    with torch.no_grad():
+        enc = [processor(text=head_text, videos=[v], return_tensors="pt") for v in videos]
+        pixels, grids = (torch.cat([e[k] for e in enc]).to(hf.device) for k in ("pixel_values_videos",
+                                                                                "video_grid_thw"))
+        encoded = hf.model.get_video_features(pixels.to(hf.dtype), grids, return_dict=True)
+    ids, positions, starts = [], [], []
+    for e in enc:
+        extra = {k: e[k] for k in ("video_grid_thw", "second_per_grid_ts") if k in e}
+        pos, _ = hf.model.get_rope_index(F.pad(e["input_ids"], (0, 1)), F.pad(e["mm_token_type_ids"], (0, 1)), **extra)
+        ids.append(e["input_ids"][0]); positions.append(pos[:, 0, :-1]); starts.append(int(pos[0, 0, -1]))  # noqa: E702
+    return ids, positions, starts, encoded
+
+
+def answer_states(model, processor, videos, captions, video_index=None, hidden=None, features=None,
+                  prompt="llava_v1", questions=None, answers=None, per_row=0):
+    """Eq. (1)'s forward pass: the LM's final hidden states and logits where it predicts each
+    (video, caption) pair's answer, from ONE forward in which each video's prompt prefix runs once.
+
+    Every prompt of a video starts with the same tokens, up to and including the video (the prefix:
+    ~2,060 of Video-LLaVA-7B's ~2,100); only the suffix (question, answer cue, teacher-forced answer
+    tokens) differs per pair. A row of the batch holds one video's prefix, then its pairs' suffixes one
+    after another; a 4-D attention mask lets a suffix token see the prefix and the visible tokens of its
+    own suffix (t' words hidden), never another suffix, and every suffix's positions go on from the
+    prefix's end. So each state equals that of the pair's whole prompt run alone, and gradients
+    (outside no_grad) flow through the suffixes and the prefix, with activation checkpointing as usual.
+
+    videos, captions, video_index, hidden, features, prompt: as alignment_logits;
+    questions: optional per-pair question templates with one {caption} field (default QUESTION);
+    answers:   optional per-pair lists of answer token ids, fed after the prompt (teacher forcing);
+    per_row:   the most pairs on one row (0: all pairs of a video; each more row repeats the prefix).
+    Returns (states, logits), each a tuple of n tensors with k_i = max(1, len(answers[i])) rows: row j
+    is where the model predicts answer token j (row 0: the prompt's last token). states[i]: (k_i,
+    hidden) in the model's dtype; logits[i]: (k_i, vocab), the LM head's output upcast to float32."""
+    n, hf = len(captions), unwrap(model)
+    video_index = list(range(n)) if video_index is None else list(video_index)
+    video_id, pad = hf.config.video_token_id, processor.tokenizer.pad_token_id or 0
+    # ---- each prompt, cut after its video placeholder: the shared prefix, then the pair's suffix ----
+    heads, tails, shown = {}, [], []
+    for i, caption in enumerate(captions):
+        text, ids, offsets, visible = prompt_tokens(processor, hf.config.model_type, caption,
+                                                    hidden[i] if hidden else None, prompt,
+                                                    questions[i] if questions else QUESTION)
+        cut = len(ids) - ids[::-1].index(video_id) if video_id in ids else 0
+        heads[tuple(ids[:cut])] = text[:offsets[cut - 1][1]] if all(visible[:cut]) else None
+        fed = list(answers[i][:-1]) if answers else []  # the last answer token is predicted, never read
+        tails.append(ids[cut:] + fed); shown.append(visible[cut:] + [True] * len(fed))  # noqa: E702
+    if len(heads) != 1 or None in heads.values() or next(iter(heads)).count(video_id) != 1:
+        raise ValueError(f"the prompts must share one prefix with one video placeholder (id {video_id}), "
+                         "the caption after it")
+    (head, head_text), = heads.items()
+    prefix, positions, starts, encoded = video_prefixes(model, processor, videos, list(head), head_text, features)
+    # ---- rows [one video's prefix, padded to the longest | its pairs' suffixes, one after another] ----
+    groups = []
+    for v in sorted(set(video_index)):
+        idx = [i for i in range(n) if video_index[i] == v]
+        groups += [(v, idx[j:j + (per_row or n)]) for j in range(0, len(idx), per_row or n)]
+    R, P = len(groups), max(len(prefix[v]) for v, _ in groups)
+    W = P + max(sum(len(tails[i]) for i in idx) for _, idx in groups)
+    ids, pos = torch.full((R, W), pad), torch.zeros(len(positions[0]), R, W, dtype=torch.long)
+    block = torch.full((R, W), -1)  # the pair a suffix token belongs to (-1: prefix or padding)
+    first = torch.arange(W).repeat(R, 1)  # the column where a suffix token's suffix starts
+    visible = torch.zeros(R, W, dtype=torch.bool)  # keys a suffix token may see: real prefix, visible own tokens
+    keep, order = torch.zeros(R, W, dtype=torch.bool), []  # where the LM head is applied, in row-major order
+    for r, (v, idx) in enumerate(groups):
+        p, at = len(prefix[v]), P
+        ids[r, :p], pos[:, r, :p], visible[r, :p] = prefix[v], positions[v], True
+        for i in idx:
+            m, k = len(tails[i]), max(1, len(answers[i])) if answers else 1
+            ids[r, at:at + m], visible[r, at:at + m] = torch.tensor(tails[i]), torch.tensor(shown[i])
+            block[r, at:at + m], first[r, at:at + m] = i, at
+            pos[:, r, at:at + m], keep[r, at + m - k:at + m] = starts[v] + torch.arange(m), True
+            order.append(i); at += m  # noqa: E702
+    # the suffix queries' additive mask, built once (sdpa would convert a bool mask in every layer);
+    # shared_prefix_attention runs the prefix causally, unmasked
+    zero, low = torch.tensor([0, torch.finfo(hf.dtype).min], dtype=hf.dtype)
+    S = W - P
+    own = (block[:, P:, None] == block[:, None, P:]) & torch.ones(S, S, dtype=torch.bool).tril() & visible[:, None, P:]
+    mask = torch.cat([torch.where(visible[:, None, :P], zero, low).expand(R, S, P), torch.where(own, zero, low)], dim=2)
+    mask = mask[:, None]  # (rows, 1, S, W)
+    if hf.config.get_text_config()._attn_implementation != "sdpa_shared_prefix":  # sdpa, eager: the whole square
+        causal = torch.where(torch.ones(P, W, dtype=torch.bool).tril(), zero, low)
+        mask = torch.cat([causal.expand(R, 1, P, W), mask], dim=2)
+    windows = [(a, min(a + SUFFIX_WINDOW, W), int(first[:, a].min())) for a in range(P, W, SUFFIX_WINDOW)]
+    pick = lambda x: x[[v for v, _ in groups]] if torch.is_tensor(x) else tuple(x[v] for v, _ in groups)  # noqa: E731
+    video = type(encoded)(pooler_output=pick(encoded.pooler_output))  # each row's video
+    if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL adds vision features in early layers
+        video.deepstack_features = [pick(layer) for layer in encoded.deepstack_features]
+    # ---- one forward (shared_prefix_attention runs the prefix causally, unmasked); the LM head's
+    # input at the kept positions is the answer states ----
+    grabbed = []
+    hook = hf.lm_head.register_forward_pre_hook(lambda module, args: grabbed.append(args[0]))
+    try:
+        out = model(input_ids=ids.to(hf.device), attention_mask=mask.to(hf.device),
+                    position_ids=pos.squeeze(0).to(hf.device), mm_encoder_outputs={"video": video},
+                    logits_to_keep=keep.to(hf.device), suffix_windows=windows)
+    finally:
+        hook.remove()
+    sizes = [max(1, len(answers[i])) if answers else 1 for i in order]
+    states, logits = dict(zip(order, grabbed[0].split(sizes))), dict(zip(order, out.logits.float().split(sizes)))
+    return tuple(states[i] for i in range(n)), tuple(logits[i] for i in range(n))
+
+
+def answer_logits(model, states, token_ids):
+    """The LM head's rows `token_ids` applied in float32 to final hidden states (k, hidden): (k, len).
+    NOTE: not read from the bf16 logits: a bf16 logit near 20 is rounded to a multiple of 1/8, which
+    would put Eq. (1)'s scores on a coarse grid (ties in retrieval rankings, steps in the losses)."""
+    head = unwrap(model).lm_head
+    bias = None if head.bias is None else head.bias[token_ids].float()
+    with torch.autocast(states.device.type, enabled=False):  # autocast would run it in bf16
+        return F.linear(states.float(), head.weight[token_ids].float(), bias)
 
 
 def alignment_logits(model, processor, videos, captions, video_index=None, hidden=None, features=None,
-                     prompt="llava_v1"):
-    """a = logit_Yes - logit_No for each (video, caption) pair, read at the answer position only.
-    f(V, t) = sigmoid(a) is Eq. (1).
+                     prompt="llava_v1", per_row=0):
+    """Eq. (1): a = logit_Yes - logit_No for each (video, caption) pair, f(V, t) = sigmoid(a).
 
-    videos:      list of uint8 frame arrays (T, H, W, 3), each encoded once;
+    videos:      list of uint8 frame arrays (T, H, W, 3), each encoded once and its prompt prefix run once;
     captions:    list of n captions;
     video_index: caption i is scored on videos[video_index[i]] (default: pair i with video i);
     hidden:      optional per-caption character spans hidden by the attention mask (t', Eq. 6);
-    features:    optional precomputed encode_videos(...) output (then `videos` is not used);
-    prompt:      a PROMPT_FORMATS name (Video-LLaVA; other families use their chat template).
-    Returns a tensor (n,). Gradients flow when called outside torch.no_grad()."""
-    video_index = list(range(len(captions))) if video_index is None else list(video_index)
-    if features is None:
-        with torch.no_grad():  # the vision tower and projector are frozen in SynViTA
-            features = encode_videos(model, processor, videos)
+    features:    optional precomputed encode_videos(...) output (LLaVA families; then `videos` is not used);
+    prompt:      a PROMPT_FORMATS name (Video-LLaVA; other families use their chat template);
+    per_row:     the most captions on one copy of a video's prefix (0: all; see answer_states).
+    Returns a float32 tensor (n,) (see answer_logits); gradients flow outside torch.no_grad()."""
     hf = unwrap(model)
-    input_ids, attention_mask, position_ids, (yes, no) = build_text_batch(
-        model, processor, captions, features.shape[1], hidden, prompt)
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-    video = BaseModelOutputWithPooling(pooler_output=features[torch.tensor(video_index, device=features.device)])
-    out = model(input_ids=input_ids.to(hf.device), attention_mask=attention_mask.to(hf.device),
-                position_ids=position_ids.to(hf.device), mm_encoder_outputs={"video": video},
-                logits_to_keep=1)  # lm_head runs on the last position only: (n, 1, vocab)
-    logits = out.logits[:, -1].float()
-    return logits[:, yes] - logits[:, no]
+    states, _ = answer_states(model, processor, videos, captions, video_index, hidden, features, prompt,
+                              per_row=per_row)
+    text, _ = entailment_prompt(processor, hf.config.model_type, captions[0], prompt)
+    logits = answer_logits(model, torch.stack([s[0] for s in states]), answer_token_ids(processor.tokenizer, text))
+    return logits[:, 0] - logits[:, 1]

@@ -7,8 +7,8 @@ every one of --videos videos (SSv2-Events: 49 x 588).
 naive      : common.alignment_logits one (video, caption) pair at a time, the whole prompt each time
              (video encoded, every prompt token run) - how a plain per-pair evaluation loop scores;
 per-pair   : the same, with each video vision-encoded once (features=...), to separate the two savings;
-fast       : 04_eval.py: each video encoded once, its prompt prefix run once (KV cache), only the caption
-             suffixes batched on copies of that cache.
+fast       : 04_eval.py (common.alignment_logits on --video_batch videos at a time): each video encoded once,
+             its prompt prefix run once per row of --batch_size caption suffixes packed after it.
 Frames are decoded before timing (all three paths read the same in-memory frames). Prints the times,
 the speed-ups and the largest |difference| of the alignment logits against the naive path.
 """
@@ -46,8 +46,8 @@ def captions49():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=12, help="videos; every one is scored against 49 captions")
-    parser.add_argument("--batch_size", type=int, default=16, help="04_eval.py --batch_size")
-    parser.add_argument("--video_batch", type=int, default=4, help="04_eval.py --video_batch")
+    parser.add_argument("--batch_size", type=int, default=ev.Args.batch_size, help="04_eval.py --batch_size")
+    parser.add_argument("--video_batch", type=int, default=ev.Args.video_batch, help="04_eval.py --video_batch")
     parser.add_argument("--frame_size", type=int, default=128,
                         help="frame size of the tiny model built here: (size/8)^2 + 1 tokens per frame; "
                              "128 gives 8 x 257 = 2056 video tokens per prompt, as Video-LLaVA-7B")
@@ -81,10 +81,10 @@ def main():
                      for k in range(len(chunk)) for c in captions]
         seconds[1] += time.perf_counter() - start
 
-        start = time.perf_counter()
-        features = common.encode_videos(model, processor, [frames[v] for v in chunk])
+        start = time.perf_counter()  # as 04_eval.score_task calls it
         index = [k for k in range(len(chunk)) for _ in captions]
-        fast.append(ev.fast_alignment_logits(model, processor, features, captions * len(chunk), index, args.batch_size))
+        fast.append(common.alignment_logits(model, processor, [frames[v] for v in chunk], captions * len(chunk), index,
+                                            per_row=args.batch_size))
         seconds[2] += time.perf_counter() - start
     naive, per_pair, fast = torch.cat(naive), torch.cat(per_pair), torch.cat(fast)
     t_naive, t_per_pair, t_fast = seconds

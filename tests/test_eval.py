@@ -228,7 +228,7 @@ def test_final_test_example_scores(tmp_path):
     assert (res["auc"], res["items"]) == (100.0, 2)  # f = 0.90625 for the soccer caption, 0.0849609375 for basketball
 
 
-# ---- the fast path on a tiny model --------------------------------------------------------------
+# ---- 04's scoring path on a tiny model ----------------------------------------------------------
 CAPTIONS = ["a red square moves to the right", "a dog", "the square moves left and then it stops quickly",
             "Covering [something] with [something]"]
 
@@ -240,8 +240,7 @@ def test_fast_path_equals_the_per_pair_path(video_llava_dir, batch_size):
     videos = [tiny.moving_square(seed=0), tiny.moving_square(direction=-1, color=(0, 0, 255), seed=1)]
     index = [1, 0, 0, 1, 1, 0, 0]
     captions = [CAPTIONS[k % 4] for k in range(len(index))]
-    features = common.encode_videos(model, processor, videos)
-    fast = ev.fast_alignment_logits(model, processor, features, captions, index, batch_size)
+    fast = common.alignment_logits(model, processor, videos, captions, index, per_row=batch_size)  # as score_task
     slow = torch.cat([common.alignment_logits(model, processor, [videos[v]], [c]) for v, c in zip(index, captions)])
     np.testing.assert_allclose(fast.numpy(), slow.numpy(), atol=1e-5)
     assert fast.std() > 1e-3  # the pairs really differ

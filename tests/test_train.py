@@ -312,9 +312,10 @@ def test_zero_weights_remove_the_synthetic_terms_exactly(video_llava_dir, toy, t
     assert all(line["l_syn"] == 0.0 and line["l_scr"] == 0.0 for line in log)
     assert [line["loss"] for line in log] == pytest.approx([line["loss"] for line in read_log(tmp_path / "real")],
                                                            abs=1e-6)
-    # the same gradients as the VideoCon baseline: the synthetic rows contribute nothing (to float
-    # summation order: the packed rows differ in shape; Adam's first steps move each weight by ~lr = 1e-2)
-    assert_same_weights(lora_weights(tmp_path / "w0"), lora_weights(tmp_path / "real"), atol=1e-5)
+    # the same gradients as the VideoCon baseline: the synthetic rows contribute nothing. (Not to the
+    # last bit: a real video's row also holds its t' suffix here, which moves the scores by float
+    # rounding, ~6e-8, and Adam turns that into ~3e-6 in the weights; a real contribution, ~lr = 1e-2.)
+    assert_same_weights(lora_weights(tmp_path / "w0"), lora_weights(tmp_path / "real"), atol=2e-5)
 
 
 def test_two_processes_match_one(video_llava_dir, toy, reference, tmp_path):

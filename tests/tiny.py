@@ -31,7 +31,7 @@ def corpus():
     return lines
 
 
-def build_tokenizer(vocab_size=600):
+def build_tokenizer(vocab_size=600, special=SPECIAL, video_token="<video>", image_token="<image>"):
     """A LLaMA-like sub-word tokenizer (BPE over '▁'-marked words, BOS added), trained in memory,
     small enough that many words split into several tokens (which the t' mask must handle)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -39,10 +39,10 @@ def build_tokenizer(vocab_size=600):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL))
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"video_token": "<video>", "image_token": "<image>"})
+                                   pad_token="<pad>", extra_special_tokens={"video_token": video_token, "image_token": image_token})
 
 
 def llama_tokenizer():
@@ -101,6 +101,50 @@ def tiny_onevision(path, frame_size=32, patch=8, seed=0):
         num_image_tokens=(frame_size // patch) ** 2, vision_feature_select_strategy="full",
         chat_template=ONEVISION_TEMPLATE)
     model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+QWEN_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
+QWEN_TEMPLATE = (  # the shape of Qwen2.5-VL's / Qwen3-VL's chat template (default system turn), reduced
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_qwen_vl(path, version="2.5", frame_size=32, seed=0):
+    """A Qwen2.5-VL (version "2.5") or Qwen3-VL ("3") at toy size, saved (model + processor) to path:
+    2-layer vision tower (8 px patches, 2 x 2 merge, 2 frames a temporal patch) and a 2-layer LM with
+    3-D rotary positions (mrope sections 2/3/3 of its 16-dim heads)."""
+    import transformers as tf
+    torch.manual_seed(seed)
+    tok = build_tokenizer(special=SPECIAL + QWEN_SPECIAL, video_token="<|video_pad|>", image_token="<|image_pad|>")
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    ids = {f"{k}_token_id": tok.convert_tokens_to_ids(f"<|{t}|>") for k, t in
+           (("vision_start", "vision_start"), ("vision_end", "vision_end"), ("video", "video_pad"), ("image", "image_pad"))}
+    size = {"shortest_edge": frame_size * frame_size, "longest_edge": 4 * frame_size * frame_size}
+    pixels = dict(size=size, patch_size=8, merge_size=2, temporal_patch_size=2)
+    if version == "2.5":
+        config = tf.Qwen2_5_VLConfig(vision_config=dict(vision, window_size=32, fullatt_block_indexes=[1], tokens_per_second=2),
+                                     text_config=text, **ids)
+        model = tf.Qwen2_5_VLForConditionalGeneration(config)
+        processor = tf.Qwen2_5_VLProcessor(image_processor=tf.Qwen2VLImageProcessor(**pixels), tokenizer=tok,
+                                           video_processor=tf.Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_TEMPLATE)
+    else:
+        config = tf.Qwen3VLConfig(vision_config=dict(vision, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+                                  text_config=dict(text, head_dim=16, rope_parameters=dict(text["rope_parameters"], mrope_interleaved=True)),
+                                  **ids)
+        model = tf.Qwen3VLForConditionalGeneration(config)
+        processor = tf.Qwen3VLProcessor(image_processor=tf.Qwen2VLImageProcessor(**pixels), tokenizer=tok,
+                                        video_processor=tf.Qwen3VLVideoProcessor(**pixels, do_sample_frames=False),
+                                        chat_template=QWEN_TEMPLATE)
+    model.eval().save_pretrained(path)
     processor.save_pretrained(path)
     return path
 
