@@ -326,11 +326,10 @@ def micro_batch_pairs(model, processor, batch, paths, frames, args):
         model, processor, frames, [s[3] for s in specs], [where[s[2]] for s in specs],
         hidden=[common.hidden_word_spans(s[3], s[4]) if s[4] else None for s in specs], prompt=args.prompt,
         questions=[s[5] or common.QUESTION for s in specs], answers=[s[6] or [] for s in specs])
-    out = []
-    for (k, name, *_, answer), h, z in zip(specs, states, logits):  # row j of h, z predicts answer token j
-        yes, no = common.answer_logits(model, h[:1], [word["Yes"], word["No"]])[0]  # Eq. (1), in float32
-        out.append((k, name, yes - no, (z, torch.tensor(answer, device=z.device)) if answer else None))
-    return out
+    yes_no = common.answer_logits(model, torch.stack([h[0] for h in states]), [word["Yes"], word["No"]])  # Eq. (1)
+    a = yes_no[:, 0] - yes_no[:, 1]  # row j of a pair's states and logits predicts its answer token j
+    return [(k, name, a[i], (z, torch.tensor(answer, device=z.device)) if answer else None)
+            for i, ((k, name, *_, answer), z) in enumerate(zip(specs, logits))]
 
 
 def objective(pairs, batch, args):
