@@ -78,6 +78,19 @@ def loss_scr(f_pos, f_shared, f_neg, w, margin=0.2):
     return (w * (above + below).sum(dim=1)).mean()
 
 
+def answer_token_loss(logits, targets, w, n_tokens):
+    """The released code's answer loss (03_train.py --answer_loss vocab), beside Eqs. (1)-(2):
+        1/N sum_k w_k * -log softmax(logits_k)[target_k]
+    over answer tokens k -- the word "Yes"/"No" AND the end-of-sequence token after it, or every
+    token of an explanation and its end token -- each read from the FULL vocabulary, weighted by its
+    pair's w (1 for real pairs, phi for synthetic ones), and divided by N = the number of answer
+    tokens of the whole micro-batch, real and synthetic together (not by sum(w)).
+
+    logits: (K, vocab) at the positions that predict the K tokens; targets: (K,) token ids;
+    w: (K,) weights; n_tokens: N."""
+    return (w * F.cross_entropy(logits.float(), targets, reduction="none")).sum() / n_tokens
+
+
 def total_loss(l_real, l_syn, l_scr, lambda_scr):
     """Eq. (7): L = L_real + L_syn^phi + lambda_scr * L_scr^phi."""
     return l_real + l_syn + lambda_scr * l_scr
@@ -378,10 +391,11 @@ def check_resume(path, record, dist=None):
 
 # ---- videos -------------------------------------------------------------------------------------
 def frame_indices(num_total, num_frames, sampling="uniform"):
-    """Which frames to keep. "uniform": np.linspace over the clip (Video-LLaVA); "middle": the
-    middle frame of each of num_frames equal segments (VideoCon / mPLUG-Owl)."""
+    """Which frames to keep. "uniform": np.linspace over the clip, truncated to integers, as the
+    released Video-LLaVA code and the transformers model card do; "middle": the middle frame of each
+    of num_frames equal segments (VideoCon / mPLUG-Owl)."""
     if sampling == "uniform":
-        return np.linspace(0, num_total - 1, num_frames).round().astype(int)
+        return np.linspace(0, num_total - 1, num_frames, dtype=int)
     if sampling == "middle":
         edges = np.linspace(0, num_total, num_frames + 1)
         return np.minimum(((edges[:-1] + edges[1:]) / 2).astype(int), num_total - 1)
@@ -512,17 +526,20 @@ def entailment_prompt(processor, model_type, caption, prompt="llava_v1", questio
     return text, text.rindex(asked) + question.index("{caption}")
 
 
-def answer_token_ids(tokenizer, prompt):
-    """Ids of the first token of the answers "Yes" and "No" as they follow `prompt`, found by
-    tokenising prompt + answer, so it holds for any tokenizer ("▁Yes" in LLaMA, "Yes" in Qwen).
-    "USER: ... ASSISTANT:" is answered " Yes"; a chat template ending in a newline, "Yes"."""
+def answer_ids(tokenizer, prompt, answer):
+    """Token ids of `answer` as it follows `prompt` in one text, found by tokenising prompt + answer,
+    so it holds for any tokenizer ("▁Yes" in LLaMA, "Yes" in Qwen). "USER: ... ASSISTANT:" is
+    answered " Yes"; a chat template ending in a newline, "Yes"."""
     base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = []
-    for answer in ("Yes", "No"):
-        full = tokenizer(prompt + ("" if prompt[-1].isspace() else " ") + answer, add_special_tokens=False)["input_ids"]
-        if full[: len(base)] != base:
-            raise ValueError(f"the tokenizer merges the prompt's end with {answer!r}: {prompt[-20:]!r}")
-        ids.append(full[len(base)])
+    full = tokenizer(prompt + ("" if prompt[-1].isspace() else " ") + answer, add_special_tokens=False)["input_ids"]
+    if full[: len(base)] != base or len(full) == len(base):
+        raise ValueError(f"the tokenizer merges the prompt's end {prompt[-20:]!r} with the answer {answer[:20]!r}")
+    return full[len(base):]
+
+
+def answer_token_ids(tokenizer, prompt):
+    """Ids of the first token of the answers "Yes" and "No" as they follow `prompt`."""
+    ids = [answer_ids(tokenizer, prompt, answer)[0] for answer in ("Yes", "No")]
     if ids[0] == ids[1]:
         raise ValueError(f"'Yes' and 'No' start with the same token {ids[0]} after {prompt[-20:]!r}")
     return ids
@@ -698,6 +715,16 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
     return tuple(states[i] for i in range(n)), tuple(logits[i] for i in range(n))
 
 
+def answer_logits(model, states, token_ids):
+    """The LM head's rows `token_ids` applied in float32 to final hidden states (k, hidden): (k, len).
+    NOTE: not read from the bf16 logits: a bf16 logit near 20 is rounded to a multiple of 1/8, which
+    would put Eq. (1)'s scores on a coarse grid (ties in retrieval rankings, steps in the losses)."""
+    head = unwrap(model).lm_head
+    bias = None if head.bias is None else head.bias[token_ids].float()
+    with torch.autocast(states.device.type, enabled=False):  # autocast would run it in bf16
+        return F.linear(states.float(), head.weight[token_ids].float(), bias)
+
+
 def alignment_logits(model, processor, videos, captions, video_index=None, hidden=None, features=None,
                      prompt="llava_v1", per_row=0):
     """Eq. (1): a = logit_Yes - logit_No for each (video, caption) pair, f(V, t) = sigmoid(a).
@@ -709,17 +736,10 @@ def alignment_logits(model, processor, videos, captions, video_index=None, hidde
     features:    optional precomputed encode_videos(...) output (LLaVA families; then `videos` is not used);
     prompt:      a PROMPT_FORMATS name (Video-LLaVA; other families use their chat template);
     per_row:     the most captions on one copy of a video's prefix (0: all; see answer_states).
-    Returns a float32 tensor (n,); gradients flow when called outside torch.no_grad().
-    NOTE: the two LM-head rows (Yes, No) are applied to the final hidden state in float32, not read
-    from the bf16 logits: a bf16 logit near 20 is rounded to a multiple of 1/8, which would put the
-    scores on a coarse grid (ties in retrieval rankings, steps in the losses)."""
+    Returns a float32 tensor (n,) (see answer_logits); gradients flow outside torch.no_grad()."""
     hf = unwrap(model)
     states, _ = answer_states(model, processor, videos, captions, video_index, hidden, features, prompt,
                               per_row=per_row)
     text, _ = entailment_prompt(processor, hf.config.model_type, captions[0], prompt)
-    yes_no = answer_token_ids(processor.tokenizer, text)
-    bias = None if hf.lm_head.bias is None else hf.lm_head.bias[yes_no].float()
-    with torch.autocast(hf.device.type, enabled=False):  # autocast would run it in bf16
-        rows = torch.stack([s[0] for s in states]).float()  # (n, hidden)
-        logits = F.linear(rows, hf.lm_head.weight[yes_no].float(), bias)  # (n, 2)
+    logits = answer_logits(model, torch.stack([s[0] for s in states]), answer_token_ids(processor.tokenizer, text))
     return logits[:, 0] - logits[:, 1]

@@ -1,12 +1,12 @@
 """Benchmark (not a test; pytest does not collect it): one training micro-step of 03_train.py, where
-the six scores of every row come from ONE alignment_logits call (each video decoded, vision-encoded
+the six scores of every triplet come from ONE common.answer_states call (03's micro_batch_pairs) (each video decoded, vision-encoded
 and its prompt prefix run once, the six caption suffixes packed after the prefixes, the LM head on the
 answer positions only), against the released code's per-sequence way, where every (video, caption)
 pair is an independent full pass whose inputs the processor builds (the video decoded again, the
 vision tower run again, logits over the whole vocabulary at every position). Both feed the same
 Eq. (7) (03_train.objective) and backward, with activation checkpointing.
 
-    OMP_NUM_THREADS=1 python tests/bench_train.py            # the tiny random Video-LLaVA, b = 8 rows
+    OMP_NUM_THREADS=1 python tests/bench_train.py            # the tiny random Video-LLaVA, b = 8 triplets
     python tests/bench_train.py --model DIR --micro_batch_size 4 --repeats 5
 
 Each variant runs twice, each time in a fresh subprocess: time, the median of --repeats steps after a
@@ -69,17 +69,16 @@ def per_sequence_logits(model, processor, batch, args):
             logits = model(**inputs).logits[0, -1].float()  # every position, the whole vocabulary
             yes, no = common.answer_token_ids(processor.tokenizer, prompt)
             out[name].append(logits[yes] - logits[no])
-    return {k: torch.stack(v) for k, v in out.items()}
+    return [(k, name, a[k], None) for name, a in out.items() for k in range(len(batch))]  # as micro_batch_pairs
 
 
 def step(variant, model, processor, rows, args):
     """One micro-step: decode, score, Eq. (7), backward. Returns the loss."""
-    w = torch.tensor([r["w"] for r in rows], device=common.unwrap(model).device)
     if variant == "ours":
-        a = train.triplet_logits(model, processor, *train.load_videos(rows, args), args)
+        pairs = train.micro_batch_pairs(model, processor, *train.load_videos(rows, args), args)
     else:
-        a = per_sequence_logits(model, processor, rows, args)
-    loss = train.objective(a, w, args)["loss"]
+        pairs = per_sequence_logits(model, processor, rows, args)
+    loss = train.objective(pairs, rows, args)["loss"]
     loss.backward()
     return loss.item()
 
@@ -134,7 +133,7 @@ def child(opts):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="a video LLM dir or hub id (default: build the tiny one)")
-    p.add_argument("--micro_batch_size", type=int, default=8, help="rows b per micro-step (6b scores)")
+    p.add_argument("--micro_batch_size", type=int, default=8, help="triplets b per micro-step (2b released rows, 6b scores)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps after the first")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the same for both)")
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
@@ -161,7 +160,7 @@ def main():
         res[variant] = {**timed, "peak_bytes": measured["peak_bytes"], "grads": torch.load(grads)}
     ours, ref = res["ours"], res["per_sequence"]
     grad_diff = max((ours["grads"][k] - ref["grads"][k]).abs().max().item() for k in ref["grads"])
-    print(f"b = {opts.micro_batch_size} rows = {6 * opts.micro_batch_size} scores, device {ours['device']}")
+    print(f"b = {opts.micro_batch_size} triplets = {6 * opts.micro_batch_size} scores, device {ours['device']}")
     print(f"loss: one call {ours['loss']:.8f}, per sequence {ref['loss']:.8f}, |diff| {abs(ours['loss'] - ref['loss']):.2e}")
     print(f"LoRA gradients: max |diff| {grad_diff:.2e} over {len(ref['grads'])} tensors")
     for k in ("ours", "per_sequence"):

@@ -151,6 +151,53 @@ def test_t_prime_hides_the_words_outside_the_lcs(kind, caption, other, hidden):
         assert [other[s:e] for s, e in hidden_word_spans(other, caption)] == ["while", "holding", "an", "umbrella"]
 
 
+@pytest.fixture(scope="module")
+def llama_tok():
+    return tiny.llama_tokenizer()
+
+
+@pytest.mark.parametrize("prompt", sorted(common.PROMPT_FORMATS))
+def test_answer_ids_and_t_prime_on_a_real_llama_tokenizer(llama_tok, prompt):
+    """On a real LLaMA-family SentencePiece tokenizer, in both Video-LLaVA prompts (the released one
+    starts with LLaVA's system sentence): "Yes"/"No" after "ASSISTANT:" are the single tokens
+    '▁Yes'/'▁No', and t' hides exactly the tokens of the words outside the LCS -- every token that
+    holds a character of a hidden word, no token of a visible word, nothing outside the caption."""
+    assert [llama_tok.convert_ids_to_tokens(i) for i in
+            common.answer_token_ids(llama_tok, common.entailment_prompt(None, "video_llava", "a dog", prompt)[0])] \
+        == ["▁Yes", "▁No"]
+    # an explanation (VideoCon's example, final_test_nle.csv) follows its question's prompt token by token
+    question = 'What is the misalignment between this video and the description: "{caption}"?'
+    asked = common.entailment_prompt(None, "video_llava", "A basketball team walking off the field while the audience claps.",
+                                     prompt, question)[0]
+    nle = "a soccer team is walking off the field, not a basketball team."
+    ids = common.answer_ids(llama_tok, asked, nle)
+    assert llama_tok.decode(ids) == nle and llama_tok.convert_ids_to_tokens(ids[:2]) == ["▁a", "▁soccer"]
+    assert llama_tok(asked + " " + nle)["input_ids"][-len(ids):] == ids  # as the whole text tokenises
+    for kind, caption, other, words in PAIRS:
+        text, start = common.entailment_prompt(None, "video_llava", caption, prompt)
+        spans = [(s + start, e + start) for s, e in hidden_word_spans(caption, other)]
+        enc = llama_tok(text, return_offsets_mapping=True)
+        visible = token_visibility(enc["offset_mapping"], spans)
+        hidden_chars = {c for s, e in spans for c in range(s, e)}
+        word_chars = {c for m in common.WORD.finditer(text) for c in range(*m.span())}
+        for (s, e), v in zip(enc["offset_mapping"], visible):
+            chars = set(range(s, e))
+            assert v == (not chars & hidden_chars), (kind, llama_tok.decode(enc["input_ids"]), s, e)
+            assert v or not (chars & word_chars) - hidden_chars, (kind, s, e)  # no visible word's character hidden
+        hidden = [llama_tok.convert_ids_to_tokens(i).lstrip("▁") for i, v in zip(enc["input_ids"], visible) if not v]
+        assert "".join(hidden) == "".join(words), (kind, hidden)
+        assert all(visible[: len(llama_tok(text[:start])["input_ids"]) - 1])  # the system sentence and question
+
+
+def test_answer_token_loss_by_hand():
+    # two answer tokens over a 3-word vocabulary: "Yes" (id 0) then the end token (id 2)
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    ce = [-math.log(math.exp(2) / (math.exp(2) + 2)), -math.log(math.exp(3) / (math.exp(3) + 2))]
+    got = common.answer_token_loss(logits, torch.tensor([0, 2]), torch.tensor([1.0, 0.5]), n_tokens=4)
+    assert got.item() == pytest.approx((ce[0] + 0.5 * ce[1]) / 4)  # divided by N, not by sum(w)
+    assert common.answer_token_loss(logits, torch.tensor([0, 2]), torch.zeros(2), 4).item() == 0
+
+
 def test_t_prime_edge_cases():
     assert hidden_word_spans("a red ball", "a red ball") == []  # identical: t' is the caption
     spans = hidden_word_spans("red ball", "blue cube")  # nothing shared: t' is empty
@@ -173,7 +220,9 @@ def test_t_prime_maps_words_to_subword_tokens():
 def test_frame_indices():
     assert list(common.frame_indices(10, 4, "uniform")) == [0, 3, 6, 9]
     assert list(common.frame_indices(32, 4, "middle")) == [4, 12, 20, 28]
-    assert list(common.frame_indices(3, 8, "uniform")) == [0, 0, 1, 1, 1, 1, 2, 2]  # short clips repeat
+    assert list(common.frame_indices(3, 8, "uniform")) == [0, 0, 0, 0, 1, 1, 1, 2]  # short clips repeat
+    # truncated, not rounded, as the released code's np.linspace(0, n - 1, 8, dtype=int)
+    assert list(common.frame_indices(300, 8, "uniform")) == [0, 42, 85, 128, 170, 213, 256, 299]
     with pytest.raises(ValueError, match="unknown frame sampling"):
         common.frame_indices(10, 4, "random")
 

@@ -39,10 +39,10 @@ def test_the_four_stages_chain_through_one_folder(tmp_path, video_llava_dir):
     for r in weighted:  # the default weighting is Eq. (4)
         assert float(r["weight"]) == max(0.0, float(r["score_syn_target"]) - float(r["score_syn_real"]))
 
-    # §5 Eq. (7): LoRA fine-tuning on the real triplets and their synthetic twins
+    # §5 Eq. (7): LoRA fine-tuning on the real triplets and their synthetic twins (4 triplets = 8 rows: 2 steps)
     train_dir = tmp_path / "train"
     train.main(train.Args(train_csv=str(gen_dir / "weighted.csv"), video_root=str(videos), out_dir=str(train_dir),
-                          model=video_llava_dir, batch_size=2, micro_batch_size=2, warmup_steps=0, lr=1e-3,
+                          model=video_llava_dir, batch_size=4, micro_batch_size=2, warmup_steps=0, lr=1e-3,
                           num_workers=0, weighting="fixed"))  # fixed: a random VQA model may give every row phi = 0
     log = [json.loads(line) for line in open(train_dir / "log.jsonl")]
     assert len(log) == 2 and all(entry["l_syn"] > 0 for entry in log)

@@ -36,9 +36,10 @@ def toy(tmp_path_factory):
 
 
 def make_args(model, csv, video_root, out_dir, **kw):
-    """CPU-sized settings: 8 rows, global batch 4 = 2 micro-batches of 2, 2 epochs = 4 steps."""
-    base = dict(model=model, train_csv=csv, video_root=video_root, out_dir=str(out_dir), batch_size=4,
-                micro_batch_size=2, num_epochs=2, lr=1e-2, warmup_steps=1, num_workers=0, save_every=2)
+    """CPU-sized settings: 8 triplets = 16 rows, global batch 8 rows = 2 micro-batches of 4 (2 triplets),
+    2 epochs = 4 steps."""
+    base = dict(model=model, train_csv=csv, video_root=video_root, out_dir=str(out_dir), batch_size=8,
+                micro_batch_size=4, num_epochs=2, lr=1e-2, warmup_steps=1, num_workers=0, save_every=2)
     return train.Args(**{**base, **kw})
 
 
@@ -57,23 +58,62 @@ def assert_same_weights(a, b, atol):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
+def feedback(toy):
+    return os.path.join(os.path.dirname(toy[1]), "feedback.csv")  # tiny_train writes it beside videos/
+
+
 @pytest.fixture(scope="module")
 def reference(video_llava_dir, toy, tmp_path_factory):
-    """One uninterrupted 1-process run (4 steps, LoRA dropout on): (out_dir, returned model)."""
+    """One uninterrupted 1-process run with the 8 explanation rows mixed in (16 + 8 rows: 3 steps an
+    epoch, 6 steps; LoRA dropout on): (out_dir, returned model)."""
     out = tmp_path_factory.mktemp("reference")
-    return out, train.main(make_args(video_llava_dir, *toy, out))
+    return out, train.main(make_args(video_llava_dir, *toy, out, feedback_csv=feedback(toy)))
 
 
 # ---- the data plan and the weights --------------------------------------------------------------
+def test_packing_keeps_triplets_whole_and_visits_every_item_once():
+    sizes = [2] * 7 + [1] * 5  # 7 triplets (2 rows each) and 5 explanations: 19 rows
+    for m in (2, 3, 4, 5):
+        for seed in range(5):
+            order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed)).tolist()
+            batches = train.pack(order, sizes, m)
+            rows = [sum(sizes[i] for i in b) for b in batches]
+            assert all(r in (m, m - 1) for r in rows), (m, rows)  # full, or one row short
+            seen = sum(batches, [])
+            assert len(seen) == len(set(seen))  # nothing twice
+            dropped = set(order) - set(seen)
+            assert sum(sizes[i] for i in dropped) < m  # only a tail that cannot fill a micro-batch
+            assert sum(rows) == 19 - sum(sizes[i] for i in dropped)
+    assert train.pack([0, 1, 2], [2, 2, 2], 4) == [[0, 1]]  # the odd triplet is the dropped tail
+
+
 def test_global_batches_do_not_depend_on_the_number_of_processes():
-    args = train.Args(batch_size=8, micro_batch_size=2)
-    for step in range(6):  # 3 epochs of 16 rows
-        one = train.micro_batches(16, step, 4, common.Dist(), args)
-        two = [train.micro_batches(16, step, 2, common.Dist(rank=r, world_size=2), args) for r in (0, 1)]
+    items = [dict(rows=2)] * 6 + [dict(rows=1)] * 4  # 16 rows
+    args = train.Args(batch_size=8, micro_batch_size=2, seed=3)
+    plan = [train.epoch_micro_batches(items, e, args) for e in range(3)]
+    assert all(len(e) == 8 for e in plan)
+    for step in range(6):  # 3 epochs of 2 steps
+        one = train.micro_batches(plan, step, 4, common.Dist())
+        two = [train.micro_batches(plan, step, 2, common.Dist(rank=r, world_size=2)) for r in (0, 1)]
         assert one == two[0] + two[1]  # the same micro-batches, rank 0 takes the first half
-    epoch = sum((sum(train.micro_batches(16, s, 4, common.Dist(), args), []) for s in (2, 3)), [])
-    assert sorted(epoch) == list(range(16))  # an epoch visits every row once
-    assert epoch != sum((sum(train.micro_batches(16, s, 4, common.Dist(), args), []) for s in (0, 1)), [])
+    epoch = sum((sum(train.micro_batches(plan, s, 4, common.Dist()), []) for s in (2, 3)), [])
+    assert sorted(epoch) == list(range(10))  # an epoch visits every item once
+    assert epoch != sum((sum(train.micro_batches(plan, s, 4, common.Dist()), []) for s in (0, 1)), [])
+    with pytest.raises(IndexError):
+        train.micro_batches(plan, 6, 4, common.Dist())
+
+
+def test_explanations_are_read_like_videocon_prepares_them(toy, tmp_path):
+    rows = common.read_csv(feedback(toy))
+    rows[1]["split"] = "test"  # another split: not read
+    rows[2]["nle"] = " "  # an empty explanation: the reader's bad row, named and counted
+    rows[3]["videopath"] = "gone.mp4"
+    common.write_csv(tmp_path / "fb.csv", rows)
+    kept, skipped = train.load_explanations(train.Args(feedback_csv=str(tmp_path / "fb.csv"), video_root=toy[1]))
+    assert [e["line"] for e in kept] == [2, 6, 7, 8, 9] and all(e["rows"] == 1 and e["kind"] == "nle" for e in kept)
+    assert kept[0]["neg"] == rows[0]["neg_caption"] and kept[0]["nle"] == rows[0]["nle"]
+    assert [(s["line"], s["reason"]) for s in skipped] == [(5, "video not found: " + os.path.join(toy[1], "gone.mp4"))]
+    assert train.load_explanations(train.Args(feedback_csv="")) == ([], [])
 
 
 @pytest.mark.parametrize("weighting", sorted(train.WEIGHTINGS) + ["csv"])
@@ -88,31 +128,38 @@ def test_weights_from_the_csv_or_recomputed(toy, weighting):
     assert skipped == [] and rows[0]["syn"] == os.path.join(os.path.dirname(toy[0]), "videos", "syn_0.mp4")
 
 
-def test_bad_rows_are_a_counted_skip_and_phi_is_clamped(toy):
+def test_rows_without_a_twin_train_on_l_real_and_bad_rows_are_a_counted_skip(toy):
     rows = common.read_csv(toy[0])
-    rows[1]["weight"] = ""  # missing weight
+    rows[1]["weight"] = ""  # missing weight: no usable twin
     rows[2]["weight"] = "nan"
-    rows[3]["videopath"] = "nowhere.mp4"
-    rows[4]["syn_video"] = "videos/nowhere.mp4"
-    rows[5]["weight"] = "-0.3"  # phi < 0 is clamped to 0, not skipped
+    rows[3]["videopath"] = "nowhere.mp4"  # no real video: skipped
+    rows[4]["syn_video"] = "videos/nowhere.mp4"  # the twin's file is missing
+    rows[5]["weight"] = "-0.3"  # phi < 0 is clamped to 0
+    rows[6]["syn_video"] = ""  # 01_generate.py did not render it
     csv = os.path.join(os.path.dirname(toy[0]), "bad.csv")  # syn_video is relative to the CSV's folder
     common.write_csv(csv, rows)
     kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
-    assert [r["index"] for r in kept] == [0, 5, 6, 7] and kept[1]["w"] == 0.0
-    assert [(s["line"], s["reason"]) for s in skipped] == [  # the file's lines: the header is line 1
-        (3, "weight is missing or not a number"), (4, "weight is missing or not a number"),
+    assert [r["line"] for r in kept] == [2, 3, 4, 6, 7, 8, 9]  # the file's lines: the header is line 1
+    assert [r["line"] for r in kept if r["syn"] is None] == [3, 4, 6, 8]
+    assert all(r["w"] == 0.0 for r in kept if r["syn"] is None) and kept[4]["w"] == 0.0
+    no_twin = "trained without a twin: "
+    assert [(s["line"], s["reason"]) for s in skipped] == [
+        (3, no_twin + "weight is missing or not a number"), (4, no_twin + "weight is missing or not a number"),
         (5, "video not found: " + os.path.join(toy[1], "nowhere.mp4")),
-        (6, "video not found: " + os.path.join(os.path.dirname(toy[0]), "videos", "nowhere.mp4"))]
+        (6, no_twin + "synthetic video not found: " + os.path.join(os.path.dirname(toy[0]), "videos", "nowhere.mp4")),
+        (8, no_twin + "no syn_video")]
     for r in rows:
-        r["weight"] = ""
+        r["videopath"] = "nowhere.mp4"
     common.write_csv(csv, rows)
     with pytest.raises(ValueError, match="bad.csv: no row can be trained on"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     with pytest.raises(ValueError, match="--weighting 'nope'"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], weighting="nope"))
     # the VideoCon baseline needs no synthetic columns at all
+    rows = common.read_csv(toy[0])
     common.write_csv(csv, [{k: r[k] for k in ("videopath", "caption", "neg_caption")} for r in rows])
-    assert len(train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], use_syn=False))[0]) == 7
+    kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], use_syn=False))
+    assert len(kept) == 8 and skipped == [] and all(r["syn"] is None for r in kept)
 
 
 def test_bad_training_rows_are_named_by_line(toy, tmp_path, capsys):
@@ -143,56 +190,115 @@ def test_bad_training_rows_are_named_by_line(toy, tmp_path, capsys):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
 
 
-# ---- the six scores in one call, and Eq. (7) ----------------------------------------------------
+# ---- every pair of a micro-batch in one call, and Eq. (7) -----------------------------------------
+def plain_logits(model, processor, video, question, caption, answer=()):
+    """Logits of one whole prompt (+ teacher-forced answer ids) in an ordinary forward pass: the last
+    1 + len(answer) positions, which predict the answer's tokens and the end token."""
+    text, _ = common.entailment_prompt(processor, "video_llava", caption, "llava_v1", question)
+    enc = processor(text=text, videos=[video], return_tensors="pt")
+    enc["input_ids"] = torch.cat([enc["input_ids"], torch.tensor([list(answer)], dtype=torch.long)], 1)
+    enc["attention_mask"] = torch.ones_like(enc["input_ids"])
+    return model(**enc).logits[0, -1 - len(answer):].float()
+
+
 @torch.no_grad()
 def test_one_call_equals_each_pair_scored_alone(video_llava_dir, toy):
     model, processor = common.load_video_llm(video_llava_dir)
-    args = train.Args(train_csv=toy[0], video_root=toy[1])
-    rows, _ = train.load_triplets(args)
-    batch, paths, frames = train.load_videos(rows[:2], args)
-    assert len(paths) == len(frames) == 4  # 2 real + 2 synthetic videos, each decoded once
-    a = train.triplet_logits(model, processor, batch, paths, frames, args)
-    for i, r in enumerate(batch):
-        real, syn = frames[paths.index(r["real"])], frames[paths.index(r["syn"])]
-        alone = {"rr": (real, r["caption"], None), "rs": (real, r["neg"], None), "ss": (syn, r["neg"], None),
-                 "sr": (syn, r["caption"], None),
-                 "r'": (real, r["caption"], common.hidden_word_spans(r["caption"], r["neg"])),
-                 "s'": (syn, r["neg"], common.hidden_word_spans(r["neg"], r["caption"]))}
-        for name, (video, caption, hidden) in alone.items():
-            one = common.alignment_logits(model, processor, [video], [caption], hidden=[hidden])
-            assert a[name][i].item() == pytest.approx(one.item(), abs=1e-5), (name, i)
+    args = train.Args(train_csv=toy[0], video_root=toy[1], feedback_csv=feedback(toy), answer_loss="vocab")
+    triplets, _ = train.load_triplets(args)
+    triplets[1]["syn"], triplets[1]["w"] = None, 0.0  # a triplet without its twin
+    batch, paths, frames = train.load_videos(triplets[:2] + train.load_explanations(args)[0][:1], args)
+    assert len(paths) == len(frames) == 3  # 2 real videos + 1 synthetic, each decoded once
+    pairs = train.micro_batch_pairs(model, processor, batch, paths, frames, args)
+    assert [(k, name) for k, name, *_ in pairs] == [(0, "rr"), (0, "rs"), (0, "ss"), (0, "sr"), (0, "r'"), (0, "s'"),
+                                                    (1, "rr"), (1, "rs"), (2, "nle")]
+    tok, q = processor.tokenizer, common.QUESTION
+    yes, no = common.answer_token_ids(tok, common.entailment_prompt(processor, "video_llava", "", "llava_v1")[0])
+    for k, name, a, tokens in pairs:
+        r = batch[k]
+        video = frames[paths.index(r["syn"] if name[0] == "s" else r["real"])]
+        if name == "nle":  # the explanation's tokens and the end token, each from the whole text run alone
+            asked = common.entailment_prompt(processor, "video_llava", r["neg"], "llava_v1", train.NLE_QUESTION)[0]
+            answer = common.answer_ids(tok, asked, r["nle"])
+            assert tok.decode(answer).strip() == r["nle"]
+            alone = plain_logits(model, processor, video, train.NLE_QUESTION, r["neg"], answer)
+            torch.testing.assert_close(tokens[0].float(), alone, atol=1e-4, rtol=0)
+            assert tokens[1].tolist() == answer + [tok.eos_token_id]
+            continue
+        caption = r["caption"] if name in ("rr", "sr", "r'") else r["neg"]
+        hidden = common.hidden_word_spans(caption, r["neg"] if name == "r'" else r["caption"]) if "'" in name else None
+        one = common.alignment_logits(model, processor, [video], [caption], hidden=[hidden])
+        assert a.item() == pytest.approx(one.item(), abs=1e-5), (name, k)
+        if "'" in name:
+            assert tokens is None
+            continue
+        word = yes if name in ("rr", "ss") else no  # the released loss: the word, then the end token
+        alone = plain_logits(model, processor, video, q, caption, [word])
+        torch.testing.assert_close(tokens[0].float(), alone, atol=1e-4, rtol=0)
+        assert tokens[1].tolist() == [word, tok.eos_token_id]
     assert common.hidden_word_spans(batch[0]["caption"], batch[0]["neg"])  # t' really hides a word
-    assert abs(a["rr"][0] - a["r'"][0]) > 1e-4
+    assert abs(pairs[0][2] - pairs[4][2]) > 1e-4
 
 
-def test_objective_by_hand():
-    logit = lambda f: math.log(f / (1 - f))  # noqa: E731, f = sigmoid(a)
-    a = {k: torch.tensor([logit(f)]) for k, f in
-         dict(rr=0.9, rs=0.4, ss=0.6, sr=0.3, **{"r'": 0.5, "s'": 0.5}).items()}
-    terms = train.objective(a, torch.tensor([0.5]), train.Args(lambda_scr=2.0, gamma=0.2))
-    l_real = -(math.log(0.9) + math.log(0.6))
-    l_syn = -0.5 * (math.log(0.6) + math.log(0.7))
-    # V^s: relu(.2+.5-.6)=.1 + relu(.2+.3-.5)=0 ; V^r: relu(.2+.5-.9)=0 + relu(.2+.4-.5)=.1 ; times w
-    l_scr = 0.5 * 0.2
-    assert terms["l_real"].item() == pytest.approx(l_real, abs=1e-6)
-    assert terms["l_syn"].item() == pytest.approx(l_syn, abs=1e-6)
-    assert terms["l_scr"].item() == pytest.approx(l_scr, abs=1e-6)
-    assert terms["loss"].item() == pytest.approx(l_real + l_syn + 2.0 * l_scr, abs=1e-6)
-    real_only = train.objective({k: a[k] for k in ("rr", "rs")}, torch.tensor([0.5]), train.Args())
-    assert real_only["l_syn"].item() == real_only["l_scr"].item() == 0.0  # --no-use_syn
+def logit(f):
+    return math.log(f / (1 - f))  # f = sigmoid(a)
+
+
+def by_hand_pairs(tokens=None):
+    """One triplet (w = 0.5) with every pair, one without a twin, and one explanation (two tokens)."""
+    f = dict(rr=0.9, rs=0.4, ss=0.6, sr=0.3, **{"r'": 0.5, "s'": 0.5})
+    pairs = [(0, k, torch.tensor(logit(v)), (tokens or {}).get(k)) for k, v in f.items()]
+    pairs += [(1, "rr", torch.tensor(logit(0.8)), (tokens or {}).get("rr")), (1, "rs", torch.tensor(logit(0.2)), (tokens or {}).get("rs"))]
+    pairs += [(2, "nle", torch.tensor(0.0), (torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]])), torch.tensor([0, 1])))]
+    batch = [dict(kind="triplet", w=0.5, syn="x.mp4"), dict(kind="triplet", w=0.0, syn=None), dict(kind="nle")]
+    return pairs, batch
+
+
+def test_objective_by_hand_two_way():
+    pairs, batch = by_hand_pairs()
+    terms = train.objective(pairs, batch, train.Args(lambda_scr=2.0, gamma=0.2))
+    l_real = -(math.log(0.9) + math.log(0.6) + math.log(0.8) + math.log(0.8)) / 2  # mean over the 2 triplets
+    l_syn = -0.5 * (math.log(0.6) + math.log(0.7)) / 2  # the twin-less triplet: w = 0, in the mean
+    # V^s: relu(.2+.5-.6)=.1 + relu(.2+.3-.5)=0 ; V^r: relu(.2+.5-.9)=0 + relu(.2+.4-.5)=.1 ; times w, / 2
+    l_scr = 0.5 * 0.2 / 2
+    l_nle = -(math.log(0.5) + math.log(0.8)) / 2  # the explanation's mean token cross-entropy
+    for name, value in dict(l_real=l_real, l_syn=l_syn, l_scr=l_scr, l_nle=l_nle).items():
+        assert terms[name].item() == pytest.approx(value, abs=1e-6), name
+    assert terms["loss"].item() == pytest.approx(l_real + l_syn + 2.0 * l_scr + l_nle, abs=1e-6)
+    real_only = train.objective(pairs[6:8], batch[1:2], train.Args(use_syn=False))
+    assert real_only["l_syn"].item() == real_only["l_scr"].item() == real_only["l_nle"].item() == 0.0
+
+
+def test_objective_by_hand_vocab():
+    """The released loss: full-vocabulary CE over [word, end] of every entailment pair and over the
+    explanation's tokens, phi on synthetic pairs, one sum / N answer tokens; L_scr over half-triplets."""
+    p = lambda *probs: torch.log(torch.tensor(probs))  # noqa: E731, a 3-word vocabulary: 0 Yes, 1 No, 2 end
+    yes, no = [0, 2], [1, 2]
+    tokens = dict(rr=(p([0.7, 0.1, 0.2], [0.1, 0.1, 0.8]), torch.tensor(yes)),
+                  rs=(p([0.2, 0.6, 0.2], [0.1, 0.1, 0.8]), torch.tensor(no)),
+                  ss=(p([0.5, 0.3, 0.2], [0.2, 0.2, 0.6]), torch.tensor(yes)),
+                  sr=(p([0.4, 0.4, 0.2], [0.1, 0.1, 0.8]), torch.tensor(no)))
+    pairs, batch = by_hand_pairs(tokens)
+    terms = train.objective(pairs, batch, train.Args(lambda_scr=2.0, answer_loss="vocab"))
+    n = 4 * 2 + 2 * 2 + 2  # triplet 0: 4 pairs x 2 tokens; triplet 1: 2 x 2; the explanation: 2
+    ce = lambda a, b: -(math.log(a) + math.log(b))  # noqa: E731
+    assert terms["l_real"].item() == pytest.approx((ce(0.7, 0.8) + ce(0.6, 0.8)) * 2 / n, abs=1e-6)
+    assert terms["l_syn"].item() == pytest.approx(0.5 * (ce(0.5, 0.6) + ce(0.4, 0.8)) / n, abs=1e-6)
+    assert terms["l_nle"].item() == pytest.approx(ce(0.5, 0.8) / n, abs=1e-6)
+    assert terms["l_scr"].item() == pytest.approx(0.5 * 0.2 / 2, abs=1e-6)  # 2 half-triplets with a twin
 
 
 # ---- training runs ------------------------------------------------------------------------------
 def test_a_few_steps_lower_the_loss(video_llava_dir, toy, tmp_path):
-    # every step sees the same 8 rows (global batch 8) without dropout: the logged losses compare
-    train.main(make_args(video_llava_dir, *toy, tmp_path, batch_size=8, micro_batch_size=4, num_epochs=6,
+    # every step sees the same 8 triplets (global batch 16 rows) without dropout: the logged losses compare
+    train.main(make_args(video_llava_dir, *toy, tmp_path, batch_size=16, micro_batch_size=8, num_epochs=6,
                          lora_dropout=0.0, warmup_steps=0, lr=1e-3))
     log = read_log(tmp_path)
     assert [line["step"] for line in log] == [1, 2, 3, 4, 5, 6]
     # a random 2-layer model must learn motion to tell "right" from "left": the loss falls slowly
     # (2.806 -> 2.780 when written), but steadily
     assert log[-1]["loss"] < log[0]["loss"] - 0.015, [line["loss"] for line in log]
-    assert all(line[k] > 0 for line in log for k in train.TERMS)
+    assert all(line[k] > 0 for line in log for k in train.TERMS if k != "l_nle") and log[0]["l_nle"] == 0
     assert log[0]["loss"] == pytest.approx(log[0]["l_real"] + log[0]["l_syn"] + log[0]["l_scr"], abs=1e-5)
     assert json.load(open(tmp_path / "args.json"))["lambda_scr"] == 1.0
 
@@ -217,28 +323,30 @@ def test_two_processes_match_one(video_llava_dir, toy, reference, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "03_train.py"), "--model", video_llava_dir, "--train_csv", toy[0],
-           "--video_root", toy[1], "--out_dir", str(out), "--batch_size", "4", "--micro_batch_size", "2",
+           "--feedback_csv", feedback(toy), "--video_root", toy[1], "--out_dir", str(out), "--batch_size", "8", "--micro_batch_size", "4",
            "--num_epochs", "2", "--lr", "1e-2", "--warmup_steps", "1", "--num_workers", "1", "--save_every", "2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("step 1 ") == 1  # rank 0 alone prints
     # 2 processes x 1 micro-batch == 1 process x 2 accumulated micro-batches, LoRA dropout included
     assert_same_weights(lora_weights(out), lora_weights(reference[0]), atol=1e-5)
+    assert len(read_log(out)) == 6 and sum(line["l_nle"] > 0 for line in read_log(out)) >= 3  # explanations trained
     for mine, ref in zip(read_log(out), read_log(reference[0])):
         assert mine["loss"] == pytest.approx(ref["loss"], abs=1e-5) and mine["lr"] == ref["lr"]
 
 
 def test_kill_and_resume_reaches_the_same_weights(video_llava_dir, toy, reference, tmp_path):
     # "killed" after step 3: the checkpoint of step 2 is the latest, so step 3 is redone
-    train.main(make_args(video_llava_dir, *toy, tmp_path, max_steps=3))
+    fb = feedback(toy)
+    train.main(make_args(video_llava_dir, *toy, tmp_path, max_steps=3, feedback_csv=fb))
     assert os.listdir(tmp_path / "checkpoints") == ["step_0000002.pt"]
     assert [line["step"] for line in read_log(tmp_path)] == [1, 2, 3]
     with pytest.raises(ValueError, match="resume with the same settings"):
-        train.main(make_args(video_llava_dir, *toy, tmp_path, resume=True, batch_size=8))
-    train.main(make_args(video_llava_dir, *toy, tmp_path, resume=True))
+        train.main(make_args(video_llava_dir, *toy, tmp_path, resume=True, batch_size=16, feedback_csv=fb))
+    train.main(make_args(video_llava_dir, *toy, tmp_path, resume=True, feedback_csv=fb))
     assert_same_weights(lora_weights(tmp_path), lora_weights(reference[0]), atol=1e-7)
     log, ref = read_log(tmp_path), read_log(reference[0])
-    assert [line["step"] for line in log] == [1, 2, 3, 4]  # the killed run's step 3 is not logged twice
+    assert [line["step"] for line in log] == [1, 2, 3, 4, 5, 6]  # the killed run's step 3 is not logged twice
     assert [line["loss"] for line in log] == pytest.approx([line["loss"] for line in ref], abs=1e-7)
     assert [line["lr"] for line in log] == [line["lr"] for line in ref]
 
@@ -269,9 +377,9 @@ def test_second_family_trains_through_the_same_code(onevision_dir, toy, tmp_path
     os.replace(tmp_path / "rows.csv", csv)
     model = train.main(make_args(onevision_dir, csv, toy[1], tmp_path / "out", max_steps=1))
     assert common.read_csv(tmp_path / "out" / "skipped.csv") == [
-        {"line": "10", "videopath": "gone.mp4", "reason": "video not found: " + os.path.join(toy[1], "gone.mp4")}]
+        {"file": csv, "line": "10", "videopath": "gone.mp4", "reason": "video not found: " + os.path.join(toy[1], "gone.mp4")}]
     (line,) = read_log(tmp_path / "out")
-    assert all(math.isfinite(line[k]) and line[k] > 0 for k in train.TERMS)
+    assert all(math.isfinite(line[k]) and line[k] > 0 for k in train.TERMS if k != "l_nle")
     adapted = {n.rsplit(".lora_", 1)[0] for n, _ in model.named_parameters() if ".lora_" in n}
     assert len(adapted) == 7 * 2 and all(".language_model." in n for n in adapted)
     assert os.path.exists(tmp_path / "out" / "adapter" / "adapter_config.json")
@@ -283,15 +391,19 @@ def test_a_nan_loss_stops_the_run_naming_step_and_rows(video_llava_dir, toy, tmp
         model.lm_head.weight.fill_(float("nan"))
     model.save_pretrained(tmp_path / "nan-model")
     processor.save_pretrained(tmp_path / "nan-model")
-    with pytest.raises(FloatingPointError, match=r"step 1: non-finite loss .* on rows \[\d, \d\] of .*weighted.csv"):
+    with pytest.raises(FloatingPointError, match=r"step 1: non-finite loss .* on lines \[\('triplet', \d\), \('triplet', \d\)\] of .*weighted.csv"):
         train.main(make_args(str(tmp_path / "nan-model"), *toy, tmp_path / "out"))
 
 
 def test_settings_that_cannot_make_the_global_batch_are_refused(video_llava_dir, toy, tmp_path):
-    with pytest.raises(ValueError, match="--batch_size 4 is not a multiple of --micro_batch_size 3"):
+    with pytest.raises(ValueError, match="--batch_size 8 is not a multiple of --micro_batch_size 3"):
         train.main(make_args(video_llava_dir, *toy, tmp_path, micro_batch_size=3))
-    with pytest.raises(ValueError, match="8 usable rows, fewer than one --batch_size 16"):
-        train.main(make_args(video_llava_dir, *toy, tmp_path, batch_size=16))
+    with pytest.raises(ValueError, match="--micro_batch_size 1 .at least 2"):
+        train.main(make_args(video_llava_dir, *toy, tmp_path, micro_batch_size=1))
+    with pytest.raises(ValueError, match="16 usable rows, fewer than one --batch_size 32"):
+        train.main(make_args(video_llava_dir, *toy, tmp_path, batch_size=32))
+    with pytest.raises(ValueError, match="--answer_loss 'nope'"):
+        train.main(make_args(video_llava_dir, *toy, tmp_path, answer_loss="nope"))
 
 
 @pytest.fixture
@@ -321,8 +433,8 @@ def test_resume_checks_the_data_and_bad_schedules_are_refused(video_llava_dir, t
     with pytest.raises(ValueError, match=r"written with other settings \(train_csv: '[0-9a-f]{64}' then, "):
         train.main(make_args(video_llava_dir, csv, toy[1], tmp_path, resume=True))
     with pytest.raises(ValueError, match="1 optimizer step with --warmup_steps 1: it runs at lr 0"):
-        train.main(make_args(video_llava_dir, *toy, tmp_path / "warm", batch_size=8, num_epochs=1))
-    with pytest.raises(ValueError, match="--micro_batch_size 0: both must be >= 1"):
+        train.main(make_args(video_llava_dir, *toy, tmp_path / "warm", batch_size=16, num_epochs=1))
+    with pytest.raises(ValueError, match=r"--micro_batch_size 0 \(at least 2"):
         train.main(make_args(video_llava_dir, *toy, tmp_path / "zero", micro_batch_size=0))
 
 

@@ -45,6 +45,23 @@ def build_tokenizer(vocab_size=600, special=SPECIAL, video_token="<video>", imag
                                    pad_token="<pad>", extra_special_tokens={"video_token": video_token, "image_token": image_token})
 
 
+def llama_tokenizer():
+    """A real LLaMA-family SentencePiece tokenizer, offline: Mistral-7B-v0.1's tokenizer.model (32000
+    pieces, the LLaMA-2 recipe: BPE over '▁'-marked words, byte fallback, <s> added), which ships
+    inside the mistral-common package, converted by transformers as a hub LLaMA checkpoint's is.
+    `<video>` is added as a special token, as in Video-LLaVA-7B-hf's tokenizer."""
+    import shutil
+    import tempfile
+    import mistral_common
+    from transformers import LlamaTokenizer
+    folder = tempfile.mkdtemp()
+    shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
+                os.path.join(folder, "tokenizer.model"))
+    tok = LlamaTokenizer.from_pretrained(folder, extra_special_tokens={"video_token": "<video>"})
+    shutil.rmtree(folder)
+    return tok
+
+
 def tiny_video_llava(path, frame_size=32, patch=8, seed=0):
     """A 2-layer CLIP vision tower + 2-layer LLaMA Video-LLaVA, saved (model + processor) to path."""
     model, processor = toyworld.new_video_llava(build_tokenizer(), size=frame_size, patch=patch, seed=seed,

@@ -2,7 +2,8 @@
 square moving left or right, and the CSV that 02_weight.py would write for them.
 
 Layout (as the stages lay it out): <root>/videos/real_K.mp4 (the --video_root) and
-<root>/gen/weighted.csv with syn_video = videos/syn_K.mp4 relative to <root>/gen.
+<root>/gen/weighted.csv with syn_video = videos/syn_K.mp4 relative to <root>/gen, and
+<root>/feedback.csv: VideoCon's explanation (NLE) rows for the same videos, all of split `train`.
 """
 import os
 
@@ -44,4 +45,8 @@ def write_toy_set(root, n=8, weights=None, name="weighted.csv"):
             r["weight"] = weights[k]
     csv_path = os.path.join(root, "gen", name)
     common.write_csv(csv_path, rows)
+    common.write_csv(os.path.join(root, "feedback.csv"), [
+        dict(videopath=r["videopath"], caption=r["caption"], neg_caption=r["neg_caption"], split="train",
+             nle=f"the square moves to the {r['caption'].split()[-1]}, not to the {r['neg_caption'].split()[-1]}")
+        for r in rows])
     return csv_path, os.path.join(root, "videos")
