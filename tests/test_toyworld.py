@@ -264,7 +264,6 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
         tr.check_settings(tr.Args(out_dir=str(tmp_path), bias=False))
 
 
-@pytest.mark.xfail(strict=True, reason="toyworld/pretrained/ still holds the models of the previous recipe (all seven types, patch 8); re-pretrained in the next commit")
 def test_committed_toy_models_are_pretrained():
     """toyworld/pretrained/, which `python -m toyworld.run` uses, holds the models its settings
     pretrain: a base video LLM that tells captions from negatives a frame shows and not (much) from

@@ -277,7 +277,7 @@ def pretrained_missing(models):
     return [m for m in MEMBERS if not os.path.exists(os.path.join(models, m, "pretrain.json"))]
 
 
-def pretrain_member(models, name, base_steps=3000, vqa_steps=2000, pool=3000):
+def pretrain_member(models, name, base_steps=1500, vqa_steps=2000, pool=3000):
     """Pretrain one member of MEMBERS into models/<name> (seeded); the pool of real clips they learn
     from is written to models/pool (not committed)."""
     pool_dir = os.path.join(models, "pool")

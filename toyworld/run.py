@@ -88,7 +88,7 @@ class Args:
     """appearance gap: G's stripes on objects (0..1)"""
     noise: float = 12.0
     """appearance gap: std of G's pixel noise"""
-    base_steps: int = 3000
+    base_steps: int = 1500
     """pretraining steps of the base video LLM (when --models has none)"""
     vqa_steps: int = 2000
     """pretraining steps of each VQA ensemble member (when --models has none)"""

@@ -9,9 +9,11 @@ directions, one thing moving above or below another, or two things moving one af
 The world's bias (paper §1, Fig. 1): in VideoCon, words such as "sombrero" occur only in negative
 captions, so a model fine-tuned on them learns "this word -> No". Here vertical motion ("up",
 "down", NEGATIVE_ONLY) is that concept: with bias=True no real training clip moves up or down, yet
-the training negatives' action edits name those directions; the test sets hold real clips that move
-up and down, with positive captions that name them. bias=False (the control world) draws training
-clips of all four directions.
+every action edit of a single thing in the training negatives names one of them (50-60 of 400
+negatives, seeds 0-2); the test sets hold real clips that move up and down, with positive captions that name them.
+bias=False (the control world) draws training clips of all four directions and edits a direction
+into any other. A bias forms only where the base grounds the concept weakly (issue 12's probe:
+a colour, which the base grounds firmly, formed none).
 
     from toyworld.world import random_scene, negative, caption, parse_caption, render, write_world
 """
@@ -130,12 +132,12 @@ def _other(rng, options, current):
     return rng.choice([o for o in options if o != current])
 
 
-def negative(scene, kind, rng):
+def negative(scene, kind, rng, directions=tuple(MOTIONS)):
     """An edited scene whose caption is a negative of type `kind` for `scene`. An action edit of a
-    single thing picks any other direction (vertical ones too: the editor knows every word)."""
+    single thing picks another of `directions` (the biased world's editor: NEGATIVE_ONLY)."""
     a, *rest = scene.things
     if kind == "action":
-        motions = ["left", "right"] if len(scene.things) > 1 else list(MOTIONS)
+        motions = ["left", "right"] if len(scene.things) > 1 else list(directions)
         return replace(scene, things=(replace(a, motion=_other(rng, motions, a.motion)), *rest))
     if kind == "attribute":
         return replace(scene, things=(replace(a, colour=_other(rng, list(COLOURS), a.colour)), *rest))
@@ -243,15 +245,17 @@ def write_clip(root, name, scene, seed):
     return path
 
 
-def triplets(root, prefix, n, rng, split, vertical=True):
+def triplets(root, prefix, n, rng, split, bias=False):
     """n VideoCon-layout rows (videopath, caption, neg_caption, misalignment, split): one real clip
-    and one negative of a pick_type type each; no clip moves up or down unless `vertical`."""
+    and one negative of a pick_type type each. With `bias` no clip moves up or down, and an action
+    edit of a single thing always swaps in "up" or "down" (as VideoCon's LLM swaps in a sombrero)."""
     rows = []
     for i in range(n):
-        scene = random_scene(rng, vertical=vertical)
+        scene = random_scene(rng, vertical=not bias)
         kind = pick_type(scene, rng)
+        neg = negative(scene, kind, rng, NEGATIVE_ONLY if bias else tuple(MOTIONS))
         rows.append({"videopath": write_clip(root, f"{prefix}{i:05d}", scene, rng.randrange(2**31)),
-                     "caption": caption(scene), "neg_caption": caption(negative(scene, kind, rng)),
+                     "caption": caption(scene), "neg_caption": caption(neg),
                      "misalignment": kind, "split": split})
     return rows
 
@@ -325,7 +329,7 @@ def write_world(root, seed, n_train=400, n_test=300, ssv2_groups=8, atp_question
     from common import write_csv
     files = world_files(root, seed)
     if not os.path.exists(files["train"]):
-        write_csv(files["train"], triplets(root, f"train_s{seed}_", n_train, random.Random(seed), "train", vertical=not bias))
+        write_csv(files["train"], triplets(root, f"train_s{seed}_", n_train, random.Random(seed), "train", bias))
     if not os.path.exists(files["atphard"]):  # the test sets, written last: their presence means all are there
         rng = random.Random(10**6)
         write_csv(files["videocon_llm"], triplets(root, "test_", n_test, rng, "test"))
