@@ -4,11 +4,13 @@ like hub checkpoints (model + processor), so the stages load them by path.
 
 The base is pretrained like a generic video LLM: it captions clips (a language-model loss on every
 caption) and answers the entailment question on negatives that ONE FRAME shows (colour, shape,
-count, relation, a thing that is not there), never on direction or order (BASE_TYPES). So it is
-strong on what a frame shows and weak on temporal distinctions, and VideoCon-style fine-tuning on
-all seven types has something to teach (paper Table 3: zero-shot 62.98 -> VideoCon 85.86 AUC).
-The VQA members see one frame and are pretrained on all seven types: they learn what a frame can
-show (the direction trail too) and cannot learn event order (paper Fig. 2).
+count, relation, a thing that is not there), never on direction or order (BASE_TYPES), so that
+it is weak on temporal distinctions, as a generic video LLM is (paper Table 3: zero-shot 62.98 ->
+VideoCon 85.86 AUC). Measured (README): at chance on direction, but also on shape (16x16 patches),
+and VideoCon-style fine-tuning did not teach it direction.
+The VQA members see one frame and are pretrained on all seven types: they learn what a frame shows
+and cannot learn event order (paper Fig. 2); measured, they do not learn the direction trail
+either (README: "The toy models").
 
 Pretrain all four anew into another folder (seeded; README has the times), then use them:
     python -m toyworld.run --models runs/pretrained --seeds
@@ -16,7 +18,6 @@ Pretrain all four anew into another folder (seeded; README has the times), then 
 """
 import os
 import random
-from dataclasses import dataclass
 
 import numpy as np
 
