@@ -20,9 +20,9 @@ my.csv: any CSV with the four columns above):
     python tests/tiny_generate.py /tmp/tiny-cogvideox
     python 01_generate.py --input_csv my.csv --out_dir /tmp/gen --pipeline /tmp/tiny-cogvideox \\
         --height 32 --width 64 --num_frames 9 --num_inference_steps 2 --limit 4
-The classroom's toy generator (toyworld.py), chosen by name like any "module:Class" generator:
+The classroom's toy generator (toyworld/generator.py), chosen by name like any "module:Class" generator:
     python 01_generate.py --input_csv runs/toy/world/train_s0.csv --out_dir /tmp/gen \\
-        --pipeline toyworld:ToyGenerator --pipeline_kwargs '{"noise": 0}'
+        --pipeline toyworld.generator:ToyGenerator --pipeline_kwargs '{"noise": 0}'
 
 The generator: any diffusers text-to-video pipeline, by hub id or local folder. The default is
 CogVideoX-5b at the paper's settings (720x480, 49 frames, 8 fps). The paper names "CogVideoX"
@@ -75,7 +75,7 @@ class Args:
     """where videos/, generated.csv and generate_args.json go"""
     pipeline: str = "THUDM/CogVideoX-5b"
     """G: a diffusers text-to-video pipeline, hub id or local folder (see PIPELINE_DEFAULTS), or a
-    Python class "module:Class" called like one (e.g. toyworld:ToyGenerator, the classroom's)"""
+    Python class "module:Class" called like one (e.g. toyworld.generator:ToyGenerator, the classroom's)"""
     pipeline_kwargs: str = ""
     """JSON keyword arguments for G: a module:Class generator's constructor (e.g. '{"noise": 0}'), or
     diffusers' from_pretrained (e.g. '{"variant": "fp16"}')"""
@@ -148,7 +148,7 @@ def video_name(row):
 
 
 # ---- §4: the generator G and its settings -------------------------------------------------------
-PYTHON_CLASS = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # "module:Class", e.g. toyworld:ToyGenerator
+PYTHON_CLASS = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # "module:Class", e.g. toyworld.generator:ToyGenerator
 
 
 def python_class(spec):

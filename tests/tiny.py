@@ -12,7 +12,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [] if ROOT in sys.path else [ROOT]  # `python tests/tiny_*.py DIR` finds the repo's modules
-import toyworld  # noqa: E402
+from toyworld.models import new_video_llava  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "videocon")
 REAL_MP4 = os.path.join(SHARED, "y5xuvHpDPZQ_000005_000015.mp4")
@@ -64,7 +64,7 @@ def llama_tokenizer():
 
 def tiny_video_llava(path, frame_size=32, patch=8, seed=0):
     """A 2-layer CLIP vision tower + 2-layer LLaMA Video-LLaVA, saved (model + processor) to path."""
-    model, processor = toyworld.new_video_llava(build_tokenizer(), size=frame_size, patch=patch, seed=seed,
+    model, processor = new_video_llava(build_tokenizer(), size=frame_size, patch=patch, seed=seed,
                                                 text_layers=2)
     model.save_pretrained(path)
     processor.save_pretrained(path)

@@ -14,15 +14,15 @@ import os
 import torch
 
 import tiny
-import toyworld
+from toyworld.models import new_llava
 
 VQA_LINES = ['Question: Does this figure show ""? Please answer yes or no. Answer:'] * 500 + ["yes no Yes No"] * 2000
 
 
 def tiny_llava(path, frame_size=32, patch=8, seed=0):
-    """LLaVA-1.5 at toy size (toyworld.new_llava: CLIP vision + 2-layer LLaMA, llava-1.5's chat
+    """LLaVA-1.5 at toy size (toyworld.models.new_llava: CLIP vision + 2-layer LLaMA, llava-1.5's chat
     template) with the tiny BPE tokenizer of tiny.py, saved to path."""
-    model, processor = toyworld.new_llava(tiny.build_tokenizer(), frame_size, patch, seed, text_layers=2)
+    model, processor = new_llava(tiny.build_tokenizer(), frame_size, patch, seed, text_layers=2)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
