@@ -176,3 +176,19 @@ def test_qwen_vl_trains_and_two_processes_match_one(family_dir, toy, tmp_path):
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0)
     lines = [l for l in open(tmp_path / "one" / "log.jsonl")]
     assert len(lines) == 2 and '"loss": NaN' not in lines[-1]
+
+
+@torch.no_grad()
+def test_yes_no_logits_are_float32_on_a_bf16_model(video_llava_dir):
+    """Issue 13 item 6: in bf16 the two LM-head rows are applied in float32 to the final hidden state,
+    so the scores are not the bf16 logits' coarse grid (which ties retrieval candidates)."""
+    model, processor = common.load_video_llm(video_llava_dir, dtype=torch.bfloat16)
+    videos, captions = [tiny.moving_square(seed=0)], [CAPTIONS[k % 5] + " " * (k // 5) for k in range(20)]
+    a = common.alignment_logits(model, processor, videos, captions, [0] * 20)
+    states, logits = common.answer_states(model, processor, videos, captions, [0] * 20)
+    yes, no = yes_no(processor, model, captions[0])
+    head = model.lm_head.weight[[yes, no]].float()
+    exact = torch.stack([s[0].float() @ head.T for s in states])  # (20, 2), float32 from the bf16 states
+    torch.testing.assert_close(a, exact[:, 0] - exact[:, 1], atol=1e-6, rtol=0)
+    coarse = torch.stack([z[0, yes] - z[0, no] for z in logits])  # the bf16 logits, upcast afterwards
+    assert a.dtype == torch.float32 and (a - coarse).abs().max() > 1e-5
