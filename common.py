@@ -456,17 +456,16 @@ def shared_prefix_attention(module, query, key, value, attention_mask, suffix_wi
     """sdpa, except on answer_states' rows [prefix | suffixes] (suffix_windows given): there the prefix
     (columns < P) attends causally to itself through sdpa's causal kernel, unmasked, and the suffix
     queries go in windows of columns [a, b), each to the prefix and to columns [lo, b) (lo: where the
-    window's first suffixes start) through the suffix queries' mask (rows, 1, W - P, W). The same numbers
-    as sdpa with the whole square mask, at a fraction of the cost: sdpa computes masked-out scores too."""
+    window's first suffix starts) under the window's own mask (rows, 1, b - a, P + b - lo), built once
+    by answer_states (attention_mask is then not read). The same numbers as sdpa with the whole
+    square mask, at a fraction of the cost: sdpa computes masked-out scores too."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward as sdpa
     if not suffix_windows:
         return sdpa(module, query, key, value, attention_mask, **kwargs)
     P = suffix_windows[0][0]
     out = [sdpa(module, query[:, :, :P], key[:, :, :P], value[:, :, :P], None, is_causal=True, **kwargs)[0]]
-    for a, b, lo in suffix_windows:
+    for a, b, lo, mask in suffix_windows:
         k, v = (torch.cat([x[:, :, :P], x[:, :, lo:b]], dim=2) for x in (key, value))  # (batch, heads, keys, dim)
-        mask = attention_mask[:, :, a - P:b - P]
-        mask = torch.cat([mask[..., :P], mask[..., lo:b]], dim=-1)
         out.append(sdpa(module, query[:, :, a:b], k, v, mask, **kwargs)[0])
     return torch.cat(out, dim=1), None  # (batch, length, heads, head_dim)
 
@@ -631,9 +630,9 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
     """Eq. (1)'s forward pass: the LM's final hidden states and logits where it predicts each
     (video, caption) pair's answer, from ONE forward in which each video's prompt prefix runs once.
 
-    Every prompt of a video starts with the same tokens, up to and including the video (the prefix:
-    ~2,060 of Video-LLaVA-7B's ~2,100); only the suffix (question, answer cue, teacher-forced answer
-    tokens) differs per pair. A row of the batch holds one video's prefix, then its pairs' suffixes one
+    Every prompt of a video starts with the same tokens, up to and including the video and the text
+    after it that all the prompts share (the prefix: ~2,070 of Video-LLaVA-7B's ~2,100); only the
+    suffix (caption, answer cue, teacher-forced answer tokens) differs per pair. A row of the batch holds one video's prefix, then its pairs' suffixes one
     after another; a 4-D attention mask lets a suffix token see the prefix and the visible tokens of its
     own suffix (t' words hidden), never another suffix, and every suffix's positions go on from the
     prefix's end. So each state equals that of the pair's whole prompt run alone, and gradients
@@ -650,7 +649,7 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
     video_index = list(range(n)) if video_index is None else list(video_index)
     video_id, pad = hf.config.video_token_id, processor.tokenizer.pad_token_id or 0
     # ---- each prompt, cut after its video placeholder: the shared prefix, then the pair's suffix ----
-    heads, tails, shown = {}, [], []
+    heads, tails, shown, lengths = {}, [], [], []
     for i, caption in enumerate(captions):
         text, ids, offsets, visible = prompt_tokens(processor, hf.config.model_type, caption,
                                                     hidden[i] if hidden else None, prompt,
@@ -659,11 +658,24 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
         heads[tuple(ids[:cut])] = text[:offsets[cut - 1][1]] if all(visible[:cut]) else None
         fed = list(answers[i][:-1]) if answers else []  # the last answer token is predicted, never read
         tails.append(ids[cut:] + fed); shown.append(visible[cut:] + [True] * len(fed))  # noqa: E702
+        lengths.append(len(ids) - cut)  # the prompt's own tokens after the video
     if len(heads) != 1 or None in heads.values() or next(iter(heads)).count(video_id) != 1:
         raise ValueError(f"the prompts must share one prefix with one video placeholder (id {video_id}), "
                          "the caption after it")
     (head, head_text), = heads.items()
     prefix, positions, starts, encoded = video_prefixes(model, processor, videos, list(head), head_text, features)
+    # the text after the video that every prompt shares (e.g. `\nDoes this video entail the description: "`)
+    # joins the prefix: run once per video, not once per pair. Each suffix keeps at least its prompt's
+    # last token (where the answer is predicted); text positions go on one by one (all d dimensions).
+    common_text = 0
+    while (common_text < min(lengths) - 1 and all(s[common_text] for s in shown)
+           and len({t[common_text] for t in tails}) == 1):
+        common_text += 1
+    shared, tails, shown = tails[0][:common_text], [t[common_text:] for t in tails], [s[common_text:] for s in shown]
+    at = [torch.arange(s, s + common_text).expand(len(p), common_text) for s, p in zip(starts, positions)]
+    prefix = [torch.cat([p, torch.tensor(shared, dtype=p.dtype)]) for p in prefix]
+    positions = [torch.cat([p, x], dim=1) for p, x in zip(positions, at)]
+    starts = [s + common_text for s in starts]
     # ---- rows [one video's prefix, padded to the longest | its pairs' suffixes, one after another] ----
     groups = []
     for v in sorted(set(video_index)):
@@ -685,17 +697,26 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
             block[r, at:at + m], first[r, at:at + m] = i, at
             pos[:, r, at:at + m], keep[r, at + m - k:at + m] = starts[v] + torch.arange(m), True
             order.append(i); at += m  # noqa: E702
-    # the suffix queries' additive mask, built once (sdpa would convert a bool mask in every layer);
-    # shared_prefix_attention runs the prefix causally, unmasked
+    # the suffix queries' additive masks, built once (sdpa would convert a bool mask in every layer):
+    # a suffix token sees the real prefix and the visible tokens of its own suffix, causally
     zero, low = torch.tensor([0, torch.finfo(hf.dtype).min], dtype=hf.dtype)
     S = W - P
     own = (block[:, P:, None] == block[:, None, P:]) & torch.ones(S, S, dtype=torch.bool).tril() & visible[:, None, P:]
-    mask = torch.cat([torch.where(visible[:, None, :P], zero, low).expand(R, S, P), torch.where(own, zero, low)], dim=2)
-    mask = mask[:, None]  # (rows, 1, S, W)
-    if hf.config.get_text_config()._attn_implementation != "sdpa_shared_prefix":  # sdpa, eager: the whole square
-        causal = torch.where(torch.ones(P, W, dtype=torch.bool).tril(), zero, low)
-        mask = torch.cat([causal.expand(R, 1, P, W), mask], dim=2)
-    windows = [(a, min(a + SUFFIX_WINDOW, W), int(first[:, a].min())) for a in range(P, W, SUFFIX_WINDOW)]
+    seen = torch.where(visible[:, None, :P], zero, low)  # (rows, 1, P): the prefix's real tokens
+    if hf.config.get_text_config()._attn_implementation == "sdpa_shared_prefix":
+        # shared_prefix_attention runs the prefix causally, unmasked, and each window of suffix queries
+        # [a, b) against the prefix and columns [lo, b) under its own mask; attention_mask is not read
+        windows = []
+        for a in range(P, W, SUFFIX_WINDOW):
+            b, lo = min(a + SUFFIX_WINDOW, W), int(first[:, a].min())
+            part = torch.where(own[:, a - P:b - P, lo - P:b - P], zero, low)
+            windows.append((a, b, lo, torch.cat([seen.expand(R, b - a, P), part], dim=2)[:, None].to(hf.device)))
+        mask = torch.zeros(R, 1, 0, W, dtype=hf.dtype)
+    else:  # sdpa, eager: the whole square (rows, 1, W, W)
+        windows = []
+        suffix_rows = torch.cat([seen.expand(R, S, P), torch.where(own, zero, low)], dim=2)
+        mask = torch.cat([torch.where(torch.ones(P, W, dtype=torch.bool).tril(), zero, low).expand(R, P, W),
+                          suffix_rows], dim=1)[:, None]
     pick = lambda x: x[[v for v, _ in groups]] if torch.is_tensor(x) else tuple(x[v] for v, _ in groups)  # noqa: E731
     video = type(encoded)(pooler_output=pick(encoded.pooler_output))  # each row's video
     if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL adds vision features in early layers
