@@ -4,11 +4,13 @@ concepts, the committed models are the pretrained ones, and the one command runs
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
 
 import common
+import tiny
 from toyworld import generator as tg
 from toyworld import models as tm
 from toyworld import run as tr
@@ -296,3 +298,36 @@ def test_no_seeds_only_makes_sure_the_models_are_there(tmp_path):
     in out_dir, so a later run there with other --models is not refused."""
     assert tr.main(tr.Args(out_dir=str(tmp_path), seeds=[])) == []
     assert not (tmp_path / "toyworld_args.json").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_run_ends_its_workers(tmp_path, sig):
+    """SIGTERM (`kill`, a job scheduler; Ctrl-C is handled alike) to `python -m toyworld.run` while its
+    workers are busy: it exits at once, says how to go on, and no worker outlives it; after SIGKILL
+    too, the workers end themselves. Here the workers pretrain two models for a million steps."""
+    import signal
+    import subprocess
+    import time
+    models = tmp_path / "models"
+    argv = ["--out_dir", str(tmp_path / "run"), "--models", str(models), "--seeds", "0", "--pool", "8",
+            "--base_steps", str(10**6), "--vqa_steps", str(10**6)]
+    proc = subprocess.Popen([sys.executable, "-m", "toyworld.run", *argv], cwd=tr.ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while len([m for m in tm.MEMBERS if (models / "logs" / f"{m}.log").exists()]) < 2:
+            assert proc.poll() is None and time.time() < deadline, "pretraining never started"
+            time.sleep(0.2)
+        workers = tiny.children(proc.pid)
+        assert len(workers) >= 2, workers
+        proc.send_signal(getattr(signal, sig))
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert sig == "SIGKILL" or ("stopped: 1 of " in out and "the same command goes on" in out), out[-2000:]
+    deadline = time.time() + 10
+    while any(map(tiny.running, workers)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [w for w in workers if tiny.running(w)], "a worker outlived the stopped run"

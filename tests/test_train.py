@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import tiny
 import tiny_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -438,18 +439,6 @@ def test_resume_checks_the_data_and_bad_schedules_are_refused(video_llava_dir, t
         train.main(make_args(video_llava_dir, *toy, tmp_path / "zero", micro_batch_size=0))
 
 
-def children(pid):
-    path = f"/proc/{pid}/task/{pid}/children"
-    return [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
-
-
-def running(pid):
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_run_leaves_no_dataloader_worker(video_llava_dir, toy, tmp_path):
     """Issue 14 item 15: SIGKILL the training process mid-run; its DataLoader workers end with it."""
@@ -466,15 +455,15 @@ def test_a_killed_run_leaves_no_dataloader_worker(video_llava_dir, toy, tmp_path
             assert proc.poll() is None and time.time() < deadline, "the run ended before its first step"
             time.sleep(0.2)
         time.sleep(2)  # the workers fill their prefetch queue
-        workers = children(proc.pid)
+        workers = tiny.children(proc.pid)
         assert len(workers) == 2
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     deadline = time.time() + 20  # PyTorch's own watchdog would need >= 5 s, when it is not blocked
-    while any(map(running, workers)) and time.time() < deadline:
+    while any(map(tiny.running, workers)) and time.time() < deadline:
         time.sleep(0.2)
-    left = [w for w in workers if running(w)]
+    left = [w for w in workers if tiny.running(w)]
     for w in left:
         os.kill(w, signal.SIGKILL)
     assert not left, f"{len(left)} DataLoader worker(s) outlived the killed run"

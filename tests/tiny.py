@@ -157,3 +157,18 @@ def moving_square(num_frames=8, size=32, color=(255, 0, 0), direction=1, seed=0)
         x = int((t if direction > 0 else num_frames - 1 - t) * (size - 8) / max(num_frames - 1, 1))
         frames[t, size // 2 - 4: size // 2 + 4, x: x + 8] = color
     return frames
+
+
+# ---- processes (Linux /proc): the tests that kill a run check that its helper processes end with it ----
+def children(pid):
+    """The pids of a process's children."""
+    path = f"/proc/{pid}/task/{pid}/children"
+    return [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
+
+
+def running(pid):
+    """Whether a process exists and is not a zombie."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

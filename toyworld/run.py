@@ -17,6 +17,7 @@ then rerun the same command: only the new row is trained and evaluated.
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -120,10 +121,21 @@ def finetune_flags(args, seed):
 
 
 # ---- the workers: each imports torch once, then runs stage after stage -----------------------------
-def init_worker(threads):
+def init_worker(threads, driver):
+    """A worker: one thread; it ends itself when the driver (pid) is gone, even killed by SIGKILL
+    (a thread polls its parent: the kernel's PR_SET_PDEATHSIG would fire when the driver THREAD
+    that spawned it ends, and the pool spawns from the driver's threads); Ctrl-C is the driver's to
+    handle (it ends the workers), not each worker's."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     sys.path[:0] = [] if ROOT in sys.path else [ROOT]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while os.getppid() == driver:
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
     import torch
     torch.set_num_threads(threads)
 
@@ -171,7 +183,7 @@ class Workers:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
         self.pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=init_worker, initargs=(1,))
+                                        initializer=init_worker, initargs=(1, os.getpid()))
         self.start, self.done, self.total = time.time(), 0, total
         self.lock = threading.Lock()
 
@@ -182,6 +194,13 @@ class Workers:
         with self.lock:
             self.done += 1
             print(f"[{time.time() - self.start:5.0f} s] {self.done}/{self.total} {what} ({seconds:.0f} s){note()}", flush=True)
+
+    def kill(self):
+        """End the workers now (their running steps are lost; finished ones are on disk): the
+        driver's threads that wait on them get BrokenProcessPool and return."""
+        import multiprocessing
+        for process in multiprocessing.active_children():
+            process.kill()
 
 
 # ---- one seed: the world, 01 -> 02; then 03 -> 04 for each row ---------------------------------------
@@ -308,6 +327,11 @@ def main(args):
     trained = [m for m in methods if METHODS[m] is not None]
     steps = len(args.seeds) * (3 + 2 * len(trained)) + (len(methods) - len(trained))
     workers = Workers(args.jobs, steps)
+
+    def stop(signum, frame):  # Ctrl-C, `kill`, a job scheduler: end the workers first, so that the
+        workers.kill()  # driver's threads that wait on them return and the driver can exit
+        raise KeyboardInterrupt
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         ensure_models(args, workers)
         if not args.seeds:
@@ -332,8 +356,13 @@ def main(args):
                 for m in methods:
                     futures[s, m] = threads.submit(row, s, m)
             per_seed = [{m: futures[s, m].result() for m in methods} for s in args.seeds]
+    except KeyboardInterrupt:
+        raise SystemExit(f"stopped: {workers.done} of {steps} steps were done, and are kept; the same command "
+                         "goes on from them") from None
     finally:
-        workers.pool.shutdown()
+        workers.pool.shutdown(cancel_futures=True)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     wall = time.time() - start
     # ---- the tables and figures ----
     fig2s = [report.fig2_stats(os.path.join(args.out_dir, f"seed{s}", "generate", "weighted.csv"), generator_kwargs(args))
