@@ -106,8 +106,9 @@ class Args:
     """03's global batch in triplets per step, one micro-batch (03 counts 2 released rows a triplet)"""
     warmup_steps: int = 5
     """03's linear warm-up steps"""
-    jobs: int = 2
-    """worker processes, each running one stage at a time with one thread (2 for a 2-core CPU)"""
+    jobs: int = (os.cpu_count() or 1) + 1
+    """worker processes, each running one stage at a time with one thread (default: one more than
+    the CPU cores, so that a run's last steps share the cores instead of waiting in line)"""
 
 
 def finetune_flags(args, seed):
@@ -115,7 +116,7 @@ def finetune_flags(args, seed):
     03's defaults does not move the toy table."""
     return ["--lr", args.lr, "--num_epochs", args.num_epochs, "--batch_size", 2 * args.batch_size,
             "--micro_batch_size", 2 * args.batch_size, "--warmup_steps", args.warmup_steps, "--lambda_scr", 1.0,
-            "--gamma", 0.2, "--lora_r", 32, "--lora_alpha", 32, "--lora_dropout", 0.05, "--weight_decay", 1e-4,
+            "--gamma", 0.2, "--lora_r", 32, "--lora_alpha", 32, "--lora_dropout", 0.0, "--weight_decay", 1e-4,
             "--max_grad_norm", 1.0, "--num_frames", 8, "--frame_sampling", "uniform", "--prompt", "llava_v1",
             "--no-bf16", "--no-gradient_checkpointing", "--num_workers", 0, "--save_every", 10**6, "--seed", seed]
 
