@@ -138,7 +138,7 @@ def test_pretraining_runs_saves_and_loads(tmp_path, kind):
     assert [sorted(r) for r in log] == [["answer", "lm", "prefix", "step"]] * 2
     if kind == "video":
         result = tm.entailment_auc(model, processor, n=16)
-        assert 0.0 <= result["all"] <= 100.0
+        assert 0.0 <= result["all"] <= 100.0 and 0.0 <= tm.direction_naming(model, processor, n=8) <= 100.0
 
 
 def test_prefix_labels_mark_where_the_negative_departs():
@@ -157,6 +157,26 @@ def test_prefix_labels_mark_where_the_negative_departs():
     assert prefix.item() < 1e-6  # exactly these targets
     logits[1, :, no], logits[1, :, yes] = 0.0, 50.0  # "Yes" where the negative has departed: a large loss
     assert tm.caption_losses(logits, ids, 1, yes, no, quote, tok.pad_token_id)[1].item() > 1.0
+
+
+def test_caption_lm_counts_direction_words_by_their_weight():
+    """caption_losses' LM loss with word_weights(tok, 5): the mean over the opening quote and the
+    caption's words in which the word that names a direction counts 5 times; with no weights the
+    plain mean."""
+    import torch
+    import torch.nn.functional as F
+    tok = tm.build_tokenizer()
+    ids = torch.tensor([tok('x "a red square moves left" y')["input_ids"]] * 2)
+    yes, no, quote = tok.convert_tokens_to_ids("Yes"), tok.convert_tokens_to_ids("No"), tok.convert_tokens_to_ids('"')
+    logits = torch.randn(2, ids.shape[1], len(tok), generator=torch.Generator().manual_seed(0))
+    per_word = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+    w = (((ids[0] == quote).cumsum(0) == 1)[1:]).float()  # predicts '"a red square moves left'
+    assert w.sum() == 6
+    plain = tm.caption_losses(logits, ids, 1, yes, no, quote, tok.pad_token_id)[0]
+    assert plain.item() == pytest.approx((per_word * w).sum().item() / 6)
+    w[ids[0, 1:] == tok.convert_tokens_to_ids("left")] = 5.0
+    weighted = tm.caption_losses(logits, ids, 1, yes, no, quote, tok.pad_token_id, tm.word_weights(tok, 5.0))[0]
+    assert weighted.item() == pytest.approx((per_word * w).sum().item() / 10)
 
 
 def test_the_biased_world_names_its_concepts_only_in_training_negatives(tmp_path):
