@@ -631,11 +631,11 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
     (video, caption) pair's answer, from ONE forward in which each video's prompt prefix runs once.
 
     Every prompt of a video starts with the same tokens, up to and including the video and the text
-    after it that all the prompts share (the prefix: ~2,070 of Video-LLaVA-7B's ~2,100); only the
-    suffix (caption, answer cue, teacher-forced answer tokens) differs per pair. A row of the batch holds one video's prefix, then its pairs' suffixes one
-    after another; a 4-D attention mask lets a suffix token see the prefix and the visible tokens of its
-    own suffix (t' words hidden), never another suffix, and every suffix's positions go on from the
-    prefix's end. So each state equals that of the pair's whole prompt run alone, and gradients
+    after it that all the prompts share (the prefix: ~2,104 of Video-LLaVA-7B's ~2,127); only the
+    suffix (caption, answer cue, teacher-forced answer tokens) differs per pair. A row of the batch
+    holds one video's prefix, then its pairs' suffixes one after another; a 4-D attention mask lets a
+    suffix token see the prefix and the visible tokens of its own suffix (t' words hidden), never
+    another suffix, and every suffix's positions go on from the prefix's end. So each state equals that of the pair's whole prompt run alone, and gradients
     (outside no_grad) flow through the suffixes and the prefix, with activation checkpointing as usual.
 
     videos, captions, video_index, hidden, features, prompt: as alignment_logits;
@@ -672,9 +672,9 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
            and len({t[common_text] for t in tails}) == 1):
         common_text += 1
     shared, tails, shown = tails[0][:common_text], [t[common_text:] for t in tails], [s[common_text:] for s in shown]
-    at = [torch.arange(s, s + common_text).expand(len(p), common_text) for s, p in zip(starts, positions)]
+    more = [torch.arange(s, s + common_text).expand(len(p), common_text) for s, p in zip(starts, positions)]
     prefix = [torch.cat([p, torch.tensor(shared, dtype=p.dtype)]) for p in prefix]
-    positions = [torch.cat([p, x], dim=1) for p, x in zip(positions, at)]
+    positions = [torch.cat([p, x], dim=1) for p, x in zip(positions, more)]
     starts = [s + common_text for s in starts]
     # ---- rows [one video's prefix, padded to the longest | its pairs' suffixes, one after another] ----
     groups = []
