@@ -635,8 +635,9 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
     suffix (caption, answer cue, teacher-forced answer tokens) differs per pair. A row of the batch
     holds one video's prefix, then its pairs' suffixes one after another; a 4-D attention mask lets a
     suffix token see the prefix and the visible tokens of its own suffix (t' words hidden), never
-    another suffix, and every suffix's positions go on from the prefix's end. So each state equals that of the pair's whole prompt run alone, and gradients
-    (outside no_grad) flow through the suffixes and the prefix, with activation checkpointing as usual.
+    another suffix, and every suffix's positions go on from the prefix's end. So each state equals
+    that of the pair's whole prompt run alone, and gradients (outside no_grad) flow through the
+    suffixes and the prefix, with activation checkpointing as usual.
 
     videos, captions, video_index, hidden, features, prompt: as alignment_logits;
     questions: optional per-pair question templates with one {caption} field (default QUESTION);
