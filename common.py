@@ -704,17 +704,16 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
     S = W - P
     own = (block[:, P:, None] == block[:, None, P:]) & torch.ones(S, S, dtype=torch.bool).tril() & visible[:, None, P:]
     seen = torch.where(visible[:, None, :P], zero, low)  # (rows, 1, P): the prefix's real tokens
+    windows = []
     if hf.config.get_text_config()._attn_implementation == "sdpa_shared_prefix":
         # shared_prefix_attention runs the prefix causally, unmasked, and each window of suffix queries
         # [a, b) against the prefix and columns [lo, b) under its own mask; attention_mask is not read
-        windows = []
         for a in range(P, W, SUFFIX_WINDOW):
             b, lo = min(a + SUFFIX_WINDOW, W), int(first[:, a].min())
             part = torch.where(own[:, a - P:b - P, lo - P:b - P], zero, low)
             windows.append((a, b, lo, torch.cat([seen.expand(R, b - a, P), part], dim=2)[:, None].to(hf.device)))
         mask = torch.zeros(R, 1, 0, W, dtype=hf.dtype)
     else:  # sdpa, eager: the whole square (rows, 1, W, W)
-        windows = []
         suffix_rows = torch.cat([seen.expand(R, S, P), torch.where(own, zero, low)], dim=2)
         mask = torch.cat([torch.where(torch.ones(P, W, dtype=torch.bool).tril(), zero, low).expand(R, P, W),
                           suffix_rows], dim=1)[:, None]
