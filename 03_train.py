@@ -63,7 +63,8 @@ from common import WEIGHTINGS
 
 TERMS = ("loss", "l_real", "l_syn", "l_scr", "l_nle")  # Eq. (7), its three terms and the NLE loss, logged apart
 NLE_QUESTION = 'What is the misalignment between this video and the description: "{caption}"?'  # VideoCon's
-RUN_ONLY = ("out_dir", "resume", "max_steps", "num_workers", "save_every", "gradient_checkpointing")  # no effect on weights
+RUN_ONLY = ("out_dir", "resume", "max_steps", "num_workers", "cache_videos", "save_every",
+            "gradient_checkpointing")  # no effect on weights
 # LoRA on the language model's linear layers only; the vision tower's q/k/v_proj stay frozen.
 LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -132,6 +133,10 @@ class Args:
     """recompute the LLM's activations in the backward pass (non-reentrant)"""
     num_workers: int = 2
     """DataLoader processes that decode the next micro-batches' videos"""
+    cache_videos: bool = False
+    """keep every decoded video in memory (in each process that decodes), so later epochs do not
+    decode it again: for small sets trained over several epochs, like the toy world's; all of
+    VideoCon would not fit"""
     save_every: int = 100
     """write a checkpoint every this many optimizer steps"""
     resume: bool = False
@@ -271,10 +276,16 @@ def micro_batches(plan, step, accum, dist):
     raise IndexError(f"step {step} is past the end of the plan")
 
 
-def load_videos(batch, args):
-    """DataLoader collate (runs in a worker): decode each distinct video of a micro-batch once."""
+def load_videos(batch, args, cache=None):
+    """DataLoader collate (runs in a worker): decode each distinct video of a micro-batch once; with
+    a `cache` (a dict: --cache_videos) each video only the first time this process meets it."""
     paths = list(dict.fromkeys([r["real"] for r in batch] + [r["syn"] for r in batch if r.get("syn")]))
-    return batch, paths, [common.read_video(p, args.num_frames, args.frame_sampling) for p in paths]
+    if cache is None:
+        return batch, paths, [common.read_video(p, args.num_frames, args.frame_sampling) for p in paths]
+    for p in paths:
+        if p not in cache:
+            cache[p] = common.read_video(p, args.num_frames, args.frame_sampling)
+    return batch, paths, [cache[p] for p in paths]
 
 
 def die_with(parent, worker_id):
@@ -481,7 +492,7 @@ def main(args):
 
     loader = torch.utils.data.DataLoader(
         items, batch_sampler=[mb for s in range(start, stop) for mb in micro_batches(epochs, s, accum, dist)],
-        collate_fn=functools.partial(load_videos, args=args), num_workers=args.num_workers,
+        collate_fn=functools.partial(load_videos, args=args, cache={} if args.cache_videos else None), num_workers=args.num_workers,
         worker_init_fn=functools.partial(die_with, os.getpid()))
     batches = iter(loader)
     for step in range(start, stop):

@@ -56,9 +56,13 @@ def test_things_move_in_the_stated_direction_and_one_frame_shows_it(motion, axis
     frames = tw.render(tw.parse_caption(f"a red square moves {motion}"))
     track = centre(frames, "red")[axis]
     assert (np.sign(np.diff(track)) == sign).all()
-    trail = (frames[4].astype(int) - frames[4].min(axis=(0, 1))).sum(-1) > 30  # the thing and its fading copies
+    nose = (frames == tw.NOSE).all(-1)  # (FRAMES, SIZE, SIZE)
+    trail = ((frames[4].astype(int) - frames[4].min(axis=(0, 1))).sum(-1) > 30) & ~nose[4]  # the thing, its fading copies
     ys, xs = np.nonzero(trail)
     assert sign * ((xs, ys)[axis].mean() - track[4]) < -1  # the trail lies behind the thing in a single frame
+    for f in range(tw.FRAMES):  # and its nose, 2 x 3 pixels, ahead of it in every frame
+        ys, xs = np.nonzero(nose[f])
+        assert len(xs) == 6 and sign * ((xs, ys)[axis].mean() - track[f]) > tw.OBJ / 2
 
 
 def test_events_happen_in_the_stated_order():
@@ -297,7 +301,8 @@ def test_committed_toy_models_are_pretrained():
     args = tr.Args()
     base = os.path.join(args.models, "base_video_llava")
     info = json.load(open(os.path.join(base, "pretrain.json")))
-    assert (info["steps"], info["types"], info["pool"]) == (args.base_steps, list(tm.BASE_TYPES), args.pool)
+    assert (info["steps"], info["types"], info["pool"], info["prompt"]) == (args.base_steps, list(tm.BASE_TYPES), args.pool,
+                                                                           tw.PROMPT)
     model, processor = common.load_video_llm(base)
     auc = tm.entailment_auc(model, processor, n=128)
     assert min(auc["attribute"], auc["count"]) > 85 and auc["action"] < 75, auc
@@ -307,7 +312,8 @@ def test_committed_toy_models_are_pretrained():
     texts = [tw.caption(s) for s in clips] + [tw.caption(tw.random_scene(rng)) for _ in clips]
     for i in range(len(tm.VQA_MEMBERS)):
         member = os.path.join(args.models, f"vqa_{i}")
-        assert json.load(open(os.path.join(member, "pretrain.json")))["steps"] == args.vqa_steps
+        info = json.load(open(os.path.join(member, "pretrain.json")))
+        assert (info["steps"], info["types"], info["direction_weight"]) == (args.vqa_steps, tm.VQA_TYPES, tm.VQA_DIRECTION_WEIGHT)
         vqa, vqa_processor = common.load_video_llm(member)
         p_yes = weight.vqa_scores(vqa, vqa_processor, frames + frames, texts, pairs_per_forward=64).numpy()
         assert roc_auc_score([1] * 32 + [0] * 32, p_yes) > 0.9, (member, p_yes)

@@ -336,7 +336,7 @@ def test_two_processes_match_one(video_llava_dir, toy, reference, tmp_path):
         assert mine["loss"] == pytest.approx(ref["loss"], abs=1e-5) and mine["lr"] == ref["lr"]
 
 
-def test_kill_and_resume_reaches_the_same_weights(video_llava_dir, toy, reference, tmp_path):
+def test_kill_and_resume_reaches_the_same_weights(video_llava_dir, toy, reference, tmp_path, monkeypatch):
     # "killed" after step 3: the checkpoint of step 2 is the latest, so step 3 is redone
     fb = feedback(toy)
     train.main(make_args(video_llava_dir, *toy, tmp_path, max_steps=3, feedback_csv=fb))
@@ -344,7 +344,12 @@ def test_kill_and_resume_reaches_the_same_weights(video_llava_dir, toy, referenc
     assert [line["step"] for line in read_log(tmp_path)] == [1, 2, 3]
     with pytest.raises(ValueError, match="resume with the same settings"):
         train.main(make_args(video_llava_dir, *toy, tmp_path, resume=True, batch_size=16, feedback_csv=fb))
-    train.main(make_args(video_llava_dir, *toy, tmp_path, resume=True, feedback_csv=fb))
+    # the rest with decoded videos kept in memory (--cache_videos): epoch 2 reads them from the cache
+    calls = []
+    read = common.read_video
+    monkeypatch.setattr(common, "read_video", lambda path, *a: calls.append(path) or read(path, *a))
+    train.main(make_args(video_llava_dir, *toy, tmp_path, resume=True, feedback_csv=fb, cache_videos=True))
+    assert len(calls) == len(set(calls)) > 0  # each video decoded once
     assert_same_weights(lora_weights(tmp_path), lora_weights(reference[0]), atol=1e-7)
     log, ref = read_log(tmp_path), read_log(reference[0])
     assert [line["step"] for line in log] == [1, 2, 3, 4, 5, 6]  # the killed run's step 3 is not logged twice

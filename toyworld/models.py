@@ -3,18 +3,16 @@ tiny LLaVA-1.5 image models (02's VQA ensemble), pretrained from scratch on real
 like hub checkpoints (model + processor), so the stages load them by path.
 
 The base is pretrained like a generic video LLM: it captions clips (a language-model loss on every
-caption) and answers the entailment question on negatives that ONE FRAME shows (colour, shape,
-count, relation, a thing that is not there), never on direction or order (BASE_TYPES), so that
-it is weak on temporal distinctions, as a generic video LLM is (paper Table 3: zero-shot 62.98 ->
-VideoCon 85.86 AUC). Measured (README): at chance on direction, but also on shape (16x16 patches),
-and VideoCon-style fine-tuning did not teach it direction; its vision features barely carry
-direction (`direction_naming`: its caption LM names a single mover's direction 46 % of the time).
-`pretrain(direction_weight=...)` weights the caption LM's direction words: a base pretrained so
-(5x, 3000 steps) names directions 91 % of the time, yet fine-tuning still did not teach its
-answer direction (README).
-The VQA members see one frame and are pretrained on all seven types: they learn what a frame shows
-and cannot learn event order (paper Fig. 2); measured, they do not learn the direction trail
-either (README: "The toy models").
+caption) and answers the entailment question on negatives of colour, shape, count, relation and a
+thing that is not there, never on direction or order (BASE_TYPES), so that it is weak on temporal
+distinctions, as a generic video LLM is (paper Table 3: zero-shot 62.98 -> VideoCon 85.86 AUC).
+Measured (README): at chance on direction (its caption LM names a single mover's direction 34 % of
+the time, `direction_naming`), and VideoCon-style fine-tuning does not teach it direction.
+`pretrain(direction_weight=...)` weights the caption LM's direction words (README: bases tried).
+The VQA members see one frame and are pretrained on all seven types, direction edits 4 times as
+often and direction words counted 5 times (VQA_TYPES, VQA_DIRECTION_WEIGHT): they read a mover's
+direction from its nose and cannot learn event order (paper Fig. 2); weighted alike, they did not
+learn the nose (README: "The toy models").
 
 Pretrain all four anew into another folder (seeded; README has the times), then use them:
     python -m toyworld.run --models runs/pretrained --seeds
@@ -26,7 +24,7 @@ import random
 import numpy as np
 
 from common import SYSTEM
-from toyworld.world import (COLOURS, COUNTS, FRAMES, MOTIONS, SHAPES, SIZE, TYPES, caption, negative, negative_types,
+from toyworld.world import (COLOURS, COUNTS, FRAMES, MOTIONS, PROMPT, SHAPES, SIZE, TYPES, caption, negative, negative_types,
                             random_scene, render, write_clip)
 
 PROMPT_WORDS = [*SYSTEM.replace(".", " . ").replace(",", " , ").replace("'", " ' ").split(),
@@ -35,6 +33,10 @@ PROMPT_WORDS = [*SYSTEM.replace(".", " . ").replace(",", " , ").replace("'", " '
 BASE_TYPES = ("attribute", "object", "count", "relation", "hallucination")  # what one frame shows
 BASE_SIZES = dict(text_layers=4, vision_layers=3, patch=16, vision_hidden=128)
 # the toy VQA ensemble of 02 (fbar): three frame models that differ in depth, width and seed
+# their hard negatives: all seven types, direction edits 4 times as often, and direction words count 5
+# times in their caption LM: with fewer, a member does not learn to read a mover's nose (README)
+VQA_TYPES = {**dict.fromkeys(TYPES, 1), "action": 4}
+VQA_DIRECTION_WEIGHT = 5.0
 VQA_MEMBERS = [dict(text_layers=3, vision_layers=3, seed=1), dict(text_layers=4, vision_layers=3, seed=2),
                dict(hidden=96, text_layers=3, vision_layers=3, seed=3)]
 
@@ -182,13 +184,12 @@ def word_weights(tokenizer, direction_weight=1.0):
 
 def video_llm_losses(model, processor, clips, pos, neg, weights=None):
     """The base video LLM's pretraining losses: Eq. (2) on f(V, t^r) vs f(V, t^neg) and the
-    caption_losses (LM words weighted by `weights`), in the stages' default prompt (Video-LLaVA's
-    released llava_v1)."""
+    caption_losses (LM words weighted by `weights`), in the toy's prompt (PROMPT)."""
     import torch
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     from common import build_text_batch, encode_videos, loss_real
     features = encode_videos(model, processor, list(clips))  # (B, L, hidden)
-    ids, mask, positions, (yes, no) = build_text_batch(model, processor, pos + neg, features.shape[1])
+    ids, mask, positions, (yes, no) = build_text_batch(model, processor, pos + neg, features.shape[1], prompt=PROMPT)
     video = BaseModelOutputWithPooling(pooler_output=torch.cat([features, features]))
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, mm_encoder_outputs={"video": video}).logits
     a = logits[:, -1, yes] - logits[:, -1, no]
@@ -264,7 +265,8 @@ def pretrain(out_dir, kind="video", steps=3000, batch_size=16, lr=1e-3, pool=300
     processor.save_pretrained(out_dir)
     save_json(os.path.join(out_dir, "pretrain.json"), {"kind": kind, "steps": steps, "batch_size": batch_size, "lr": lr,
                                                      "pool": pool, "seed": seed, "types": types if isinstance(types, dict) else list(types),
-                                                     "direction_weight": direction_weight, "sizes": sizes, "patch": patch, "log": log})
+                                                     "direction_weight": direction_weight, "sizes": sizes, "patch": patch,
+                                                     "prompt": PROMPT if kind == "video" else VQA_QUESTION, "log": log})
     return out_dir
 
 
@@ -288,7 +290,7 @@ def entailment_auc(model, processor, n=256, seed=12345):
     texts = [caption(s) for s in scenes] + [caption(negative(s, k, rng)) for s, k in zip(scenes, kinds)]
     with torch.no_grad():
         f = torch.cat([alignment_logits(model, processor, [videos[i % n] for i in range(j, min(j + 32, 2 * n))],
-                                        texts[j: j + 32]) for j in range(0, 2 * n, 32)]).numpy()
+                                        texts[j: j + 32], prompt=PROMPT) for j in range(0, 2 * n, 32)]).numpy()
     return per_type_auc([1] * n + [0] * n, f, kinds + kinds)
 
 
@@ -309,7 +311,8 @@ def direction_naming(model, processor, n=128, seed=54321):
         for j in range(0, n, 32):
             batch = scenes[j: j + 32]
             features = encode_videos(model, processor, [render(s, seed=rng.randrange(2**31)) for s in batch])
-            ids, mask, positions, _ = build_text_batch(model, processor, [caption(s) for s in batch], features.shape[1])
+            ids, mask, positions, _ = build_text_batch(model, processor, [caption(s) for s in batch], features.shape[1],
+                                                        prompt=PROMPT)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                            mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=features)}).logits
             for row, s in enumerate(batch):
@@ -335,5 +338,6 @@ def pretrain_member(models, name, base_steps=1500, vqa_steps=2000, pool=3000):
         return pretrain(os.path.join(models, name), "video", steps=base_steps, pool=pool, seed=0, types=BASE_TYPES,
                         pool_dir=pool_dir, **BASE_SIZES)
     sizes = dict(VQA_MEMBERS[int(name.split("_")[1])])
-    return pretrain(os.path.join(models, name), "vqa", steps=vqa_steps, pool=pool, pool_dir=pool_dir, **sizes)
+    return pretrain(os.path.join(models, name), "vqa", steps=vqa_steps, pool=pool, pool_dir=pool_dir, types=VQA_TYPES,
+                    direction_weight=VQA_DIRECTION_WEIGHT, **sizes)
 
