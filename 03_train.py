@@ -492,7 +492,8 @@ def main(args):
 
     loader = torch.utils.data.DataLoader(
         items, batch_sampler=[mb for s in range(start, stop) for mb in micro_batches(epochs, s, accum, dist)],
-        collate_fn=functools.partial(load_videos, args=args, cache={} if args.cache_videos else None), num_workers=args.num_workers,
+        collate_fn=functools.partial(load_videos, args=args, cache={} if args.cache_videos else None),
+        num_workers=args.num_workers,
         worker_init_fn=functools.partial(die_with, os.getpid()))
     batches = iter(loader)
     for step in range(start, stop):

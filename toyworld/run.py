@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 from toyworld import world as tw
 from toyworld.generator import FAILURE_RATES
-from toyworld.world import PROMPT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)  # the repository: the stage scripts
@@ -119,7 +118,7 @@ def finetune_flags(args, seed):
     return ["--lr", args.lr, "--num_epochs", args.num_epochs, "--batch_size", 2 * args.batch_size,
             "--micro_batch_size", 2 * args.batch_size, "--warmup_steps", args.warmup_steps, "--lambda_scr", 1.0,
             "--gamma", 0.2, "--lora_r", 32, "--lora_alpha", 32, "--lora_dropout", 0.0, "--weight_decay", 1e-4,
-            "--max_grad_norm", 1.0, "--num_frames", 8, "--frame_sampling", "uniform", "--prompt", PROMPT,
+            "--max_grad_norm", 1.0, "--num_frames", 8, "--frame_sampling", "uniform", "--prompt", tw.PROMPT,
             "--no-bf16", "--no-gradient_checkpointing", "--num_workers", 0, "--cache_videos", "--save_every", 10**6,
             "--seed", seed]
 
@@ -271,7 +270,7 @@ def run_row(args, workers, seed, method, models):
                     ["--model", base, *(["--adapter", os.path.join(train, "adapter")] if train else []),
                      "--videocon_llm", files["videocon_llm"], "--ssv2_temporal", files["ssv2_temporal"],
                      "--atphard", files["atphard"], "--candidates", 16, "--video_root", root, "--batch_size", 32,
-                     "--video_batch", 8, "--num_frames", 8, "--sampling", "uniform", "--prompt", PROMPT,
+                     "--video_batch", 8, "--num_frames", 8, "--sampling", "uniform", "--prompt", tw.PROMPT,
                      "--out_dir", ev], os.path.join(ev, "04_eval.log"),
                     note=lambda: "  " + json.dumps({k: round(v, 1) for k, v in row_results(ev, files["videocon_llm"]).items()
                                                     if k in ("auc", "negative_only_auc", "mAP")}))

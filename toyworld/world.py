@@ -213,8 +213,9 @@ def render(scene, seed=0, palette=None, texture=0.0, noise=0.0):
     """uint8 frames (FRAMES, SIZE, SIZE, 3) that show `scene`.
 
     Things without a relation take turns (np.array_split of the frames); before its turn a thing
-    waits at its start, after it at its end. A moving thing leaves a fading trail (TRAIL, motion
-    blur in a way): one frame shows which way it moves, but not when. palette replaces COLOURS;
+    waits at its start, after it at its end. A moving thing has a white nose on its leading side in
+    every frame (NOSE, `_nose`) and leaves a fading trail (TRAIL, motion blur in a way): one frame
+    shows which way it moves, but not when. palette replaces COLOURS;
     texture (0..1) darkens every other pair of rows of the objects; noise is the std of Gaussian
     pixel noise. The defaults draw a "real" clip."""
     rng = np.random.default_rng(seed)
