@@ -133,13 +133,14 @@ def test_word_tokenizer_covers_every_caption_in_the_stages_prompt():
         assert unk not in tok(text)["input_ids"], text
 
 
-@pytest.mark.parametrize("kind", ["video", "vqa"])
-def test_pretraining_runs_saves_and_loads(tmp_path, kind):
-    out = tm.pretrain(str(tmp_path / "models" / kind), kind, steps=2, batch_size=2, pool=6, log_every=1)
+@pytest.mark.parametrize("kind, ask", [("video", True), ("video", False), ("vqa", True)])
+def test_pretraining_runs_saves_and_loads(tmp_path, kind, ask):
+    out = tm.pretrain(str(tmp_path / "models" / kind), kind, steps=2, batch_size=2, pool=6, log_every=1, ask=ask)
     model, processor = common.load_video_llm(out)
     assert type(model).__name__ == {"video": "VideoLlavaForConditionalGeneration", "vqa": "LlavaForConditionalGeneration"}[kind]
     log = json.load(open(tmp_path / "models" / kind / "pretrain.json"))["log"]
     assert [sorted(r) for r in log] == [["answer", "lm", "prefix", "step"]] * 2
+    assert all((r["answer"] > 0) == ask for r in log)  # not asked: no answer loss
     if kind == "video":
         result = tm.entailment_auc(model, processor, n=16)
         assert 0.0 <= result["all"] <= 100.0 and 0.0 <= tm.direction_naming(model, processor, n=8) <= 100.0
@@ -159,8 +160,12 @@ def test_prefix_labels_mark_where_the_negative_departs():
     logits[0, :, yes] = 50  # "Yes" all along the positive
     lm, prefix = tm.caption_losses(logits, ids, 1, yes, no, quote, tok.pad_token_id)
     assert prefix.item() < 1e-6  # exactly these targets
-    logits[1, :, no], logits[1, :, yes] = 0.0, 50.0  # "Yes" where the negative has departed: a large loss
+    after = torch.arange(ids.shape[1]) == ids.shape[1] - 1  # "y" after the closing quote: the question's tail
+    logits[0, after, yes], logits[0, after, no] = 0.0, 50.0  # "No" there on the positive
     assert tm.caption_losses(logits, ids, 1, yes, no, quote, tok.pad_token_id)[1].item() > 1.0
+    assert tm.caption_losses(logits, ids, 1, yes, no, quote, tok.pad_token_id, ask=False)[1].item() < 1e-6  # not asked
+    logits[1, :, no], logits[1, :, yes] = 0.0, 50.0  # "Yes" where the negative has departed: a large loss
+    assert tm.caption_losses(logits, ids, 1, yes, no, quote, tok.pad_token_id, ask=False)[1].item() > 1.0
 
 
 def test_caption_lm_counts_direction_words_by_their_weight():
@@ -292,20 +297,23 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
 
 def test_committed_toy_models_are_pretrained():
     """toyworld/pretrained/, which `python -m toyworld.run` uses, holds the models its settings
-    pretrain: a base video LLM that tells captions from negatives a frame shows and not (much) from
-    direction edits (the design), and three frame VQA members whose VQAScore P(Yes) tells a frame's
-    caption from another clip's (random: AUC 0.5)."""
+    pretrain: a base video LLM that was never asked the question (the design: headroom), whose caption
+    LM names a mover's direction and whose answer is weak (overall) and at chance on direction edits,
+    and three frame VQA members whose VQAScore P(Yes) tells a frame's caption from another clip's
+    (random: AUC 0.5)."""
     import importlib
     from sklearn.metrics import roc_auc_score
     weight = importlib.import_module("02_weight")
     args = tr.Args()
     base = os.path.join(args.models, "base_video_llava")
     info = json.load(open(os.path.join(base, "pretrain.json")))
-    assert (info["steps"], info["types"], info["pool"], info["prompt"]) == (args.base_steps, list(tm.BASE_TYPES), args.pool,
-                                                                           tw.PROMPT)
+    assert (info["steps"], info["types"], info["pool"], info["prompt"], info["ask"]) == (
+        args.base_steps, list(tm.BASE_TYPES), args.pool, tw.PROMPT, False)
     model, processor = common.load_video_llm(base)
     auc = tm.entailment_auc(model, processor, n=128)
-    assert min(auc["attribute"], auc["count"]) > 85 and auc["action"] < 75, auc
+    # measured: all 66.3, action 52.0, attribute 82.1, count 72.2, relation 88.0; names direction 100 %
+    assert auc["all"] < 75 and auc["action"] < 60 and min(auc["attribute"], auc["relation"]) > 70, auc
+    assert tm.direction_naming(model, processor, n=64) > 80
     rng = random.Random(7)
     clips = [tw.random_scene(rng) for _ in range(32)]
     frames = [tw.render(s, seed=i)[rng.randrange(tw.FRAMES)] for i, s in enumerate(clips)]
@@ -346,8 +354,8 @@ def test_a_stopped_run_ends_its_workers(tmp_path, sig):
         while len([m for m in tm.MEMBERS if (models / "logs" / f"{m}.log").exists()]) < 2:
             assert proc.poll() is None and time.time() < deadline, "pretraining never started"
             time.sleep(0.2)
-        workers = tiny.children(proc.pid)
-        assert len(workers) >= 2, workers
+        workers = tiny.descendants(proc.pid)  # the fork server, its workers (and the resource tracker)
+        assert len(workers) >= 3, workers
         proc.send_signal(getattr(signal, sig))
         out, _ = proc.communicate(timeout=60)
     finally:

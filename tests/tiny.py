@@ -166,6 +166,14 @@ def children(pid):
     return [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
 
 
+def descendants(pid):
+    """The pids of a process's children (of any of its threads), theirs, and so on."""
+    tasks = f"/proc/{pid}/task"
+    kids = [int(c) for t in (os.listdir(tasks) if os.path.exists(tasks) else [])
+            for c in open(f"{tasks}/{t}/children").read().split()]
+    return kids + [d for k in kids for d in descendants(k)]
+
+
 def running(pid):
     """Whether a process exists and is not a zombie."""
     try:

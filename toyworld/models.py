@@ -3,12 +3,15 @@ tiny LLaVA-1.5 image models (02's VQA ensemble), pretrained from scratch on real
 like hub checkpoints (model + processor), so the stages load them by path.
 
 The base is pretrained like a generic video LLM: it captions clips (a language-model loss on every
-caption) and answers the entailment question on negatives of colour, shape, count, relation and a
-thing that is not there, never on direction or order (BASE_TYPES), so that it is weak on temporal
-distinctions, as a generic video LLM is (paper Table 3: zero-shot 62.98 -> VideoCon 85.86 AUC).
-Measured (README): at chance on direction (its caption LM names a single mover's direction 34 % of
-the time, `direction_naming`), and VideoCon-style fine-tuning does not teach it direction.
-`pretrain(direction_weight=...)` weights the caption LM's direction words (README: bases tried).
+caption) and learns, word by word, where a caption stops being true of the clip (the dense prefix
+loss, on negatives of colour, shape, count, relation and a thing that is not there: BASE_TYPES), but
+it is never asked the entailment question (`ask=False`: no Eq. 2 and no loss after the caption), as
+Video-LLaVA was never trained on VideoCon's question. So its zero-shot answer is weak, and VideoCon-style
+fine-tuning has something to teach (paper Table 3: zero-shot 62.98 -> VideoCon 85.86 AUC); what the
+answer learns about "up"/"down" it learns there, from text that names them only in negatives (the
+bias of Fig. 1). Measured (README): its caption LM names a single mover's direction (`direction_naming`)
+and its answer is at chance on direction edits. `pretrain(direction_weight=...)` weights the
+caption LM's direction words (README: bases tried).
 The VQA members see one frame and are pretrained on all seven types, direction edits 4 times as
 often and direction words counted 5 times (VQA_TYPES, VQA_DIRECTION_WEIGHT): they read a mover's
 direction from its nose and cannot learn event order (paper Fig. 2); weighted alike, they did not
@@ -143,7 +146,7 @@ def pretraining_batch(scenes, clips, rng, n, easy, types=TYPES):
     return clips[idx], pos, neg
 
 
-def caption_losses(logits, ids, n_pos, yes, no, quote, pad, weights=None):
+def caption_losses(logits, ids, n_pos, yes, no, quote, pad, weights=None, ask=True):
     """Two dense losses over the quoted caption of n_pos positive prompts (rows [:n_pos]) and their
     negatives (rows [n_pos:], left-padded like them):
 
@@ -152,7 +155,8 @@ def caption_losses(logits, ids, n_pos, yes, no, quote, pad, weights=None):
     - the prefix loss: at every position from the opening quote on, logit(Yes) - logit(No) says
       whether the caption read so far is still the true one (1 up to the first token where the
       negative departs from the caption, 0 from there on). It teaches where a caption goes wrong,
-      which Eq. (2)'s single answer at the end of the prompt teaches only very slowly."""
+      which Eq. (2)'s single answer at the end of the prompt teaches only very slowly. Without `ask`
+      it stops at the closing quote: the end of the question, where the answer is read, is never trained."""
     import torch
     import torch.nn.functional as F
     inside = (ids[:n_pos] == quote).cumsum(1) == 1  # the opening quote and the caption's words
@@ -165,9 +169,11 @@ def caption_losses(logits, ids, n_pos, yes, no, quote, pad, weights=None):
     for j in range(n_pos):
         p, n = [t for t in ids[j].tolist() if t != pad], [t for t in ids[n_pos + j].tolist() if t != pad]
         first = next((k for k, (a, b) in enumerate(zip(p, n)) if a != b), min(len(p), len(n)))
-        q = p.index(quote)
-        labels[j, width - len(p) + q:] = 1.0
-        labels[n_pos + j, width - len(n) + q:] = (torch.arange(q, len(n)) < first).float()
+        q, end_p, end_n = p.index(quote), len(p), len(n)
+        if not ask:  # up to and with the closing quote
+            end_p, end_n = p.index(quote, q + 1) + 1, n.index(quote, q + 1) + 1
+        labels[j, width - len(p) + q: width - len(p) + end_p] = 1.0
+        labels[n_pos + j, width - len(n) + q: width - len(n) + end_n] = (torch.arange(q, end_n) < first).float()
     keep = labels >= 0
     l_prefix = F.binary_cross_entropy_with_logits((logits[..., yes] - logits[..., no])[keep], labels[keep])
     return l_lm, l_prefix
@@ -182,9 +188,10 @@ def word_weights(tokenizer, direction_weight=1.0):
     return weights
 
 
-def video_llm_losses(model, processor, clips, pos, neg, weights=None):
+def video_llm_losses(model, processor, clips, pos, neg, weights=None, ask=True):
     """The base video LLM's pretraining losses: Eq. (2) on f(V, t^r) vs f(V, t^neg) and the
-    caption_losses (LM words weighted by `weights`), in the toy's prompt (PROMPT)."""
+    caption_losses (LM words weighted by `weights`), in the toy's prompt (PROMPT). Without `ask`, no
+    Eq. (2) and no prefix loss after the caption: the entailment question is never answered."""
     import torch
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     from common import build_text_batch, encode_videos, loss_real
@@ -194,8 +201,8 @@ def video_llm_losses(model, processor, clips, pos, neg, weights=None):
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, mm_encoder_outputs={"video": video}).logits
     a = logits[:, -1, yes] - logits[:, -1, no]
     tok = processor.tokenizer
-    return (loss_real(a[: len(pos)], a[len(pos):]),
-            *caption_losses(logits, ids, len(pos), yes, no, tok.convert_tokens_to_ids('"'), tok.pad_token_id, weights))
+    return (loss_real(a[: len(pos)], a[len(pos):]) * ask,  # 0 when not asked
+            *caption_losses(logits, ids, len(pos), yes, no, tok.convert_tokens_to_ids('"'), tok.pad_token_id, weights, ask))
 
 
 def vqa_losses(model, processor, clips, pos, neg, weights=None, rng=random):
@@ -218,12 +225,13 @@ def vqa_losses(model, processor, clips, pos, neg, weights=None, rng=random):
 
 
 def pretrain(out_dir, kind="video", steps=3000, batch_size=16, lr=1e-3, pool=3000, seed=0, types=TYPES, log_every=100,
-             pool_dir=None, direction_weight=1.0, **sizes):
+             pool_dir=None, direction_weight=1.0, ask=True, **sizes):
     """Pretrain a toy model from scratch on real toy clips and save it (model + processor) to
     out_dir, where the stages load it by path like a hub checkpoint. kind: "video" (the base video
     LLM f of 03/04, a toy Video-LLaVA) or "vqa" (one member of 02's VQA ensemble, a toy LLaVA-1.5
     that sees one frame). types: the misalignment types of the hard negatives. direction_weight: the
-    caption LM's weight of the words that name a direction (word_weights). pool_dir: where the
+    caption LM's weight of the words that name a direction (word_weights). ask ("video" only): False
+    trains no answer to the question (no Eq. 2, prefix loss up to the closing quote). pool_dir: where the
     pool's clips are written (default: <out_dir>/../pool). sizes: hidden, text_layers, vision_layers,
     patch.
 
@@ -251,7 +259,7 @@ def pretrain(out_dir, kind="video", steps=3000, batch_size=16, lr=1e-3, pool=300
     for step in progress(range(steps), total=steps, desc=f"pretrain toy {kind} model {os.path.basename(out_dir)}"):
         easy = 0.5 * max(0.0, 1 - 2 * step / steps)
         l_answer, l_lm, l_prefix = losses(model, processor, *pretraining_batch(scenes, clips, rng, batch_size, easy, types),
-                                          weights)
+                                          weights, **({} if kind == "vqa" else {"ask": ask}))
         opt.zero_grad()
         (l_answer + l_lm + l_prefix).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -263,10 +271,10 @@ def pretrain(out_dir, kind="video", steps=3000, batch_size=16, lr=1e-3, pool=300
     model.eval()
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    save_json(os.path.join(out_dir, "pretrain.json"), {"kind": kind, "steps": steps, "batch_size": batch_size, "lr": lr,
-                                                     "pool": pool, "seed": seed, "types": types if isinstance(types, dict) else list(types),
-                                                     "direction_weight": direction_weight, "sizes": sizes, "patch": patch,
-                                                     "prompt": PROMPT if kind == "video" else VQA_QUESTION, "log": log})
+    save_json(os.path.join(out_dir, "pretrain.json"), {
+        "kind": kind, "steps": steps, "batch_size": batch_size, "lr": lr, "pool": pool, "seed": seed,
+        "types": types if isinstance(types, dict) else list(types), "direction_weight": direction_weight, "ask": ask,
+        "sizes": sizes, "patch": patch, "prompt": PROMPT if kind == "video" else VQA_QUESTION, "log": log})
     return out_dir
 
 
@@ -335,8 +343,9 @@ def pretrain_member(models, name, base_steps=1500, vqa_steps=2000, pool=3000):
     from is written to models/pool (not committed)."""
     pool_dir = os.path.join(models, "pool")
     if name == "base_video_llava":
+        # ask=False: it learns to caption and where a caption goes wrong, never to answer the question
         return pretrain(os.path.join(models, name), "video", steps=base_steps, pool=pool, seed=0, types=BASE_TYPES,
-                        pool_dir=pool_dir, **BASE_SIZES)
+                        pool_dir=pool_dir, ask=False, **BASE_SIZES)
     sizes = dict(VQA_MEMBERS[int(name.split("_")[1])])
     return pretrain(os.path.join(models, name), "vqa", steps=vqa_steps, pool=pool, pool_dir=pool_dir, types=VQA_TYPES,
                     direction_weight=VQA_DIRECTION_WEIGHT, **sizes)

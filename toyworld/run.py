@@ -3,9 +3,10 @@
 For each seed it writes the world (its own real training triplets; the test sets are shared), then
 runs the paper's four stage scripts as a user would: 01_generate.py (the toy G), 02_weight.py (the
 toy VQA ensemble), and, for each row of the table, 03_train.py and 04_eval.py. The stages run in
-`--jobs` long-lived worker processes that import torch and transformers once and call each stage's
-own `main(args)` (the same code as `python 0N_*.py`); each stage's output goes to a .log file beside
-its outputs, and a line per finished step shows progress. A rerun reuses every finished step.
+`--jobs` long-lived worker processes, forked from one that imported torch and transformers once, that
+call each stage's own `main(args)` (the same code as `python 0N_*.py`); each stage's output goes to a
+.log file beside its outputs, and a line per finished step shows progress. A rerun reuses every
+finished step.
 
 Launch (the biased world, the default rows, seeds 0 1 2; then the unbiased control world):
     python -m toyworld.run --out_dir runs/toy
@@ -123,20 +124,27 @@ def finetune_flags(args, seed):
             "--seed", seed]
 
 
-# ---- the workers: each imports torch once, then runs stage after stage -----------------------------
-def init_worker(threads, driver):
-    """A worker: one thread; it ends itself when the driver (pid) is gone, even killed by SIGKILL
-    (a thread polls its parent: the kernel's PR_SET_PDEATHSIG would fire when the driver THREAD
-    that spawned it ends, and the pool spawns from the driver's threads); Ctrl-C is the driver's to
-    handle (it ends the workers), not each worker's."""
+# ---- the workers: forked from one process that imported torch & co once, then stage after stage ----
+# what the fork server imports before it forks the workers: imported once (~8 s on 2 cores), not once a
+# worker (3 workers importing side by side took ~17 s; README's exercise is 2 minutes)
+PRELOAD = ["common", "peft", "sklearn.metrics", "transformers.models.llava.modeling_llava",
+           "transformers.models.video_llava.modeling_video_llava"]
+
+
+def init_worker(threads):
+    """A worker: one thread; it ends itself when the driver is gone, even killed by SIGKILL (a
+    thread waits on multiprocessing's sentinel of the driver, a pipe that the kernel closes when the
+    driver ends; the fork server, its parent, lives as long as its workers do); Ctrl-C is the
+    driver's to handle (it ends the workers), not each worker's."""
+    import multiprocessing
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     sys.path[:0] = [] if ROOT in sys.path else [ROOT]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    driver = multiprocessing.parent_process()
 
     def watch():
-        while os.getppid() == driver:
-            time.sleep(1)
+        driver.join()
         os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
     import torch
@@ -180,13 +188,17 @@ def run_in_worker(target, argv, log):
 
 
 class Workers:
-    """`jobs` worker processes (spawned, one thread each) and a progress line per finished step."""
+    """`jobs` worker processes (one thread each, forked by a fork server that imported PRELOAD: not
+    forked from the driver, whose threads make fork unsafe) and a progress line per finished step."""
 
     def __init__(self, jobs, total):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
-        self.pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=init_worker, initargs=(1, os.getpid()))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # one thread a worker, set before
+            os.environ[name] = "1"  # the fork server imports torch and numpy (their thread pools read it then)
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        self.pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=init_worker, initargs=(1,))
         self.start, self.done, self.total = time.time(), 0, total
         self.lock = threading.Lock()
 
