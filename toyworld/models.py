@@ -21,6 +21,7 @@ Pretrain all four anew into another folder (seeded; README has the times), then 
     python -m toyworld.run --models runs/pretrained --seeds
     python -m toyworld.run --models runs/pretrained --out_dir runs/toy-mine
 """
+import functools
 import os
 import random
 
@@ -249,7 +250,7 @@ def pretrain(out_dir, kind="video", steps=3000, batch_size=16, lr=1e-3, pool=300
     model, processor = new(build_tokenizer(), patch=patch, seed=seed, **sizes)
     pool_dir = pool_dir or os.path.join(os.path.dirname(os.path.abspath(out_dir)), "pool")
     scenes, clips = clip_pool(pool_dir, pool, seed=10**5)
-    losses = video_llm_losses if kind == "video" else vqa_losses
+    losses = functools.partial(video_llm_losses, ask=ask) if kind == "video" else vqa_losses
     weights = word_weights(processor.tokenizer, direction_weight)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -259,7 +260,7 @@ def pretrain(out_dir, kind="video", steps=3000, batch_size=16, lr=1e-3, pool=300
     for step in progress(range(steps), total=steps, desc=f"pretrain toy {kind} model {os.path.basename(out_dir)}"):
         easy = 0.5 * max(0.0, 1 - 2 * step / steps)
         l_answer, l_lm, l_prefix = losses(model, processor, *pretraining_batch(scenes, clips, rng, batch_size, easy, types),
-                                          weights, **({} if kind == "vqa" else {"ask": ask}))
+                                          weights)
         opt.zero_grad()
         (l_answer + l_lm + l_prefix).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -137,8 +137,6 @@ def init_worker(threads):
     driver ends; the fork server, its parent, lives as long as its workers do); Ctrl-C is the
     driver's to handle (it ends the workers), not each worker's."""
     import multiprocessing
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     sys.path[:0] = [] if ROOT in sys.path else [ROOT]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     driver = multiprocessing.parent_process()
@@ -194,8 +192,8 @@ class Workers:
     def __init__(self, jobs, total):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # one thread a worker, set before
-            os.environ[name] = "1"  # the fork server imports torch and numpy (their thread pools read it then)
+        # one thread a worker: set before the fork server imports torch and numpy (their thread pools read it then)
+        os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)
         self.pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=init_worker, initargs=(1,))
