@@ -192,11 +192,12 @@ class Workers:
     def __init__(self, jobs, total):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
-        # one thread a worker: set before the fork server imports torch and numpy (their thread pools read it then)
-        os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        threads = 1  # a worker's: set before the fork server imports torch and numpy (their thread pools read it then)
+        os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+                          TOKENIZERS_PARALLELISM="false")
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)
-        self.pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=init_worker, initargs=(1,))
+        self.pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=init_worker, initargs=(threads,))
         self.start, self.done, self.total = time.time(), 0, total
         self.lock = threading.Lock()
 

@@ -12,9 +12,9 @@ captions, so a model fine-tuned on them learns "this word -> No". Here vertical 
 every action edit of a single thing in the training negatives names one of them (50-60 of 400
 negatives, seeds 0-2); the test sets hold real clips that move up and down, with positive captions that name them.
 bias=False (the control world) draws training clips of all four directions and edits a direction
-into any other. A bias forms only where the base's answer does not already judge the concept (issue 12's probe:
-a colour, which that base's answer judged firmly, formed none); the committed base's answer was never
-trained (models.py), so fine-tuning is where it learns what "up" and "down" mean.
+into any other. A bias forms only where the base's answer does not already judge the concept
+(issue 12's probe: a colour, which that base's answer judged firmly, formed none); the committed
+base's answer was never trained (models.py), so fine-tuning is where it learns "up" and "down".
 
     from toyworld.world import random_scene, negative, caption, parse_caption, render, write_world
 """
