@@ -33,8 +33,8 @@ NOTE (deviation): the paper's other two generators, LaVie and VideoCrafter2 (512
 are not in diffusers, so this script cannot run them.
 
 Every row's noise comes from a seed derived from the row itself (videopath, neg_caption), drawn by
-a CPU generator: the same row gets the same video whatever the number of GPUs, the order of work,
-or a rerun. A rerun skips rows whose mp4 exists; a killed run leaves at most a *.tmp<pid>.mp4 file,
+a CPU generator: the same row gets the same frames whatever the number of GPUs, the order of work,
+or a rerun, and the same frames the same mp4, byte for byte (common.write_video). A rerun skips rows whose mp4 exists; a killed run leaves at most a *.tmp<pid>.mp4 file,
 never counted as done. Bad rows (a missing field, an empty caption, a duplicate) are named, skipped
 and counted; a missing column stops the run with the file's name.
 """
@@ -44,6 +44,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -256,9 +257,17 @@ def main(args):
     if mine:
         pipe = load_generator(args, dist, settings)
         start = time.time()
-        for row in progress(mine, total=len(mine), desc="rendering t^s"):
-            frames = generate(pipe, row["neg_caption"], row["seed"], settings)
-            write_video(os.path.join(args.out_dir, row["syn_video"]), frames, fps=settings["fps"])  # atomic
+        # one thread encodes video i (x264 on one core, byte-stable: common.X264_PARAMS) while G renders
+        # video i + 1; at most one video waits, and a failed write stops the run at the next row
+        with ThreadPoolExecutor(1) as encoder:
+            writing = None
+            for row in progress(mine, total=len(mine), desc="rendering t^s"):
+                frames = generate(pipe, row["neg_caption"], row["seed"], settings)
+                if writing:
+                    writing.result()  # the previous video is on disk (or its error is raised here)
+                writing = encoder.submit(write_video, os.path.join(args.out_dir, row["syn_video"]), frames,
+                                         fps=settings["fps"])
+            writing.result()
         seconds = time.time() - start
         print0(f"rank 0: {len(mine)} videos in {seconds:.1f} s ({seconds / len(mine):.2f} s per video)")
     if not dist.master:

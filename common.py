@@ -420,17 +420,58 @@ def read_video(path, num_frames=8, sampling="uniform"):
         raise ValueError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
 
 
+def rgb_to_yuv420(frames):
+    """uint8 RGB frames (T, H, W, 3), H and W even -> the yuv420p planes as PyAV takes them, one
+    (H * 3 / 2, W) array a frame: Y, then U, then V (BT.601, limited range, the colours that
+    decoders assume for an untagged SD video). Integer arithmetic only, so the same frames give
+    the same planes on every machine (libswscale picks a SIMD path by CPU; its paths need not agree)."""
+    r, g, b = (frames[..., c].astype(np.int32) for c in range(3))
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16  # the classic 8-bit BT.601 coefficients
+    t, h, w = y.shape
+
+    def chroma(k_r, k_g, k_b):  # one chroma sample per 2x2 block: the sum of 4 pixels, rounded once
+        c = (k_r * r + k_g * g + k_b * b).reshape(t, h // 2, 2, w // 2, 2).sum(axis=(2, 4))
+        return ((c + 512) >> 10) + 128
+    u, v = chroma(-38, -74, 112), chroma(112, -94, -18)
+    planes = [y.reshape(t, -1), u.reshape(t, -1), v.reshape(t, -1)]
+    return np.concatenate(planes, axis=1).reshape(t, h * 3 // 2, w).clip(0, 255).astype(np.uint8)
+
+
+# x264's settings for every video we write. NOTE (deviation from x264's defaults): the same frames
+# must give the same bytes, whatever the machine, the process, or what ran in it before. With
+# x264's defaults they did not: the thread count follows the CPU count and changes the bitstream,
+# and at the toy world's 32x32 and 64x32 an AVX-512 machine wrote other bytes once torch had run in
+# the process. So: one thread; x264's plain C code (asm=0), the same instructions on every x86_64
+# CPU; and no weighted prediction (weightp=0, and psy=0, without which x264 still runs a "fake" one):
+# its C code reads uninitialised padding of x264's frames, as valgrind shows (psy's tuning is for
+# human eyes anyway). Cost: ~5 s per 720x480x49 video on one core (0.7 s with the defaults), which
+# 01_generate.py hides behind the next video's generation.
+X264_PARAMS = "threads=1:asm=0:weightp=0:psy=0"
+
+
+def tag_bt601(codec):
+    """Tag a video as BT.601 (SMPTE 170M), limited range: what rgb_to_yuv420 writes, and what a
+    player would otherwise guess for SD sizes only (browsers take untagged HD video as BT.709)."""
+    from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
+    codec.colorspace = Colorspace.ITU601  # the BT.601 matrix (FFmpeg's BT470BG = SMPTE170M's)
+    codec.color_primaries, codec.color_trc = ColorPrimaries.SMPTE170M, ColorTrc.SMPTE170M
+    codec.color_range = ColorRange.MPEG  # limited range: Y in 16..235
+
+
 def write_video(path, frames, fps=8):
-    """Write uint8 frames (T, H, W, 3) as H.264 mp4, atomically. Odd sizes are cropped to even."""
+    """Write uint8 frames (T, H, W, 3) as H.264 mp4 (x264 at its default CRF 23), atomically; the
+    same frames give the same file, byte for byte. Odd sizes are cropped to even."""
     import av
     frames = np.asarray(frames)[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
     with atomic_path(path) as tmp:
         with av.open(tmp, "w") as container:
-            stream = container.add_stream("libx264", rate=fps)
+            stream = container.add_stream("libx264", rate=fps, options={"x264-params": X264_PARAMS})
+            stream.thread_count, stream.thread_type = 1, "NONE"  # no FFmpeg-side threads either
             stream.height, stream.width = frames.shape[1:3]
             stream.pix_fmt = "yuv420p"
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            tag_bt601(stream.codec_context)  # say which colours rgb_to_yuv420 wrote
+            for planes in rgb_to_yuv420(frames):
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(planes, format="yuv420p")))
             container.mux(stream.encode())  # flush
 
 

@@ -244,6 +244,63 @@ def test_write_then_read_video(tmp_path):
     assert os.listdir(tmp_path) == ["clip.mp4"]  # no temporary file left behind
 
 
+def clips():
+    """Frames that exercise the encoder's decisions: a moving square over a textured background
+    that fades (brightness changes, motion, B-frames), at the toy world's sizes and one more."""
+    rng = np.random.default_rng(7)
+    for h, w in [(32, 32), (32, 64), (64, 96)]:
+        texture = rng.integers(0, 256, (1, h, w, 3))
+        fade = np.linspace(1.0, 0.4, 9)[:, None, None, None]
+        frames = (texture * fade).astype(np.uint8)
+        for t in range(9):
+            frames[t, h // 4: h // 4 + 8, 3 * t: 3 * t + 8] = (250, 40, 40)
+        yield f"{h}x{w}", frames
+
+
+# x264 in plain C, one thread (common.X264_PARAMS), from the pinned PyAV wheel (requirements.txt): the
+# same bytes on every x86_64 machine, whatever its SIMD. Recorded on an AMD EPYC with AVX2 (2026-12-06);
+# CI's machines differ from session to session (some have AVX-512), so this compares machines.
+# Another PyAV (another libx264) may change them: record them anew.
+GOLDEN_MD5 = {"32x32": "79b75366c5023dfc73da4634c553bddb", "32x64": "65d344c7095122321eeeaf4eb9a586f8",
+              "64x96": "596a38515935db6387d59732fd2c9c9e"}
+WRITE_IN_ANOTHER_STATE = """
+import os, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+torch.set_flush_denormal(True)  # another floating-point control state (FTZ/DAZ) than the test's
+x = torch.randn(512, 512)
+(x @ x).sum(), [torch.randn(1000, 1000) for _ in range(8)]  # torch ran, and freed blocks fill the heap
+os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})  # one CPU
+import common, test_common
+for name, frames in test_common.clips():
+    common.write_video(os.path.join({out!r}, name + ".mp4"), frames)
+"""
+
+
+def test_the_same_frames_give_the_same_bytes_in_any_process(tmp_path):
+    """01's promise (issue 23): the mp4 depends on the frames alone. The same frames, written here
+    and in a process with another floating-point state, torch's kernels run before, a heap full of
+    freed garbage (MALLOC_PERTURB_) and one CPU, give the same bytes; and on x86_64 the bytes
+    recorded on another machine (GOLDEN_MD5)."""
+    import hashlib
+    import platform
+    (tmp_path / "here").mkdir(), (tmp_path / "there").mkdir()
+    for name, frames in clips():
+        common.write_video(str(tmp_path / "here" / f"{name}.mp4"), frames)
+    script = WRITE_IN_ANOTHER_STATE.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                           tests=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path / "there"))
+    env = dict(os.environ, MALLOC_PERTURB_="165", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    digests = {}
+    for name, _ in clips():
+        here, there = (tmp_path / d / f"{name}.mp4" for d in ("here", "there"))
+        assert here.read_bytes() == there.read_bytes(), name
+        digests[name] = hashlib.md5(here.read_bytes()).hexdigest()
+    if platform.machine() == "x86_64":
+        assert digests == GOLDEN_MD5, "the encoder's bytes differ from the recorded ones: is PyAV still av==18.1.0?"
+
+
 def test_bad_videos_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.mp4"):
         common.read_video(str(tmp_path / "nowhere.mp4"))

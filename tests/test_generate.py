@@ -187,7 +187,7 @@ gen.main(gen.Args(input_csv={csv!r}, out_dir={out!r}, pipeline={pipe!r}, height=
 """
 
 
-def test_a_killed_run_leaves_no_partial_video_marked_done(tmp_path, tiny_pipe):
+def test_a_killed_run_leaves_no_partial_video_marked_done(tmp_path, tiny_pipe, first_run):
     path = write_rows(tmp_path / "in.csv", GOOD[:3])
     out = tmp_path / "out"
     script = KILL_SECOND_VIDEO.format(root=ROOT, tests=os.path.join(ROOT, "tests"), csv=path, out=str(out),
@@ -206,6 +206,7 @@ def test_a_killed_run_leaves_no_partial_video_marked_done(tmp_path, tiny_pipe):
     for r in rows:
         assert common.read_video(os.path.join(out, r["syn_video"]), num_frames=9).shape == (9, 32, 64, 3)
     assert partial[0] not in final_mp4s(out)  # never listed nor counted as a video
+    assert_same_bytes(first_run[0].out_dir, out, rows)  # the killed-and-resumed run wrote the uninterrupted one's bytes
 
 
 def test_sharding_and_seeds_do_not_depend_on_the_number_of_ranks(tmp_path, tiny_pipe, monkeypatch):
@@ -247,10 +248,14 @@ def test_two_process_torchrun_matches_one_process(tmp_path, tiny_pipe, first_run
     assert "rank 0: 2 of its 2 rows to render" in done.stdout  # rows 0 and 2 of 3; rank 1 had row 1
     one, two = read_out(args.out_dir), read_out(out)
     assert one == two
-    for r in one:
-        a = common.read_video(os.path.join(args.out_dir, r["syn_video"]), num_frames=9).astype(float)
-        b = common.read_video(os.path.join(out, r["syn_video"]), num_frames=9).astype(float)
-        assert np.abs(a - b).mean() < 1.0
+    assert_same_bytes(args.out_dir, out, one)  # the same rows, the same files, byte for byte
+
+
+def assert_same_bytes(dir_a, dir_b, rows):
+    """Each row's mp4 in two output folders is the same file, byte for byte (common.write_video)."""
+    for r in rows:
+        a, b = (open(os.path.join(d, r["syn_video"]), "rb").read() for d in (dir_a, dir_b))
+        assert a == b, f"{r['syn_video']} differs between {dir_a} and {dir_b}"
 
 
 def test_settings_come_from_the_flags_or_the_pipeline_defaults(tmp_path):
