@@ -288,6 +288,31 @@ def test_the_one_command_at_reduced_size(tmp_path):
         assert sorted(common.read_csv(os.path.join(ev, name)), key=str) == sorted(common.read_csv(str(tmp_path / "again" / name)), key=str)
 
 
+def test_paired_differences_mark_only_what_the_seeds_can_tell():
+    """The claims table: seed-by-seed differences, their mean ± std, and a mark only when the 95%
+    t-interval (t = 4.303 for 3 seeds) leaves out 0. By hand: differences 3, 4, 5 -> 4 ± 1, interval
+    4 ± 4.303 / sqrt(3) = [1.52, 6.48]: ✓; 1, 2, 3 -> [-0.48, 4.48]: no mark; -5, -4, -3: ✗."""
+    from toyworld import report
+    base = {"VideoCon (Eq. 2)": 70.0, "SynViTA (Eq. 4 + L_scr)": 70.0, "SynViTA without L_scr": 70.0,
+            "fixed + L_scr": 70.0, "T4.2 target + L_scr": 70.0, "unweighted synthetic (Eq. 3)": 70.0}
+    add = {"SynViTA (Eq. 4 + L_scr)": [3, 4, 5], "SynViTA without L_scr": [2, 2, 2], "T4.2 target + L_scr": [-5, -4, -3]}
+    per_seed = [{m: {key: v + add.get(m, [0, 0, 0])[i] for _, key in report.COLUMNS} for m, v in base.items()}
+                for i in range(3)]
+    compared = tr.comparisons(list(base))
+    assert [(a, b) for a, b, _ in compared] == [
+        ("SynViTA (Eq. 4 + L_scr)", "VideoCon (Eq. 2)"), ("unweighted synthetic (Eq. 3)", "VideoCon (Eq. 2)"),
+        ("SynViTA (Eq. 4 + L_scr)", "SynViTA without L_scr"), ("SynViTA (Eq. 4 + L_scr)", "fixed + L_scr"),
+        ("T4.2 target + L_scr", "fixed + L_scr")]
+    table, raw = report.paired_table(compared, per_seed)
+    lines = {tuple(line.split(" | ")[:2]): line for line in table.splitlines() if line.startswith("| ")}
+    assert "|  +4.00 ± 1.00 ✓ |" in lines["| SynViTA (Eq. 4 + L_scr)", "VideoCon (Eq. 2)"]
+    assert "|  +2.00 ± 1.00   |" in lines["| SynViTA (Eq. 4 + L_scr)", "SynViTA without L_scr"]  # 1, 2, 3
+    assert "|  -4.00 ± 1.00 ✗ |" in lines["| T4.2 target + L_scr", "fixed + L_scr"]
+    assert raw["SynViTA (Eq. 4 + L_scr) - SynViTA without L_scr | auc"] == [1, 2, 3]
+    mean, sd, (low, high) = report.interval([3, 4, 5])
+    assert (mean, sd) == (4, 1) and low == pytest.approx(4 - 4.302653 / 3 ** 0.5, abs=1e-5)
+
+
 def test_a_rerun_with_other_settings_is_refused(tmp_path):
     tr.check_settings(tr.Args(out_dir=str(tmp_path)))
     tr.check_settings(tr.Args(out_dir=str(tmp_path), seeds=[5], rows=["VideoCon (Eq. 2)"], all_rows=True))  # fine

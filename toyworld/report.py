@@ -66,12 +66,14 @@ def mean_std(values):
     return (float(np.mean(v)), float(np.std(v))) if v else (float("nan"), float("nan"))
 
 
-def tables(methods, per_seed, fig2s):
-    """The Table 3/4-style table (mean ± std over seeds), the AUC by type, and the Fig. 2-style table."""
+def tables(methods, per_seed, fig2s, differences=""):
+    """The Table 3/4-style table (mean ± std over seeds), then `differences` (paired_table's), the
+    AUC by type, and the Fig. 2-style table."""
     lines = [f"| method | {' | '.join(c for c, _ in COLUMNS)} |", "|---" * (len(COLUMNS) + 1) + "|"]
     for m in methods:
         cells = ["{:6.2f} ± {:5.2f}".format(*mean_std([r[m][key] for r in per_seed])) for _, key in COLUMNS]
         lines.append(f"| {m} | {' | '.join(cells)} |")
+    lines += ["", differences] if differences else []
     lines += ["", "VideoCon-like AUC by misalignment type (mean over seeds)", "",
               f"| method | {' | '.join(TYPES)} |", "|---" * (len(TYPES) + 1) + "|"]
     for m in methods:
@@ -88,6 +90,44 @@ def tables(methods, per_seed, fig2s):
             lines.append(f"| {kind} | {m['n']:.0f} | {m['faithful']:.2f} | {m['diff']:+.3f} | {paper} | {m['w']:.3f} | "
                          f"{m['w_faithful']:.3f} | {m['w_failed']:.3f} |")
     return "\n".join(lines)
+
+
+def paired(per_seed, row, reference, key):
+    """row - reference on one metric, seed by seed: both rows of a seed share its world, its
+    synthetic videos and its weights, so what the seeds change moves both and cancels here."""
+    return [r[row][key] - r[reference][key] for r in per_seed]
+
+
+def interval(diffs, level=0.95):
+    """Mean, standard deviation and the two-sided t-interval of the mean of paired differences
+    (Student's t with n - 1 degrees of freedom); no interval from a single seed."""
+    from scipy.stats import t
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return float(d.mean()), float("nan"), (float("nan"), float("nan"))
+    sd = float(d.std(ddof=1))
+    half = float(t.ppf((1 + level) / 2, len(d) - 1)) * sd / np.sqrt(len(d))
+    return float(d.mean()), sd, (float(d.mean()) - half, float(d.mean()) + half)
+
+
+def paired_table(comparisons, per_seed):
+    """The claims as paired per-seed differences: a line per (row, reference, claim), a cell per
+    metric: the mean difference ± its standard deviation over seeds, "✓" when the 95% t-interval
+    of the mean is above 0, "✗" when it is below 0, nothing when it holds 0 (within the noise of
+    these seeds). Also the per-seed differences, for results.json."""
+    lines = [f"Paired per-seed differences, row - reference (mean ± std over {len(per_seed)} seeds; ✓ / ✗: the 95% "
+             "t-interval of the mean is above / below 0; no mark: these seeds cannot tell)", "",
+             f"| row | reference | claim | {' | '.join(c for c, _ in COLUMNS)} |", "|---" * (len(COLUMNS) + 3) + "|"]
+    raw = {}
+    for row, reference, claim in comparisons:
+        cells = []
+        for _, key in COLUMNS:
+            diffs = paired(per_seed, row, reference, key)
+            mean, sd, (low, high) = interval(diffs)
+            raw[f"{row} - {reference}", key] = diffs
+            cells.append(f"{mean:+6.2f} ± {sd:4.2f} {'✓' if low > 0 else '✗' if high < 0 else ' '}")
+        lines.append(f"| {row} | {reference} | {claim} | {' | '.join(cells)} |")
+    return "\n".join(lines), {f"{name} | {key}": d for (name, key), d in raw.items()}
 
 
 def _pyplot():

@@ -44,6 +44,22 @@ TABLE4_ROWS = {  # the other weightings of Table 4, with L_scr (--all_rows)
     "T4.4 indicator + L_scr": ["--weighting", "indicator"],
 }
 METHODS = {**ROWS, **TABLE4_ROWS}
+# What the paper's claims rest on, as (row, reference row, what the difference tests), reported as
+# paired per-seed differences (report.paired_table); each weighting row with L_scr (Table 4's, the
+# exercise's) is also compared with the fixed weight (comparisons below).
+CLAIMS = [
+    ("SynViTA (Eq. 4 + L_scr)", "VideoCon (Eq. 2)", "Table 3: SynViTA vs VideoCon"),
+    ("unweighted synthetic (Eq. 3)", "VideoCon (Eq. 2)", "Eq. 3: synthetic videos, unweighted"),
+    ("SynViTA (Eq. 4 + L_scr)", "SynViTA without L_scr", "Fig. 4: L_scr"),
+]
+
+
+def comparisons(methods):
+    """CLAIMS whose two rows this run has, then every other weighting with L_scr vs "fixed + L_scr"."""
+    weighted = [(m, "fixed + L_scr", "Table 4: this weighting vs fixed") for m in methods
+                if METHODS[m] and "--weighting" in METHODS[m] and "--no-use_scr" not in METHODS[m]
+                and m != "fixed + L_scr"]
+    return [c for c in CLAIMS + weighted if c[0] in methods and c[1] in methods]
 
 
 @dataclass
@@ -384,7 +400,8 @@ def main(args):
     header = (f"Toy world ({'biased: no training clip moves up or down' if args.bias else 'control: no bias'}), "
               f"seeds {args.seeds}: mean ± std over seeds (in %; {args.n_train} real triplets per seed; this run: "
               f"{wall:.0f} s wall on {os.cpu_count()} CPU cores, {workers.done} of {steps} steps done by it, the rest reused)")
-    table = report.tables(methods, per_seed, fig2s)
+    differences, per_seed_differences = report.paired_table(comparisons(methods), per_seed)
+    table = report.tables(methods, per_seed, fig2s, differences)
     print("\n" + header + "\n\n" + table, flush=True)
     with open(os.path.join(args.out_dir, "table.md"), "w", encoding="utf-8") as fh:
         fh.write(header + "\n\n" + table + "\n")
@@ -393,7 +410,8 @@ def main(args):
     report.plot_fig2(fig2s, os.path.join(args.out_dir, "fig2.png"), title)
     from common import save_json
     save_json(os.path.join(args.out_dir, "results.json"), {"args": vars(args), "seconds": wall, "methods": methods,
-                                                           "results": per_seed, "fig2": fig2s})
+                                                           "results": per_seed, "fig2": fig2s,
+                                                           "paired_differences": per_seed_differences})
     return per_seed
 
 
