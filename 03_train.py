@@ -337,8 +337,8 @@ def micro_batch_pairs(model, processor, batch, paths, frames, args):
         model, processor, frames, [s[3] for s in specs], [where[s[2]] for s in specs],
         hidden=[common.hidden_word_spans(s[3], s[4]) if s[4] else None for s in specs], prompt=args.prompt,
         questions=[s[5] or common.QUESTION for s in specs], answers=[s[6] or [] for s in specs])
-    yes_no = common.answer_logits(model, torch.stack([h[0] for h in states]), [word["Yes"], word["No"]])  # Eq. (1)
-    a = yes_no[:, 0] - yes_no[:, 1]  # row j of a pair's states and logits predicts its answer token j
+    yes_no = common.answer_logits(model, torch.stack([h[0] for h in states]), [word["Yes"], word["No"]])
+    a = common.alignment_logit(yes_no[:, 0], yes_no[:, 1])  # Eq. (1); row j of a pair's states and logits predicts its answer token j
     return [(k, name, a[i], (z, torch.tensor(answer, device=z.device)) if answer else None)
             for i, ((k, name, *_, answer), z) in enumerate(zip(specs, logits))]
 
@@ -363,7 +363,7 @@ def objective(pairs, batch, args):
         # ---- §3 Eq. (2): real videos, positive vs LLM-written negative caption ----
         l_real = common.loss_real(col("rr"), col("rs")) if triplets else zero
         # ---- §5 Eq. (5): weighted synthetic loss (w = 1 is Eq. 3) ----
-        l_syn = common.loss_syn_weighted(col("ss"), col("sr"), w) if triplets and args.use_syn else zero
+        l_syn = common.loss_syn(col("ss"), col("sr"), w) if triplets and args.use_syn else zero
         nle = [t for _, t in tokens["nle"]]
         l_nle = F.cross_entropy(torch.cat([x for x, _ in nle]), torch.cat([y for _, y in nle])) if nle else zero
     else:  # the released code's token loss: one sum over the micro-batch's answer tokens, / their number N
@@ -380,9 +380,8 @@ def objective(pairs, batch, args):
     l_scr = zero
     twins = sum(batch[k]["syn"] is not None for k in triplets)
     if args.use_syn and args.use_scr and twins:
-        f = {name: torch.sigmoid(col(name)) for name in ("rr", "rs", "ss", "sr", "r'", "s'")}  # Eq. (1)
-        l_scr = common.loss_scr(torch.stack([f["ss"], f["rr"]], 1), torch.stack([f["s'"], f["r'"]], 1),
-                                torch.stack([f["sr"], f["rs"]], 1), w, args.gamma)
+        l_scr = common.loss_scr(torch.stack([col("ss"), col("rr")], 1), torch.stack([col("s'"), col("r'")], 1),
+                                torch.stack([col("sr"), col("rs")], 1), w, args.gamma)
         if args.answer_loss == "vocab":  # the release's mean is over its half-triplets with a twin
             l_scr = l_scr * len(triplets) / (2 * twins)
     # ---- §5 Eq. (7): L = L_real + L_syn^phi + lambda_scr L_scr^phi, plus the explanations' loss ----

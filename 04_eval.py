@@ -305,9 +305,10 @@ def score_task(name, pairs, model, processor, args, dist):
             index = [k for k, (v, _) in enumerate(batch) for _ in todo[v]]
             captions = [c for v, _ in batch for c in todo[v]]
             with torch.no_grad():  # §3 Eq. (1): each video encoded once, its prompt prefix run once per row
-                a = common.alignment_logits(model, processor, [frames for _, frames in batch], captions, index,
-                                            prompt=args.prompt, per_row=args.batch_size)
-            writer.writerows([batch[k][0], c, f"{torch.sigmoid(x).item():.9g}", f"{x.item():.9g}"]
+                yes_no = common.yes_no_logits(model, processor, [frames for _, frames in batch], captions, index,
+                                              prompt=args.prompt, per_row=args.batch_size)
+                a = common.alignment_logit(yes_no[:, 0], yes_no[:, 1])  # f = alignment_score(a)
+            writer.writerows([batch[k][0], c, f"{common.alignment_score(x).item():.9g}", f"{x.item():.9g}"]
                              for k, c, x in zip(index, captions, a))
             fh.flush()  # written as it goes: a killed run loses at most this batch
     finished = [os.path.join(args.out_dir, f"{name}_finished.rank{r}.json") for r in range(dist.world_size)]

@@ -22,59 +22,61 @@ import torch.nn.functional as F
 # =================================================================================================
 # Part 1: the equations
 # =================================================================================================
-# Notation: a = logit_Yes - logit_No is the "alignment logit" of one (video, text) pair, so that
-# f = sigmoid(a). Losses take alignment logits and use logsigmoid, which never produces log(0).
+# Notation: the model's two answer logits give a = logit_Yes - logit_No, the "alignment logit" of
+# one (video, text) pair, and f = sigmoid(a) (Eq. 1). Every loss takes alignment logits: log f =
+# logsigmoid(a) and log(1 - f) = logsigmoid(-a) stay exact where f itself rounds to 0 or 1.
 #
 # NOTE (deviation): the paper writes every loss as a SUM over the i examples; we return the MEAN
 # (sum / n) so that the loss scale, and hence the learning rate, does not depend on the batch size.
 
 
-def alignment_score(logit_yes, logit_no):
-    """Eq. (1): f(V,t) = P(Yes|V,t) / (P(Yes|V,t) + P(No|V,t)) = sigmoid(logit_Yes - logit_No).
+def alignment_logit(logit_yes, logit_no):
+    """Eq. (1), the form the code computes: f(V,t) = P(Yes|V,t) / (P(Yes|V,t) + P(No|V,t))
+    = sigmoid(a) with a = logit_Yes - logit_No, read where the answer starts. Returns a.
 
-    The two-way softmax over {Yes, No} equals a sigmoid of the logit difference; this form never
-    overflows, even for logits of +-1e4."""
-    return torch.sigmoid(logit_yes - logit_no)
+    The two-way softmax over {Yes, No} is a sigmoid of the logit difference, so a is all that Eqs.
+    (2)-(6) need; alignment_score(a) gives f."""
+    return logit_yes - logit_no
+
+
+def alignment_score(a):
+    """Eq. (1): f(V,t) = sigmoid(a), the alignment score in [0, 1]; never overflows, even at a = +-2e4."""
+    return torch.sigmoid(a)
 
 
 def loss_real(a_pos, a_neg):
     """Eq. (2): L_real = -1/n sum_i [ log f(V_i, t_i+) + log(1 - f(V_i, t_i-)) ].
 
     a_pos: (n,) alignment logits of (real video, its caption t+);
-    a_neg: (n,) alignment logits of (real video, the LLM-written negative t-).
-    log f = logsigmoid(a) and log(1 - f) = logsigmoid(-a)."""
-    return -(F.logsigmoid(a_pos) + F.logsigmoid(-a_neg)).mean()
+    a_neg: (n,) alignment logits of (real video, the LLM-written negative t-)."""
+    return -(F.logsigmoid(a_pos) + F.logsigmoid(-a_neg)).mean()  # log f = logsigmoid(a), log(1-f) = logsigmoid(-a)
 
 
-def loss_syn(a_target, a_real):
-    """Eq. (3): L_syn = -1/n sum_i [ log f(V_i^s, t_i^s) + log(1 - f(V_i^s, t_i^r)) ].
+def loss_syn(a_target, a_real, w=1.0):
+    """Eq. (3): L_syn = -1/n sum_i [ log f(V_i^s, t_i^s) + log(1 - f(V_i^s, t_i^r)) ], and with
+    per-example weights w, Eq. (5): L_syn^phi = -1/n sum_i w_i [ ... the same ... ].
 
     a_target: (n,) alignment logits of (synthetic video V^s, the caption t^s it was generated from);
-    a_real:   (n,) alignment logits of (V^s, the real caption t^r), which V^s should NOT match."""
-    return -(F.logsigmoid(a_target) + F.logsigmoid(-a_real)).mean()
-
-
-def loss_syn_weighted(a_target, a_real, w):
-    """Eq. (5): L_syn^phi = -1/n sum_i w_i [ log f(V_i^s, t_i^s) + log(1 - f(V_i^s, t_i^r)) ].
-
-    w: (n,) per-example weights w_i = phi(V^s, t^s, t^r) from Eq. (4) (or a Table 4 variant).
+    a_real:   (n,) alignment logits of (V^s, the real caption t^r), which V^s should NOT match;
+    w:        (n,) weights w_i = phi(V^s, t^s, t^r) of Eq. (4) (or a Table 4 variant); 1 = Eq. (3).
     w_i = 0 removes example i exactly."""
-    per_example = F.logsigmoid(a_target) + F.logsigmoid(-a_real)  # (n,)
+    per_example = F.logsigmoid(a_target) + F.logsigmoid(-a_real)  # (n,) log f(V^s,t^s) + log(1 - f(V^s,t^r))
     return -(w * per_example).mean()
 
 
-def loss_scr(f_pos, f_shared, f_neg, w, margin=0.2):
+def loss_scr(a_own, a_shared, a_other, w, margin=0.2):
     """Eq. (6): L_scr^phi = 1/n sum_i w_i sum_{z in {s,r}} [ max(0, g + f(V^z, t') - f(V^z, t^z))
                                                          + max(0, g + f(V^z, t^zbar) - f(V^z, t')) ].
 
-    Shapes (n, 2): column 0 is z = s (synthetic video), column 1 is z = r (real video).
-    f_pos    = f(V^z, t^z)     the video's own caption
-    f_shared = f(V^z, t')      t' = the words that t^s and t^r share (footnote 2, see below)
-    f_neg    = f(V^z, t^zbar)  the other video's caption
-    It asks f(own) > f(shared) > f(other), each by the margin g (gamma = 0.2 in the paper).
-    w: (n,) weights; margin: g."""
-    above = F.relu(margin + f_shared - f_pos)  # (n, 2): own caption beats the shared part
-    below = F.relu(margin + f_neg - f_shared)  # (n, 2): shared part beats the other caption
+    Alignment logits of shape (n, 2): column 0 is z = s (synthetic video), column 1 is z = r (real).
+    a_own    -> f(V^z, t^z)     the video's own caption
+    a_shared -> f(V^z, t')      t' = the words that t^s and t^r share (footnote 2, see below)
+    a_other  -> f(V^z, t^zbar)  the other video's caption
+    It asks f(own) > f(shared) > f(other), each by the margin g (gamma = 0.2 in the paper), on the
+    scores f themselves (Eq. 1), not on their logits. w: (n,) weights; margin: g."""
+    f_own, f_shared, f_other = alignment_score(a_own), alignment_score(a_shared), alignment_score(a_other)
+    above = F.relu(margin + f_shared - f_own)  # (n, 2): own caption beats the shared part
+    below = F.relu(margin + f_other - f_shared)  # (n, 2): shared part beats the other caption
     return (w * (above + below).sum(dim=1)).mean()
 
 
@@ -611,30 +613,6 @@ def prompt_tokens(processor, model_type, caption, hidden=None, prompt="llava_v1"
     return text, enc["input_ids"], enc["offset_mapping"], token_visibility(enc["offset_mapping"], spans)
 
 
-def build_text_batch(model, processor, captions, num_video_tokens, hidden=None, prompt="llava_v1"):
-    """Token ids of whole entailment prompts, one per row, the video placeholder expanded to
-    num_video_tokens, left-padded so that the answer position is the last one for every row (a plain
-    full forward, e.g. for pretraining; scoring uses answer_states).
-    Returns input_ids, attention_mask, position_ids, (yes, no)."""
-    hf = unwrap(model)
-    rows, masks = [], []
-    for i, caption in enumerate(captions):
-        text, ids, _, visible = prompt_tokens(processor, hf.config.model_type, caption,
-                                              hidden[i] if hidden else None, prompt)
-        n = [num_video_tokens if t == hf.config.video_token_id else 1 for t in ids]  # expand <video>
-        rows.append(sum(([t] * k for t, k in zip(ids, n)), []))
-        masks.append(sum(([int(v)] * k for v, k in zip(visible, n)), []))
-    width = max(map(len, rows))
-    pad = processor.tokenizer.pad_token_id or 0
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    attention_mask = torch.tensor([[0] * (width - len(m)) + m for m in masks])
-    # positions count real tokens only (left padding does not shift them); hidden t' tokens keep
-    # their positions: t' is the same caption with some words made invisible, not a new text.
-    not_pad = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    position_ids = (not_pad.cumsum(1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids, answer_token_ids(processor.tokenizer, text)
-
-
 def video_prefixes(model, processor, videos, head, head_text, features=None):
     """Each video's prompt prefix (`head`: the prompt's token ids up to its video placeholder, whose
     text is head_text), the placeholder expanded. Per video: token ids (P_v,) and positions (d, P_v)
@@ -680,7 +658,7 @@ def answer_states(model, processor, videos, captions, video_index=None, hidden=N
     that of the pair's whole prompt run alone, and gradients (outside no_grad) flow through the
     suffixes and the prefix, with activation checkpointing as usual.
 
-    videos, captions, video_index, hidden, features, prompt: as alignment_logits;
+    videos, captions, video_index, hidden, features, prompt: as yes_no_logits;
     questions: optional per-pair question templates with one {caption} field (default QUESTION);
     answers:   optional per-pair lists of answer token ids, fed after the prompt (teacher forcing);
     per_row:   the most pairs on one row (0: all pairs of a video; each more row repeats the prefix).
@@ -787,9 +765,10 @@ def answer_logits(model, states, token_ids):
         return F.linear(states.float(), head.weight[token_ids].float(), bias)
 
 
-def alignment_logits(model, processor, videos, captions, video_index=None, hidden=None, features=None,
-                     prompt="llava_v1", per_row=0):
-    """Eq. (1): a = logit_Yes - logit_No for each (video, caption) pair, f(V, t) = sigmoid(a).
+def yes_no_logits(model, processor, videos, captions, video_index=None, hidden=None, features=None,
+                  prompt="llava_v1", per_row=0):
+    """The (logit_Yes, logit_No) pair of Eq. (1) for each (video, caption) pair, where the answer starts;
+    alignment_logit turns them into a, alignment_score into f(V, t).
 
     videos:      list of uint8 frame arrays (T, H, W, 3), each encoded once and its prompt prefix run once;
     captions:    list of n captions;
@@ -798,10 +777,9 @@ def alignment_logits(model, processor, videos, captions, video_index=None, hidde
     features:    optional precomputed encode_videos(...) output (LLaVA families; then `videos` is not used);
     prompt:      a PROMPT_FORMATS name (Video-LLaVA; other families use their chat template);
     per_row:     the most captions on one copy of a video's prefix (0: all; see answer_states).
-    Returns a float32 tensor (n,) (see answer_logits); gradients flow outside torch.no_grad()."""
+    Returns a float32 tensor (n, 2) (see answer_logits); gradients flow outside torch.no_grad()."""
     hf = unwrap(model)
     states, _ = answer_states(model, processor, videos, captions, video_index, hidden, features, prompt,
                               per_row=per_row)
     text, _ = entailment_prompt(processor, hf.config.model_type, captions[0], prompt)
-    logits = answer_logits(model, torch.stack([s[0] for s in states]), answer_token_ids(processor.tokenizer, text))
-    return logits[:, 0] - logits[:, 1]
+    return answer_logits(model, torch.stack([s[0] for s in states]), answer_token_ids(processor.tokenizer, text))

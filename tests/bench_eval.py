@@ -72,18 +72,18 @@ def main():
     for first in range(0, args.videos, args.video_batch):  # as 04_eval.score_task batches videos
         chunk = list(range(first, min(first + args.video_batch, args.videos)))
         start = time.perf_counter()
-        naive += [common.alignment_logits(model, processor, [frames[v]], [c]) for v in chunk for c in captions]
+        naive += [tiny.alignment_logits(model, processor, [frames[v]], [c]) for v in chunk for c in captions]
         seconds[0] += time.perf_counter() - start
 
         start = time.perf_counter()
         features = common.encode_videos(model, processor, [frames[v] for v in chunk])
-        per_pair += [common.alignment_logits(model, processor, None, [c], features=features[k:k + 1])
+        per_pair += [tiny.alignment_logits(model, processor, None, [c], features=features[k:k + 1])
                      for k in range(len(chunk)) for c in captions]
         seconds[1] += time.perf_counter() - start
 
         start = time.perf_counter()  # as 04_eval.score_task calls it
         index = [k for k in range(len(chunk)) for _ in captions]
-        fast.append(common.alignment_logits(model, processor, [frames[v] for v in chunk], captions * len(chunk), index,
+        fast.append(tiny.alignment_logits(model, processor, [frames[v] for v in chunk], captions * len(chunk), index,
                                             per_row=args.batch_size))
         seconds[2] += time.perf_counter() - start
     naive, per_pair, fast = torch.cat(naive), torch.cat(per_pair), torch.cat(fast)

@@ -11,8 +11,8 @@ from transformers import AutoProcessor
 
 import common
 import tiny
-from common import (WEIGHTINGS, alignment_score, hidden_word_spans, longest_common_subsequence, loss_real,
-                    loss_scr, loss_syn, loss_syn_weighted, token_visibility, total_loss)
+from common import (WEIGHTINGS, alignment_logit, alignment_score, hidden_word_spans, longest_common_subsequence,
+                    loss_real, loss_scr, loss_syn, token_visibility, total_loss)
 
 T = torch.tensor
 
@@ -21,12 +21,12 @@ T = torch.tensor
 def test_alignment_score_is_the_yes_no_ratio():
     ly, ln = T([2.0, 0.0, -1.0]), T([1.0, 0.0, 3.0])
     ratio = ly.exp() / (ly.exp() + ln.exp())
-    assert torch.allclose(alignment_score(ly, ln), ratio)
-    assert alignment_score(T(1.0), T(0.0)).item() == pytest.approx(0.7310586, abs=1e-6)  # sigmoid(1)
+    assert torch.allclose(alignment_score(alignment_logit(ly, ln)), ratio)
+    assert alignment_score(alignment_logit(T(1.0), T(0.0))).item() == pytest.approx(0.7310586, abs=1e-6)  # sigmoid(1)
 
 
 def test_alignment_score_survives_huge_logits():
-    f = alignment_score(T([1e4, -1e4, 1e4]), T([-1e4, 1e4, 1e4]))
+    f = alignment_score(alignment_logit(T([1e4, -1e4, 1e4]), T([-1e4, 1e4, 1e4])))
     assert torch.equal(f, T([1.0, 0.0, 0.5]))  # exp(1e4) would be inf; the sigmoid form is exact
 
 
@@ -50,25 +50,26 @@ def test_loss_syn_matches_eq3_and_weighted_reduces_to_it():
     at, ar = T([0.3, -1.2, 2.0]), T([0.5, 0.1, -0.7])
     by_hand = -(torch.log(torch.sigmoid(at)) + torch.log(1 - torch.sigmoid(ar))).mean()
     assert loss_syn(at, ar).item() == pytest.approx(by_hand.item(), abs=1e-6)
-    assert loss_syn_weighted(at, ar, torch.ones(3)).item() == pytest.approx(by_hand.item(), abs=1e-6)
+    assert loss_syn(at, ar, torch.ones(3)).item() == pytest.approx(by_hand.item(), abs=1e-6)
 
 
 def test_zero_weight_removes_an_example_exactly():
     at = T([0.3, -1.2], requires_grad=True)
     ar = T([0.5, 0.1], requires_grad=True)
     w = T([1.0, 0.0])
-    loss = loss_syn_weighted(at, ar, w)
+    loss = loss_syn(at, ar, w)
     term0 = -(torch.nn.functional.logsigmoid(at[0]) + torch.nn.functional.logsigmoid(-ar[0])) / 2
     assert loss.item() == pytest.approx(term0.item(), abs=1e-7)
     loss.backward()
     assert at.grad[1] == 0 and ar.grad[1] == 0
-    assert loss_syn_weighted(at, ar, torch.zeros(2)).item() == 0.0
+    assert loss_syn(at, ar, torch.zeros(2)).item() == 0.0
 
 
 # ---- Eq. (6) ------------------------------------------------------------------------------------
 def test_loss_scr_by_hand():
-    # one example; column 0 = synthetic video, column 1 = real video; margin 0.2
-    f_pos, f_shared, f_neg = T([[0.9, 0.6]]), T([[0.5, 0.5]]), T([[0.4, 0.1]])
+    # one example; column 0 = synthetic video, column 1 = real video; margin 0.2; the losses take
+    # alignment logits: logit(f) gives back these scores f
+    f_pos, f_shared, f_neg = (torch.logit(T(f)) for f in ([[0.9, 0.6]], [[0.5, 0.5]], [[0.4, 0.1]]))
     # z=s: relu(.2+.5-.9)=0 + relu(.2+.4-.5)=0.1 ; z=r: relu(.2+.5-.6)=0.1 + relu(.2+.1-.5)=0
     assert loss_scr(f_pos, f_shared, f_neg, T([1.0])).item() == pytest.approx(0.2)
     assert loss_scr(f_pos, f_shared, f_neg, T([0.5])).item() == pytest.approx(0.1)
@@ -80,8 +81,8 @@ def test_loss_scr_by_hand():
 
 def test_loss_scr_identical_captions_cost_exactly_two_margins():
     # t^s == t^r: t' is the whole caption and all three scores coincide -> 2 * g per video
-    f = T([[0.7, 0.3]])
-    assert loss_scr(f, f, f, T([1.0])).item() == pytest.approx(4 * 0.2)
+    a = torch.logit(T([[0.7, 0.3]]))
+    assert loss_scr(a, a, a, T([1.0])).item() == pytest.approx(4 * 0.2)
 
 
 def test_total_loss_eq7():
@@ -357,7 +358,7 @@ def test_alignment_score_equals_full_softmax_ratio(family, request):
     model, processor = common.load_video_llm(request.getfixturevalue(family))
     videos = [tiny.moving_square(seed=0), tiny.moving_square(direction=-1, color=(0, 0, 255), seed=1)]
     index = [0, 1, 1]  # three captions of different lengths (left padding) on two videos
-    f = alignment_score(common.alignment_logits(model, processor, videos, CAPTIONS, video_index=index), 0)
+    f = alignment_score(tiny.alignment_logits(model, processor, videos, CAPTIONS, video_index=index))
     expected = [full_softmax_score(model, processor, videos[i], c) for i, c in zip(index, CAPTIONS)]
     np.testing.assert_allclose(f.numpy(), expected, atol=1e-5)
     assert f.std() > 0  # random weights still tell captions apart
@@ -369,7 +370,7 @@ def test_t_prime_equals_an_explicit_attention_mask(video_llava_dir):
     video = tiny.moving_square()
     caption, other = PAIRS[1][1], PAIRS[1][2]
     spans = hidden_word_spans(caption, other)
-    ours = common.alignment_logits(model, processor, [video, video], [caption, caption], hidden=[spans, None])
+    ours = tiny.alignment_logits(model, processor, [video, video], [caption, caption], hidden=[spans, None])
     # the long way: the processor builds the inputs (it expands <video>); then zero the attention
     # of the prompt tokens after the video that overlap a hidden word of the caption
     prompt, start = common.entailment_prompt(processor, "video_llava", caption)
@@ -404,7 +405,7 @@ def test_video_llava_prompt_is_the_released_llava_v1_by_default(video_llava_dir)
 
 def test_scores_have_gradients_for_training(video_llava_dir):
     model, processor = common.load_video_llm(video_llava_dir)
-    a = common.alignment_logits(model, processor, [tiny.moving_square()], ["a red square"])
+    a = tiny.alignment_logits(model, processor, [tiny.moving_square()], ["a red square"])
     loss_real(a, -a).backward()
     assert model.lm_head.weight.grad is not None
     assert model.model.video_tower.embeddings.patch_embedding.weight.grad is None  # encoded under no_grad

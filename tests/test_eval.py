@@ -240,8 +240,8 @@ def test_fast_path_equals_the_per_pair_path(video_llava_dir, batch_size):
     videos = [tiny.moving_square(seed=0), tiny.moving_square(direction=-1, color=(0, 0, 255), seed=1)]
     index = [1, 0, 0, 1, 1, 0, 0]
     captions = [CAPTIONS[k % 4] for k in range(len(index))]
-    fast = common.alignment_logits(model, processor, videos, captions, index, per_row=batch_size)  # as score_task
-    slow = torch.cat([common.alignment_logits(model, processor, [videos[v]], [c]) for v, c in zip(index, captions)])
+    fast = tiny.alignment_logits(model, processor, videos, captions, index, per_row=batch_size)  # as score_task
+    slow = torch.cat([tiny.alignment_logits(model, processor, [videos[v]], [c]) for v, c in zip(index, captions)])
     np.testing.assert_allclose(fast.numpy(), slow.numpy(), atol=1e-5)
     assert fast.std() > 1e-3  # the pairs really differ
 
@@ -274,7 +274,7 @@ def test_main_scores_resumes_and_reports_bad_videos(video_llava_dir, tmp_path, c
     first = scores_of(final)
     model, processor = common.load_video_llm(video_llava_dir)  # spot-check one pair the long way
     frames = common.read_video(os.path.join(root, "1.mp4"))
-    a = common.alignment_logits(model, processor, [frames], [CAPTIONS[0]])
+    a = tiny.alignment_logits(model, processor, [frames], [CAPTIONS[0]])
     assert first[("1.mp4", CAPTIONS[0])] == pytest.approx(torch.sigmoid(a).item(), abs=1e-5)
     # resume: drop two scored rows, leave a torn record behind as a killed run would (it parses: a
     # score cut after two digits, no line end); they are rescored, the torn one is not counted done
@@ -314,7 +314,7 @@ def test_lora_adapter_loads_and_changes_scores(video_llava_dir, tmp_path):
     loaded = PeftModel.from_pretrained(common.load_video_llm(video_llava_dir)[0], str(tmp_path / "adapter")).eval()
     frames = common.read_video(os.path.join(root, "2.mp4"))
     with torch.no_grad():
-        a = common.alignment_logits(loaded, processor, [frames], [CAPTIONS[1]])
+        a = tiny.alignment_logits(loaded, processor, [frames], [CAPTIONS[1]])
     assert s_tuned[("2.mp4", CAPTIONS[1])] == pytest.approx(torch.sigmoid(a).item(), abs=1e-5)
     # issue 14 item 6: an adapter whose LoRA weights sit where this base has none (another base model's
     # layout, here its layer 0 renamed to a layer 7 that the tiny model lacks) stops instead of scoring

@@ -79,7 +79,7 @@ def test_packed_scores_equal_a_plain_forward_of_each_prompt(family, per_row, win
     captions = [CAPTIONS[k % 5] for k in range(len(index))]
     hidden = [common.hidden_word_spans(c, "a square moves") if k in (2, 6) else None for k, c in enumerate(captions)]
     assert all(hidden[k] for k in (2, 6))
-    a = common.alignment_logits(model, processor, videos, captions, index, hidden, per_row=per_row)
+    a = tiny.alignment_logits(model, processor, videos, captions, index, hidden, per_row=per_row)
     assert a.dtype == torch.float32
     yes, no = yes_no(processor, model, captions[0])
     for i, (v, c) in enumerate(zip(index, captions)):
@@ -126,7 +126,7 @@ def test_gradients_equal_a_plain_forward_under_activation_checkpointing(family, 
         model.zero_grad()
         (weights * a).sum().backward()
         return [p.grad.clone() for p in params]
-    ours = grads(common.alignment_logits(model, processor, videos, captions, index, hidden))
+    ours = grads(tiny.alignment_logits(model, processor, videos, captions, index, hidden))
     plain = torch.stack([(lambda r: r[yes] - r[no])(plain_logits(model, processor, videos[v], c, h)[0])
                          for v, c, h in zip(index, captions, hidden)])
     for mine, ref in zip(ours, grads(plain)):
@@ -142,8 +142,8 @@ def test_other_attention_implementations_take_the_whole_square_mask(implementati
     other = AutoModelForImageTextToText.from_pretrained(family_dir("video_llava"), attn_implementation=implementation)
     videos, index = videos_for("video_llava"), [0, 1, 1, 0]
     hidden = [None, common.hidden_word_spans(CAPTIONS[1], "a cat"), None, None]
-    a = common.alignment_logits(model, processor, videos, CAPTIONS[:4], index, hidden)
-    torch.testing.assert_close(common.alignment_logits(other, processor, videos, CAPTIONS[:4], index, hidden), a,
+    a = tiny.alignment_logits(model, processor, videos, CAPTIONS[:4], index, hidden)
+    torch.testing.assert_close(tiny.alignment_logits(other, processor, videos, CAPTIONS[:4], index, hidden), a,
                                atol=1e-5, rtol=0)
 
 
@@ -184,7 +184,7 @@ def test_yes_no_logits_are_float32_on_a_bf16_model(video_llava_dir):
     so the scores are not the bf16 logits' coarse grid (which ties retrieval candidates)."""
     model, processor = common.load_video_llm(video_llava_dir, dtype=torch.bfloat16)
     videos, captions = [tiny.moving_square(seed=0)], [CAPTIONS[k % 5] + " " * (k // 5) for k in range(20)]
-    a = common.alignment_logits(model, processor, videos, captions, [0] * 20)
+    a = tiny.alignment_logits(model, processor, videos, captions, [0] * 20)
     states, logits = common.answer_states(model, processor, videos, captions, [0] * 20)
     yes, no = yes_no(processor, model, captions[0])
     head = model.lm_head.weight[[yes, no]].float()

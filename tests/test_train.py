@@ -228,7 +228,7 @@ def test_one_call_equals_each_pair_scored_alone(video_llava_dir, toy):
             continue
         caption = r["caption"] if name in ("rr", "sr", "r'") else r["neg"]
         hidden = common.hidden_word_spans(caption, r["neg"] if name == "r'" else r["caption"]) if "'" in name else None
-        one = common.alignment_logits(model, processor, [video], [caption], hidden=[hidden])
+        one = tiny.alignment_logits(model, processor, [video], [caption], hidden=[hidden])
         assert a.item() == pytest.approx(one.item(), abs=1e-5), (name, k)
         if "'" in name:
             assert tokens is None
@@ -364,10 +364,10 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_scores(video_llava_dir
     videos = [tiny_train.tiny.moving_square(color=(255, 0, 0)), tiny_train.tiny.moving_square(direction=-1)]
     captions = ["a red square moves to the right", "a red square moves to the left", "a square moves to the left"]
     with torch.no_grad():
-        before = common.alignment_logits(base, processor, videos, captions, [0, 0, 1])
+        before = tiny.alignment_logits(base, processor, videos, captions, [0, 0, 1])
         loaded = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
-        after = common.alignment_logits(loaded, processor, videos, captions, [0, 0, 1])
-        ours = common.alignment_logits(trained.eval(), processor, videos, captions, [0, 0, 1])
+        after = tiny.alignment_logits(loaded, processor, videos, captions, [0, 0, 1])
+        ours = tiny.alignment_logits(trained.eval(), processor, videos, captions, [0, 0, 1])
     torch.testing.assert_close(after, ours, atol=1e-5, rtol=0)
     assert (after - before).abs().max() > 1e-3  # the adapter changed the scores
     # LoRA sits on the 7 linear layers of each of the 2 LLM layers, nowhere in the vision tower

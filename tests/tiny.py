@@ -19,6 +19,13 @@ REAL_MP4 = os.path.join(SHARED, "y5xuvHpDPZQ_000005_000015.mp4")
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<video>", "<image>", "<|im_start|>", "<|im_end|>"]
 
 
+def alignment_logits(model, processor, *args, **kwargs):
+    """Eq. (1)'s a = logit_Yes - logit_No of each pair: common.yes_no_logits, then common.alignment_logit."""
+    import common
+    yes_no = common.yes_no_logits(model, processor, *args, **kwargs)  # (n, 2)
+    return common.alignment_logit(yes_no[:, 0], yes_no[:, 1])
+
+
 def corpus():
     """Text to train the tiny tokenizer: real VideoCon captions plus the prompt words."""
     import csv

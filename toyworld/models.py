@@ -147,6 +147,32 @@ def pretraining_batch(scenes, clips, rng, n, easy, types=TYPES):
     return clips[idx], pos, neg
 
 
+def build_text_batch(model, processor, captions, num_video_tokens, hidden=None, prompt="llava_v1"):
+    """Token ids of whole entailment prompts, one per row, the video placeholder expanded to
+    num_video_tokens, left-padded so that the answer position is the last one for every row (a plain
+    full forward, for pretraining; the stages score with common.answer_states).
+    Returns input_ids, attention_mask, position_ids, (yes, no)."""
+    import torch
+    from common import answer_token_ids, prompt_tokens, unwrap
+    hf = unwrap(model)
+    rows, masks = [], []
+    for i, caption in enumerate(captions):
+        text, ids, _, visible = prompt_tokens(processor, hf.config.model_type, caption,
+                                              hidden[i] if hidden else None, prompt)
+        n = [num_video_tokens if t == hf.config.video_token_id else 1 for t in ids]  # expand <video>
+        rows.append(sum(([t] * k for t, k in zip(ids, n)), []))
+        masks.append(sum(([int(v)] * k for v, k in zip(visible, n)), []))
+    width = max(map(len, rows))
+    pad = processor.tokenizer.pad_token_id or 0
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(m)) + m for m in masks])
+    # positions count real tokens only (left padding does not shift them); hidden t' tokens keep
+    # their positions: t' is the same caption with some words made invisible, not a new text.
+    not_pad = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    position_ids = (not_pad.cumsum(1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids, answer_token_ids(processor.tokenizer, text)
+
+
 def caption_losses(logits, ids, n_pos, yes, no, quote, pad, weights=None, ask=True):
     """Two dense losses over the quoted caption of n_pos positive prompts (rows [:n_pos]) and their
     negatives (rows [n_pos:], left-padded like them):
@@ -195,7 +221,7 @@ def video_llm_losses(model, processor, clips, pos, neg, weights=None, ask=True):
     Eq. (2) and no prefix loss after the caption: the entailment question is never answered."""
     import torch
     from transformers.modeling_outputs import BaseModelOutputWithPooling
-    from common import build_text_batch, encode_videos, loss_real
+    from common import encode_videos, loss_real
     features = encode_videos(model, processor, list(clips))  # (B, L, hidden)
     ids, mask, positions, (yes, no) = build_text_batch(model, processor, pos + neg, features.shape[1], prompt=PROMPT)
     video = BaseModelOutputWithPooling(pooler_output=torch.cat([features, features]))
@@ -291,15 +317,16 @@ def entailment_auc(model, processor, n=256, seed=12345):
     """A quick check of a base video LLM: per_type_auc of f on n freshly rendered clips, each with
     its caption and one negative of a random applicable type."""
     import torch
-    from common import alignment_logits
+    from common import alignment_logit, yes_no_logits
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(n)]
     kinds = [rng.choice(negative_types(s)) for s in scenes]
     videos = [render(s, seed=rng.randrange(2**31)) for s in scenes]
     texts = [caption(s) for s in scenes] + [caption(negative(s, k, rng)) for s, k in zip(scenes, kinds)]
     with torch.no_grad():
-        f = torch.cat([alignment_logits(model, processor, [videos[i % n] for i in range(j, min(j + 32, 2 * n))],
-                                        texts[j: j + 32], prompt=PROMPT) for j in range(0, 2 * n, 32)]).numpy()
+        yes_no = torch.cat([yes_no_logits(model, processor, [videos[i % n] for i in range(j, min(j + 32, 2 * n))],
+                                          texts[j: j + 32], prompt=PROMPT) for j in range(0, 2 * n, 32)])
+        f = alignment_logit(yes_no[:, 0], yes_no[:, 1]).numpy()  # a: AUC reads its order, the same as f's
     return per_type_auc([1] * n + [0] * n, f, kinds + kinds)
 
 
@@ -310,7 +337,7 @@ def direction_naming(model, processor, n=128, seed=54321):
     carry, read without the entailment answer."""
     import torch
     from transformers.modeling_outputs import BaseModelOutputWithPooling
-    from common import build_text_batch, encode_videos
+    from common import encode_videos
     rng = random.Random(seed)
     scenes = [random_scene(rng, "single") for _ in range(n)]
     tok = processor.tokenizer
