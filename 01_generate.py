@@ -1,9 +1,9 @@
-"""01_generate.py: render a synthetic video V^s for every negative caption t^s.
+"""01_generate.py: §4, a synthetic video V^s = G(t^s, noise) for every negative caption t^s.
 
-Implements §4 of Zanella et al., CVPR 2025 ("Can Text-to-Video Generation help Video-Language
-Alignment?"): for each real training triplet (V^r, t^r = caption, t^s = neg_caption), a
-text-to-video generator G renders V^s = G(t^s, noise), the video that Eq. (3) pairs with t^s (a
-match) and t^r (a mismatch). The authors never released this stage.
+Zanella et al., CVPR 2025 ("Can Text-to-Video Generation help Video-Language Alignment?"), §4:
+for each real training triplet (V^r, t^r = caption, t^s = neg_caption), a text-to-video generator
+G renders V^s, the video that Eq. (3) pairs with t^s (a match) and t^r (a mismatch). The authors
+never released this stage.
 
 Reads   --input_csv    VideoCon layout: videopath, caption, neg_caption, misalignment (+ split, source)
 Writes  <out_dir>/videos/<video name>-<row hash>.mp4   one H.264 video per row (written atomically)
@@ -15,28 +15,7 @@ Launch (one GPU; then 8 GPUs, rows sharded over ranks, rank 0 writes the CSV):
     torchrun --standalone --nproc_per_node 8 01_generate.py --input_csv videocon_llm_entailment.csv --out_dir runs/gen
 On a GPU with less than ~40 GB, add --cpu_offload --vae_tiling (only the running part of G sits
 on the GPU, and the VAE decodes in tiles).
-CPU-sized example (a tiny random CogVideoX, see tests/tiny_generate.py; under 1 s a video;
-my.csv: any CSV with the four columns above):
-    python tests/tiny_generate.py /tmp/tiny-cogvideox
-    python 01_generate.py --input_csv my.csv --out_dir /tmp/gen --pipeline /tmp/tiny-cogvideox \\
-        --height 32 --width 64 --num_frames 9 --num_inference_steps 2 --limit 4
-The classroom's toy generator (toyworld/generator.py), chosen by name like any "module:Class" generator:
-    python 01_generate.py --input_csv runs/toy/world/train_s0.csv --out_dir /tmp/gen \\
-        --pipeline toyworld.generator:ToyGenerator --pipeline_kwargs '{"noise": 0}'
-
-The generator: any diffusers text-to-video pipeline, by hub id or local folder. The default is
-CogVideoX-5b at the paper's settings (720x480, 49 frames, 8 fps). The paper names "CogVideoX"
-without a size; we take 5b, the larger of the two 720x480x49 models, trained in bfloat16 as we
-run it (THUDM/CogVideoX-2b is the cheaper choice: pass --dtype float16, its training precision).
-Wan 2.1 and LTX-Video run through the same code with their own defaults (PIPELINE_DEFAULTS).
-NOTE (deviation): the paper's other two generators, LaVie and VideoCrafter2 (512x320, 32 frames),
-are not in diffusers, so this script cannot run them.
-
-Every row's noise comes from a seed derived from the row itself (videopath, neg_caption), drawn by
-a CPU generator: the same row gets the same frames whatever the number of GPUs, the order of work,
-or a rerun, and the same frames the same mp4, byte for byte (common.write_video). A rerun skips rows whose mp4 exists; a killed run leaves at most a *.tmp<pid>.mp4 file,
-never counted as done. Bad rows (a missing field, an empty caption, a duplicate) are named, skipped
-and counted; a missing column stops the run with the file's name.
+A CPU-sized run (a tiny random CogVideoX): README, "A CPU-sized chain"; the toy world's G: toyworld/README.md.
 """
 import hashlib
 import inspect
@@ -56,6 +35,14 @@ from common import (check_resume, example_seed, file_hash, must_exist, parse_arg
 REQUIRED = ("videopath", "caption", "neg_caption", "misalignment")
 TEXTS = ("videopath", "caption", "neg_caption")  # must not be empty
 SETTINGS = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames", "fps")
+# G: any diffusers text-to-video pipeline, by hub id or local folder. The default is CogVideoX-5b
+# at the paper's settings (720x480, 49 frames, 8 fps). The paper names "CogVideoX" without a size;
+# we take 5b, the larger of the two 720x480x49 models, trained in bfloat16 as we run it
+# (THUDM/CogVideoX-2b is the cheaper choice: pass --dtype float16, its training precision).
+# Wan 2.1 and LTX-Video run through the same code with their own defaults.
+# NOTE (deviation): the paper's other two generators, LaVie and VideoCrafter2 (512x320, 32 frames),
+# are not in diffusers, so this script cannot run them.
+#
 # Per-pipeline defaults, keyed by the diffusers class named in the checkpoint's model_index.json.
 # Each is overridden by its flag. A pipeline not listed here needs every flag of SETTINGS.
 PIPELINE_DEFAULTS = {
@@ -66,6 +53,10 @@ PIPELINE_DEFAULTS = {
     # LTX-Video (Lightricks/LTX-Video): 704x480, 161 frames, 24 fps, as in its diffusers example
     "LTXPipeline": dict(num_inference_steps=50, guidance_scale=3.0, height=480, width=704, num_frames=161, fps=24),
 }
+# --pipeline may instead name a Python class, "module:Class", that stands in for G (python_class),
+# e.g. the classroom's toy generator:
+#     --pipeline toyworld.generator:ToyGenerator --pipeline_kwargs '{"noise": 0}'
+PYTHON_CLASS = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 @dataclass
@@ -109,69 +100,15 @@ class Args:
     (VAE slicing would not help: each call decodes a single video)"""
 
 
-# ---- the rows to render: filters, then bad rows named and skipped, then --limit -----------------
-def select_rows(rows, args):
-    """The rows to generate, in file order, and how many bad rows were skipped.
-
-    rows: common.read_csv's, which already skipped (named by line, counted) rows with a wrong
-    number of fields, an empty videopath / caption / neg_caption, and exact duplicates. Here a row
-    with the same (videopath, neg_caption) as an earlier one (same identity = same seed = same
-    video) is skipped too. A --split / --misalignment that selects no row is an error."""
-    keep, first_line, duplicates = [], {}, []
-    for line, row in zip(rows.lines, rows):
-        if (args.split and row.get("split", args.split) != args.split
-                or args.misalignment and row["misalignment"] not in args.misalignment):
-            continue  # not asked for
-        if (row["videopath"], row["neg_caption"]) in first_line:
-            duplicates.append(line)
-            continue
-        first_line[row["videopath"], row["neg_caption"]] = line
-        keep.append(row)
-    if duplicates:
-        print0(f"{args.input_csv}: {len(duplicates)} row(s) skipped, same videopath and neg_caption as an earlier "
-               f"row: line(s) {', '.join(map(str, duplicates))}")
-    types = sorted({r["misalignment"] for r in rows})
-    for kind in sorted(set(args.misalignment) - {r["misalignment"] for r in keep}):
-        print0(f"--misalignment {kind!r}: no usable row of this type in {args.input_csv}; its types: {types}")
-    if not keep:
-        raise ValueError(f"{args.input_csv}: no usable row with --split {args.split!r}"
-                         + (f" and --misalignment {args.misalignment}" if args.misalignment else "")
-                         + f"; its splits: {sorted({r.get('split', '') for r in rows})}, its types: {types}")
-    return keep[: args.limit or None], sum(map(len, rows.skipped.values())) + len(duplicates)
-
-
-def video_name(row):
-    """<real video's name>-<12 hex digits of the row's identity>.mp4: readable, and unique per
-    (videopath, neg_caption), the key that also gives the seed."""
-    stem = re.sub(r"[^\w-]+", "_", os.path.splitext(os.path.basename(row["videopath"]))[0])
-    digest = hashlib.sha256(f"{row['videopath']}\x1f{row['neg_caption']}".encode()).hexdigest()[:12]
-    return f"{stem}-{digest}.mp4"
-
-
-# ---- §4: the generator G and its settings -------------------------------------------------------
-PYTHON_CLASS = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # "module:Class", e.g. toyworld.generator:ToyGenerator
-
-
-def python_class(spec):
-    """The class named by "module:Class", or None when spec is a hub id or a folder.
-
-    Any class whose instances are called like a diffusers text-to-video pipeline (prompt, steps,
-    guidance, height, width, num_frames, generator, output_type="np") and return an object with
-    `.frames[0]` (T, H, W, 3) in [0, 1] can stand in for G; its class attribute `defaults` gives the
-    settings a diffusers pipeline gets from PIPELINE_DEFAULTS."""
-    if not PYTHON_CLASS.match(spec) or os.path.exists(spec):
-        return None
-    import importlib
-    module, name = spec.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
+# ---- §4: the generator G and its settings ----
 def resolve_settings(args):
     """Steps, guidance, size, frames and fps: each flag if given (non-zero), else the default of the
     pipeline class named in the checkpoint's model_index.json (read without loading any weights)."""
     from diffusers import DiffusionPipeline
+    # cls: None for a hub id or a folder, and a folder that does not exist is named (must_exist)
     cls = python_class(args.pipeline) or must_exist(args.pipeline, "--pipeline")
     name = cls.__name__ if cls else DiffusionPipeline.load_config(args.pipeline)["_class_name"]
+    # a module:Class brings its own defaults; a flag left at 0 takes the default
     defaults = PIPELINE_DEFAULTS.get(name, getattr(cls, "defaults", {}))
     settings = {k: getattr(args, k) or defaults.get(k) for k in SETTINGS}
     missing = [f"--{k}" for k, v in settings.items() if v is None]
@@ -186,8 +123,9 @@ def load_generator(args, dist, settings):
     of a module:Class generator, built from --pipeline_kwargs)."""
     from diffusers import DiffusionPipeline
     kwargs = json.loads(args.pipeline_kwargs or "{}")
-    if cls := python_class(args.pipeline):
+    if cls := python_class(args.pipeline):  # a stand-in G: no weights, device or memory savers
         return cls(**kwargs)
+    # auto: bfloat16 on GPU (CogVideoX-5b's training precision), float32 on CPU
     on_gpu = dist.device.startswith("cuda")
     dtype = (torch.bfloat16 if on_gpu else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
     if DiffusionPipeline.load_config(args.pipeline)["_class_name"] == "WanPipeline":
@@ -198,7 +136,7 @@ def load_generator(args, dist, settings):
     if (settings["num_frames"] - 1) % stride:
         raise ValueError(f"--num_frames {settings['num_frames']}: {type(pipe).__name__} renders 1 + a multiple of "
                          f"{stride} frames, e.g. {(settings['num_frames'] - 1) // stride * stride + 1}")
-    if args.cpu_offload:
+    if args.cpu_offload:  # only the running part of G sits on the GPU
         pipe.enable_model_cpu_offload(gpu_id=dist.local_rank)
     else:
         pipe.to(dist.device)
@@ -214,6 +152,7 @@ def generate(pipe, prompt, seed, settings):
 
     The noise is drawn by a CPU torch.Generator seeded with the row's seed, so a row's video does
     not depend on the GPU it ran on (nor on which rank got it)."""
+    # G(t^s, noise): t^s is the prompt, the noise is drawn from the row's seed
     call = dict(prompt=prompt, num_inference_steps=settings["num_inference_steps"],
                 guidance_scale=settings["guidance_scale"], height=settings["height"], width=settings["width"],
                 num_frames=settings["num_frames"], generator=torch.Generator("cpu").manual_seed(seed),
@@ -222,27 +161,45 @@ def generate(pipe, prompt, seed, settings):
         call["frame_rate"] = settings["fps"]
     frames = pipe(**call).frames[0]  # (T, H, W, 3) floats in [0, 1]
     expected = (settings["num_frames"], settings["height"], settings["width"], 3)
-    if frames.shape != expected:
+    if frames.shape != expected:  # refused: generate_args.json would record another size
         raise ValueError(f"{type(pipe).__name__} returned frames of shape {frames.shape}, not {expected}: "
                          f"choose --height/--width/--num_frames that it supports")
-    return (frames * 255).round().clip(0, 255).astype(np.uint8)
+    return (frames * 255).round().clip(0, 255).astype(np.uint8)  # [0, 1] -> uint8, rounded
+
+
+# ---- §4: V^s = G(t^s, noise) for each row ----
+def render(rows, pipe, settings, out_dir):
+    """V^s = G(t^s, noise) for each row, written to <out_dir>/<syn_video> (common.write_video)."""
+    # one thread encodes video i (x264 on one core, byte-stable: common.X264_PARAMS) while G renders
+    # video i + 1; at most one video waits, and a failed write stops the run at the next row
+    with ThreadPoolExecutor(1) as encoder:
+        writing = None
+        for row in progress(rows, total=len(rows), desc="rendering t^s"):
+            frames = generate(pipe, row["neg_caption"], row["seed"], settings)  # (T, H, W, 3) uint8
+            if writing:
+                writing.result()  # the previous video is on disk (or its error is raised here)
+            writing = encoder.submit(write_video, os.path.join(out_dir, row["syn_video"]), frames,
+                                     fps=settings["fps"])
+        writing.result()
 
 
 def main(args):
+    # ---- §4's input: the triplets (V^r, t^r = caption, t^s = neg_caption), bad rows skipped ----
     dist = setup_distributed()
     if not args.input_csv:
         raise ValueError("pass --input_csv, a CSV with columns " + ", ".join(REQUIRED))
+    # a missing column, a non-UTF-8 byte or a header-only file stops the run, naming the file
     rows = read_csv(args.input_csv, required=REQUIRED, texts=TEXTS)  # bad rows named by line, counted
     todo, skipped = select_rows(rows, args)
     for row in todo:  # the two output columns, both functions of the row's identity only
         row["syn_video"] = os.path.join("videos", video_name(row))  # relative to out_dir, the CSV's folder
+        # the seed of the row's noise: the same row gets the same frames whatever the number of
+        # GPUs, the order of work or a rerun, and the same frames the same mp4, byte for byte
         row["seed"] = example_seed(row["videopath"], row["neg_caption"], base=args.seed)
-
-    def done(row):  # a video is done once it exists under its final name (write_video renames last)
-        return os.path.exists(os.path.join(args.out_dir, row["syn_video"]))
+    # ---- §4: G's settings, the paper's for CogVideoX unless a flag says otherwise ----
     name, settings = resolve_settings(args)
     print0(f"{len(todo)} rows to render with {args.pipeline} ({name}, {settings}); {skipped} bad rows skipped")
-    # ---- settings-checked resume: the videos on disk were made from this input with these settings ----
+    # settings-checked resume: the videos on disk were made from this input with these settings
     check_resume(os.path.join(args.out_dir, "resume.json"), {
         "input_csv": file_hash(args.input_csv), "split": args.split, "misalignment": sorted(args.misalignment),
         "seed": args.seed, "pipeline": args.pipeline, "pipeline_kwargs": args.pipeline_kwargs,
@@ -252,37 +209,96 @@ def main(args):
     # Each rank takes every world_size-th row of the same list; names and seeds come from the rows,
     # so a rerun with any number of GPUs finds what an earlier run finished.
     share = shard(todo, dist)
-    mine = [row for row in share if not done(row)]
+    mine = [row for row in share if not on_disk(row, args.out_dir)]
     print0(f"rank 0: {len(mine)} of its {len(share)} rows to render, the others are on disk already")
-    if mine:
+    if mine:  # G is loaded only when there is something to render
         pipe = load_generator(args, dist, settings)
         start = time.time()
-        # one thread encodes video i (x264 on one core, byte-stable: common.X264_PARAMS) while G renders
-        # video i + 1; at most one video waits, and a failed write stops the run at the next row
-        with ThreadPoolExecutor(1) as encoder:
-            writing = None
-            for row in progress(mine, total=len(mine), desc="rendering t^s"):
-                frames = generate(pipe, row["neg_caption"], row["seed"], settings)
-                if writing:
-                    writing.result()  # the previous video is on disk (or its error is raised here)
-                writing = encoder.submit(write_video, os.path.join(args.out_dir, row["syn_video"]), frames,
-                                         fps=settings["fps"])
-            writing.result()
+        render(mine, pipe, settings, args.out_dir)
         seconds = time.time() - start
         print0(f"rank 0: {len(mine)} videos in {seconds:.1f} s ({seconds / len(mine):.2f} s per video)")
-    if not dist.master:
+    if not dist.master:  # the other ranks are done: rank 0 alone writes the outputs
         return
 
     # ---- rank 0 writes the CSV once every row's video is on disk (common.wait_for_files) ----
-    pending = [row for row in todo if not done(row)]
+    pending = [row for row in todo if not on_disk(row, args.out_dir)]
     if pending:
         print0(f"waiting for {len(pending)} videos from the other ranks")
+    # polled every 5 s with no timeout: not a collective, so ranks may finish far apart
     wait_for_files([os.path.join(args.out_dir, row["syn_video"]) for row in pending], every=5)
+    # generated.csv, 02_weight.py's input: the selected rows in file order, the input's columns in
+    # its order, then ours (syn_video, seed)
     columns = [c for c in dict.fromkeys([*(rows[0] if rows else REQUIRED), "syn_video", "seed"]) if c is not None]
     write_csv(os.path.join(args.out_dir, "generated.csv"), todo, fieldnames=columns)
     save_json(os.path.join(args.out_dir, "generate_args.json"),
               {**asdict(args), "pipeline_class": name, "resolved": settings, "rows": len(todo), "skipped": skipped})
     print0(f"wrote {os.path.join(args.out_dir, 'generated.csv')}: {len(todo)} rows, {skipped} bad rows skipped")
+
+
+# =================================================================================================
+# Plumbing: which rows to render, their file names and whether they are done, "module:Class"
+# generators. A first reader may skip it.
+# =================================================================================================
+def select_rows(rows, args):
+    """The rows to generate, in file order, and how many bad rows were skipped.
+
+    rows: common.read_csv's, which already skipped (named by line, counted) rows with a wrong
+    number of fields, an empty videopath / caption / neg_caption, and exact duplicates. Here a row
+    with the same (videopath, neg_caption) as an earlier one (same identity = same seed = same
+    video) is skipped too. A --split / --misalignment that selects no row is an error."""
+    keep, first_line, duplicates = [], {}, []  # first_line: (videopath, neg_caption) -> its line
+    for line, row in zip(rows.lines, rows):
+        if (args.split and row.get("split", args.split) != args.split
+                or args.misalignment and row["misalignment"] not in args.misalignment):
+            continue  # not asked for
+        if (row["videopath"], row["neg_caption"]) in first_line:
+            duplicates.append(line)
+            continue
+        first_line[row["videopath"], row["neg_caption"]] = line
+        keep.append(row)
+    if duplicates:
+        print0(f"{args.input_csv}: {len(duplicates)} row(s) skipped, same videopath and neg_caption as an earlier "
+               f"row: line(s) {', '.join(map(str, duplicates))}")
+    # a misspelt --misalignment is named, with the types the file has
+    types = sorted({r["misalignment"] for r in rows})
+    for kind in sorted(set(args.misalignment) - {r["misalignment"] for r in keep}):
+        print0(f"--misalignment {kind!r}: no usable row of this type in {args.input_csv}; its types: {types}")
+    if not keep:
+        raise ValueError(f"{args.input_csv}: no usable row with --split {args.split!r}"
+                         + (f" and --misalignment {args.misalignment}" if args.misalignment else "")
+                         + f"; its splits: {sorted({r.get('split', '') for r in rows})}, its types: {types}")
+    # --limit comes after the filters: the first N rows of what was asked for
+    return keep[: args.limit or None], sum(map(len, rows.skipped.values())) + len(duplicates)
+
+
+def video_name(row):
+    """<real video's name>-<12 hex digits of the row's identity>.mp4: readable, and unique per
+    (videopath, neg_caption), the key that also gives the seed."""
+    stem = re.sub(r"[^\w-]+", "_", os.path.splitext(os.path.basename(row["videopath"]))[0])
+    # a hash of the row's identity: the same row gets the same name in every run and on every rank
+    digest = hashlib.sha256(f"{row['videopath']}\x1f{row['neg_caption']}".encode()).hexdigest()[:12]
+    return f"{stem}-{digest}.mp4"
+
+
+def python_class(spec):
+    """The class named by "module:Class", or None when spec is a hub id or a folder.
+
+    Any class whose instances are called like a diffusers text-to-video pipeline (prompt, steps,
+    guidance, height, width, num_frames, generator, output_type="np") and return an object with
+    `.frames[0]` (T, H, W, 3) in [0, 1] can stand in for G; its class attribute `defaults` gives the
+    settings a diffusers pipeline gets from PIPELINE_DEFAULTS."""
+    # a folder whose name looks like module:Class stays a folder
+    if not PYTHON_CLASS.match(spec) or os.path.exists(spec):
+        return None
+    import importlib
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def on_disk(row, out_dir):
+    """Whether the row's video is done: it exists under its final name. common.write_video writes a
+    *.tmp<pid>.mp4 and renames it last, so a killed run's partial file never counts as done."""
+    return os.path.exists(os.path.join(out_dir, row["syn_video"]))
 
 
 if __name__ == "__main__":

@@ -1,40 +1,23 @@
 """02_weight.py: the VQAScore ensemble fbar and the weight phi of every synthetic video.
 
-Implements §4 (Fig. 2) and §5 Eq. (4) / Table 4 of Zanella et al., CVPR 2025. A synthetic video
-V^s was generated from the negative caption t^s; it may show t^s well, badly, or even show the
-real caption t^r instead. Eq. (4) weighs it by how much better it shows t^s than t^r:
+Implements §4 (Fig. 2) and §5 Eq. (4) / Table 4 of Zanella et al., CVPR 2025. A synthetic video V^s,
+generated from the negative caption t^s, is weighed by how much better it shows t^s than the real caption t^r:
+    w = phi(V^s, t^s, t^r) = max(0, fbar(V^s, t^s) - fbar(V^s, t^r))                               (Eq. 4)
+fbar(V, t) = the mean over 3 image VQA models of their VQAScore (Lin et al. 2024), P("Yes" | frame,
+'Does this figure show "<t>"? Please answer yes or no.'), averaged over 4 uniformly sampled frames of V.
+--weighting picks another row of Table 4. The authors never released this stage.
 
-    w = phi(V^s, t^s, t^r) = max(0, fbar(V^s, t^s) - fbar(V^s, t^r))
-
-fbar(V, t) = the mean over an ensemble of image VQA models of the VQAScore (Lin et al. 2024),
-P("Yes" | frame, 'Does this figure show "<t>"? Please answer yes or no.'), averaged over 4
-uniformly sampled frames. The authors never released this stage.
-
-Reads   <dir>/generated.csv   (01_generate.py: input columns + syn_video, relative to <dir>, + seed)
-Writes  <dir>/weighted.csv    the same columns + vqascore_target_<model>, vqascore_real_<model> per member
-                              + score_syn_target = fbar(V^s,t^s), score_syn_real = fbar(V^s,t^r) + weight
-        <dir>/weighted_fig2.png     Fig. 2: fbar(V^s,t^s) - fbar(V^s,t^r) per misalignment type
-        <dir>/weighted.json         the settings, the per-type table of Fig. 2, the skip count
-        <dir>/weighted_skipped.csv  rows that could not be scored and why (only if there are any)
-        <dir>/weighted_cache/       per-frame scores, one JSON-lines file per model per rank: a
-                                    killed or repeated run resumes from them
+Reads   <dir>/generated.csv        01_generate.py's: input columns + syn_video (relative to <dir>) + seed
+Writes  <dir>/weighted.csv         the same + vqascore_{target,real}_<member>, score_syn_target = fbar(V^s,t^s),
+                                   score_syn_real = fbar(V^s,t^r), weight
+        <dir>/weighted_fig2.png    Fig. 2; <dir>/weighted.json: the settings, Fig. 2's table, the skip count
+        <dir>/weighted_skipped.csv rows that could not be scored and why (only if there are any)
+        <dir>/weighted_cache/      per-frame scores per member and rank: a killed or repeated run resumes
 
 Launch (one GPU holds one model at a time; more GPUs split the videos):
     python 02_weight.py --generated_csv out/generated.csv
     torchrun --standalone --nproc_per_node 4 02_weight.py --generated_csv out/generated.csv
-CPU-sized example, on the output of 01_generate.py's CPU-sized example (tiny random members, see
-tests/tiny_weight.py; several videos/s on one CPU thread):
-    python tests/tiny_weight.py /tmp/tiny-vqa
-    python 02_weight.py --generated_csv /tmp/gen/generated.csv \\
-        --models /tmp/tiny-vqa/instructblip /tmp/tiny-vqa/clip-flant5 /tmp/tiny-vqa/llava
-
-The ensemble: InstructBLIP-FlanT5-XXL, CLIP-FlanT5-XXL (VQAScore's own model, rebuilt below from
-transformers' parts) and LLaVA-1.5-13B, the sizes (the paper gives none) that t2v_metrics, VQAScore's
-code, uses by default; ~25 GB each in bfloat16, one at a time. Prompts, answers and padding to a
-square follow t2v_metrics. NOTE (deviation): --vqascore first_token (default) is P("Yes"), VQAScore as
-its paper defines it; t2v_metrics' code takes exp(-mean cross-entropy) over "Yes" + the end token
-(--vqascore t2v_metrics). LLaVA gets its hub chat template (no system sentence). InstructBLIP's hub
-processor squashes a frame to 224x224 where t2v_metrics resizes its short side and crops the centre.
+A CPU-sized run (tiny random members, built offline): README, "A CPU-sized chain".
 """
 import gc
 import glob
@@ -52,6 +35,7 @@ from common import (WEIGHTINGS, answer_token_ids, check_resume, file_hash, load_
 VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # VQAScore's question
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+# Prompts, answers and padding to a square follow t2v_metrics (VQAScore's code).
 # (prompt, answer) of the families without a chat template, as t2v_metrics asks them (InstructBLIP
 # answers "yes", CLIP-FlanT5 is asked in its "t5_chat" style). Every other family uses its processor's
 # chat template; decoder-only models answer "Yes" (common.answer_token_ids), as t2v_metrics' LLaVA-1.5.
@@ -61,13 +45,17 @@ VQA_FORMATS = {
     "blip-2": ("Question: {question} Answer:", "yes"),  # BLIP-2's VQA prompt
 }
 PAD_TO_SQUARE = ("clip_t5", "llava")  # t2v_metrics' image_aspect_ratio "pad"
+# §4's ensemble. The paper names the models, not their sizes: these are the sizes t2v_metrics uses by
+# default; ~25 GB each in bfloat16, loaded one at a time. CLIP-FlanT5 has no transformers class: it is
+# rebuilt from transformers' parts (clip_t5_classes, in the plumbing at the end).
 PAPER_ENSEMBLE = [
     "Salesforce/instructblip-flan-t5-xxl",  # InstructBLIP-FlanT5 (Dai et al. 2023)
     "zhiqiulin/clip-flant5-xxl",  # CLIP-FlanT5 (Lin et al. 2024, VQAScore's own model)
     "llava-hf/llava-1.5-13b-hf",  # LLaVA-1.5 (Liu et al. 2024)
 ]
+# Fig. 2's mean of fbar(V^s,t^s) - fbar(V^s,t^r) per misalignment type, printed beside ours
 PAPER_FIG2_MEANS = {"flip": -0.03, "hallucination": -0.05, "action": 0.09, "attribute": 0.15, "object": 0.15}
-REQUIRED = ("videopath", "caption", "neg_caption", "misalignment", "syn_video")
+REQUIRED = ("videopath", "caption", "neg_caption", "misalignment", "syn_video")  # generated.csv's columns read here
 
 
 @dataclass
@@ -91,6 +79,290 @@ class Args:
     strict: bool = False
     """stop at the first row that cannot be scored, instead of skipping it and counting it"""
 
+
+# ---- §4: VQAScore (Lin et al. 2024) of (image, caption) pairs --------------------------------------
+#     VQAScore(image, t) = P("Yes" | image, 'Does this figure show "<t>"? Please answer yes or no.')
+def vqa_prompt(processor, model_type, caption):
+    """The VQAScore question in the model's own prompt format -> (prompt, answer word)."""
+    question = VQA_QUESTION.format(caption=caption)
+    if model_type in VQA_FORMATS:
+        form, answer = VQA_FORMATS[model_type]
+        return form.format(question=question), answer
+    # NOTE (deviation): LLaVA gets its hub chat template (no system sentence).
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False), "Yes"
+    raise ValueError(f"model type {model_type!r}: its processor has no chat template; add its prompt to VQA_FORMATS")
+
+
+def answer_ids(tokenizer, prompt, answer, encoder_decoder, vqascore):
+    """The answer tokens a_1..a_k that VQAScore reads: first_token, the answer's first token (k = 1);
+    t2v_metrics, its tokens and the end token. Encoder-decoder: the answer tokenised alone ("▁yes",
+    T5's decoder starts afresh); decoder-only: the token after the prompt (common.answer_token_ids,
+    "▁Yes" after LLaVA's "ASSISTANT:", where "Yes" is one token)."""
+    # NOTE (deviation): --vqascore first_token (default) is P("Yes"), VQAScore as its paper defines it;
+    # t2v_metrics' code takes exp(-mean cross-entropy) over "Yes" + the end token (--vqascore t2v_metrics).
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if encoder_decoder else \
+        answer_token_ids(tokenizer, prompt)[:1]
+    return ids[:1] if vqascore == "first_token" else ids + [tokenizer.eos_token_id]
+
+
+def pad_to_square(frame, colour):
+    """t2v_metrics' expand2square: the frame centred on a square of `colour` (its side = the long side)."""
+    (h, w), side = frame.shape[:2], max(frame.shape[:2])
+    out = np.full((side, side, 3), colour, dtype=frame.dtype)  # (side, side, 3)
+    out[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = frame
+    return out
+
+
+@torch.no_grad()
+def vqa_scores(model, processor, images, captions, pairs_per_forward=8, vqascore="first_token"):
+    """VQAScore of each (image, caption) pair: exp(mean_j log P(a_j | image, question, a_<j)) over the
+    answer tokens a_1..a_k of answer_ids, each read from the FULL softmax over the vocabulary (not
+    Eq. 1's Yes/No ratio); first_token (k = 1): P("Yes").
+
+    images: list of n uint8 arrays (H, W, 3); captions: list of n texts. Pairs go through the model
+    `pairs_per_forward` at a time. Returns a float tensor (n,) on the CPU."""
+    if vqascore not in ("first_token", "t2v_metrics"):
+        raise ValueError(f"--vqascore {vqascore!r}: use first_token or t2v_metrics")
+    enc_dec, model_type = model.config.get_text_config().is_encoder_decoder, model.config.model_type  # T5: enc_dec
+    prompts = [vqa_prompt(processor, model_type, caption) for caption in captions]  # [(prompt, answer word)]
+    # every prompt has the same answer word, so one list of answer ids a_1..a_k serves all: (k,)
+    answer = torch.tensor(answer_ids(processor.tokenizer, *prompts[0], enc_dec, vqascore), device=model.device)
+    # BLIP-2 / InstructBLIP: each prompt needs num_query_tokens image tokens (the Q-Former's outputs go
+    # there); a processor saved without the number puts none (BLIP-2: transformers silently scores the
+    # text alone) or fails obscurely (InstructBLIP)
+    queries, theirs = getattr(model.config, "num_query_tokens", None), getattr(processor, "num_query_tokens", None)
+    if queries and theirs != queries:
+        raise ValueError(f"{model_type}: processor's num_query_tokens {theirs}, the model's {queries}: "
+                         "set it in processor_config.json")
+    # NOTE (deviation): InstructBLIP's hub processor squashes a frame to 224x224, where t2v_metrics
+    # resizes its short side and crops the centre; CLIP-FlanT5 and LLaVA pad to a square as t2v_metrics.
+    if model_type in PAD_TO_SQUARE:
+        colour = [int(255 * m) for m in processor.image_processor.image_mean]  # t2v_metrics' int(x * 255)
+        images = [pad_to_square(image, colour) for image in images]
+    scores = []
+    for s in range(0, len(captions), pairs_per_forward):
+        chunk = [p for p, _ in prompts[s:s + pairs_per_forward]]
+        n, k = len(chunk), len(answer)  # n pairs in this forward, k answer tokens
+        # decoder-only: left padding puts every prompt's end, where the answer starts, at the same place
+        pad = {} if enc_dec else {"padding_side": "left"}
+        inputs = processor(images=list(images[s:s + n]), text=chunk, padding=True, return_tensors="pt", **pad)
+        inputs = inputs.to(model.device, model.dtype)  # floats (pixels) to the model's dtype, ids stay ints
+        if queries and ((inputs["input_ids"] == model.config.image_token_id).sum(1) != queries).any():
+            raise ValueError(f"{model_type}: the prompts do not hold {queries} image tokens "
+                             f"(id {model.config.image_token_id}) each: the tokenizer's <image> is another id")
+        given = answer[:-1].expand(n, k - 1)  # a_1..a_{k-1}, the model's input while it predicts a_2..a_k
+        if enc_dec:  # the decoder reads its start token, then a_1..a_{k-1}
+            start = torch.full((n, 1), model.config.get_text_config().decoder_start_token_id, device=model.device)
+            logits = model(**inputs, decoder_input_ids=torch.cat([start, given], 1)).logits  # (n, k, vocab)
+        else:  # the prompt, then a_1..a_{k-1}; lm_head runs on the last k positions only.
+            # Left padding shifts a short prompt's positions, which rotary embeddings (relative) ignore.
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], given], 1)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(given)], 1)
+            logits = model(**inputs, logits_to_keep=k).logits  # (n, k, vocab)
+        # the full softmax over the vocabulary (not Eq. 1's Yes/No ratio), read at each answer token
+        log_p = logits.float().log_softmax(-1).gather(2, answer.expand(n, k)[..., None])[..., 0]  # (n, k) log P(a_j)
+        scores.append(log_p.mean(1).exp().cpu())  # (n,) exp of the mean over the k answer tokens
+    return torch.cat(scores)
+
+
+# ---- §4: the per-frame VQAScores of one synthetic video V^s, against t^s and t^r --------------------
+def score_video(model, processor, frames, t_s, t_r, pairs_per_forward=8, vqascore="first_token"):
+    """Per-frame VQAScores of (V^s, t^s) and (V^s, t^r): T frames x 2 captions = 2T pairs, by
+    default one forward. frames: uint8 (T, H, W, 3). Returns two lists of T floats."""
+    T = len(frames)  # --num_frames, 4 in the paper
+    # pairs in the order (frame 0..T-1, t^s), then (frame 0..T-1, t^r): row 0 is t^s, row 1 t^r
+    p = vqa_scores(model, processor, [f for _ in range(2) for f in frames], [t_s] * T + [t_r] * T,
+                   pairs_per_forward, vqascore).view(2, T)  # (2, T)
+    # a NaN would pass through fbar and phi to a NaN weight: it is a failed row instead
+    if not torch.isfinite(p).all():
+        raise ValueError(f"non-finite VQAScore {p.tolist()}")
+    return p[0].tolist(), p[1].tolist()
+
+
+def score_row(args, model, processor, rows, i, key, root, name, dist):
+    """Row i's cache record for one member: {key, target: T VQAScores of (V^s, t^s), real: T of (V^s, t^r)},
+    or {key, error} when its video cannot be scored (--strict: a ValueError naming the CSV's line)."""
+    row = rows[i]
+    # t^s is the negative caption V^s was generated from, t^r the real video's caption
+    try:
+        path = row["syn_video"] if os.path.isabs(row["syn_video"]) else os.path.join(root, row["syn_video"])
+        frames = read_video(path, args.num_frames, "uniform")  # (T, H, W, 3) uint8
+        target, real = score_video(model, processor, frames, row["neg_caption"], row["caption"],
+                                   args.pairs_per_forward, args.vqascore)
+        return {"key": key, "target": target, "real": real}
+    except (FileNotFoundError, ValueError) as e:  # missing / undecodable video, NaN score
+        message = f"{args.generated_csv}:{rows.lines[i]} ({row['syn_video']}), model {name}: {e}"
+        if args.strict:
+            raise ValueError(message) from e
+        print(f"[rank {dist.rank}] skipping {message}", flush=True)
+        # the error is cached too, for the skip list; the next run scores the row again
+        return {"key": key, "error": str(e)}
+
+
+def score_ensemble(args, rows, keys, names, todo, root, cache, dist):
+    """§4: every member's per-frame VQAScores of the rows it has not scored yet (todo: row indices per
+    member), this rank's share of them, each video's record appended to the member's cache at once."""
+    # one model at a time: the whole ensemble never shares a GPU
+    for model_id, name, rows_todo in zip(args.models, names, todo):
+        mine = shard(rows_todo, dist)  # the work left is split evenly, however much was cached
+        if not mine:
+            continue  # nothing left for this member on this rank: it is never loaded
+        model, processor = load_member(model_id, device=dist.device)
+        print0(f"{name}: prompt {vqa_prompt(processor, model.config.model_type, '<t>')[0]!r}")
+        with open_part(os.path.join(cache, name, f"rank{dist.rank}.jsonl")) as part:
+            for i in progress(mine, desc=f"VQAScore {name}"):
+                record = score_row(args, model, processor, rows, i, keys[i], root, name, dist)  # scores or error
+                part.write(json.dumps(record) + "\n")
+                part.flush()  # a killed run keeps every finished video
+        # free this member's memory before the next one loads
+        del model, processor
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ---- §5 Eq. (4): fbar and phi --------------------------------------------------------------------
+#     fbar(V^s, t) = mean over members m of (1/T) sum_frames VQAScore_m(frame, t),   t = t^s or t^r
+#     w = phi(fbar(V^s, t^s), fbar(V^s, t^r)),   phi = max(0, . - .) in Eq. (4), or a row of Table 4
+def with_fbar(row, key, names, caches):
+    """The row + each member's VQAScores averaged over frames (vqascore_{target,real}_<member>) + their
+    mean over members: score_syn_target = fbar(V^s, t^s), score_syn_real = fbar(V^s, t^r)."""
+    out = dict(row)  # generated.csv's columns unchanged, the scores appended
+    for name, (done, _) in zip(names, caches):
+        out[f"vqascore_target_{name}"] = float(np.mean(done[key]["target"]))  # mean over frames
+        out[f"vqascore_real_{name}"] = float(np.mean(done[key]["real"]))
+    out["score_syn_target"] = float(np.mean([out[f"vqascore_target_{n}"] for n in names]))  # fbar(Vs, ts)
+    out["score_syn_real"] = float(np.mean([out[f"vqascore_real_{n}"] for n in names]))  # fbar(Vs, tr)
+    return out
+
+
+def weigh(rows, keys, names, caches, weighting):
+    """Eq. (4) / Table 4: fbar and w = phi of every row that every member scored -> (scored rows with
+    their weight, skipped rows with a skip_reason naming each member's error)."""
+    scored, skipped = [], []
+    for row, key in zip(rows, keys):
+        # a row lacks fbar if any member failed on it (or, after a kill, never got to it)
+        missing = [(n, failed.get(key, "not scored")) for n, (done, failed) in zip(names, caches) if key not in done]
+        if missing:
+            skipped.append({**row, "skip_reason": "; ".join(f"{n}: {e}" for n, e in missing)})
+            continue
+        scored.append(with_fbar(row, key, names, caches))
+    phi = WEIGHTINGS[weighting]  # Table 4 / Eq. (4), on all rows at once
+    weights = phi(np.array([r["score_syn_target"] for r in scored]), np.array([r["score_syn_real"] for r in scored]))
+    # a phi that returns a scalar (a constant) gives that weight to every row
+    weights = np.broadcast_to(np.asarray(weights, dtype=float), (len(scored),))
+    if not np.isfinite(weights).all():
+        bad = [r["syn_video"] for r, w in zip(scored, weights) if not np.isfinite(w)]
+        raise ValueError(f"weighting {weighting!r} gave a non-finite weight for {bad[:5]}")
+    for r, w in zip(scored, weights):
+        r["weight"] = float(w)  # w in Eq. (5)'s weighted L_syn (03_train.py)
+    return scored, skipped
+
+
+def write_weighted(out_csv, stem, rows, names, scored, skipped):
+    """weighted.csv (generated.csv's columns + each member's scores + fbar twice + weight) and the skip list."""
+    columns = list(rows[0]) if rows else list(REQUIRED)  # generated.csv's own columns (REQUIRED if no row)
+    columns += [f"vqascore_{s}_{n}" for n in names for s in ("target", "real")]
+    write_csv(out_csv, scored, columns + ["score_syn_target", "score_syn_real", "weight"])
+    if skipped:
+        write_csv(stem + "_skipped.csv", skipped)
+    elif os.path.exists(stem + "_skipped.csv"):  # an earlier run's list, now scored
+        os.remove(stem + "_skipped.csv")
+    print0(f"wrote {out_csv}: {len(scored)} rows weighted; {len(skipped)} skipped"
+           + (f" (listed with the reason in {stem}_skipped.csv)" if skipped else ""))
+
+
+# ---- §4 Fig. 2: distribution of fbar(V^s,t^s) - fbar(V^s,t^r) per misalignment type ---------------
+# In the paper's Fig. 2 the mean is below 0 for flip and hallucination: the ensemble rates V^s as
+# showing t^r better than its own t^s (PAPER_FIG2_MEANS).
+def fig2_table(rows):
+    """{misalignment type: {n, mean, std}} of fbar(V^s,t^s) - fbar(V^s,t^r)."""
+    by_type = {}
+    for r in rows:  # a row without a type counts under "(none)"
+        by_type.setdefault(r["misalignment"] or "(none)", []).append(r["score_syn_target"] - r["score_syn_real"])
+    return {k: {"n": len(v), "mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in sorted(by_type.items())}
+
+
+def plot_fig2(rows, path):
+    """One histogram of fbar(V^s,t^s) - fbar(V^s,t^r) per misalignment type, written to `path` (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    table = fig2_table(rows)
+    cols, nrows = min(4, len(table)), -(-len(table) // 4)  # ceil
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(table):]:
+        ax.axis("off")  # the grid's unused panels
+    for ax, (kind, stats) in zip(axes.flat, table.items()):
+        diffs = [r["score_syn_target"] - r["score_syn_real"] for r in rows if (r["misalignment"] or "(none)") == kind]
+        ax.hist(diffs, bins=np.linspace(-1, 1, 41), color="tab:blue")  # bins of 0.05 over [-1, 1]
+        ax.axvline(stats["mean"], color="tab:red", label=f"mean {stats['mean']:+.2f}")
+        ax.axvline(0, color="black", linewidth=0.5)  # right of 0: V^s shows t^s better than t^r
+        ax.set(title=f"{kind} (n={stats['n']})", xlabel=r"$\bar f(V^s,t^s) - \bar f(V^s,t^r)$",
+               ylabel="synthetic videos")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report_fig2(args, scored, skipped, stem):
+    """Fig. 2's table (ours beside the paper's means) printed, its histograms to <stem>_fig2.png, and
+    <stem>.json: the settings, the table, how many rows were weighted and skipped."""
+    table = fig2_table(scored)
+    print0(f"{'misalignment':<16}{'n':>6}{'mean':>9}{'std':>8}{'paper mean':>12}")
+    for kind, s in table.items():
+        paper = PAPER_FIG2_MEANS.get(kind)  # None for a type the paper has not ("(none)", a new one)
+        print0(f"{kind:<16}{s['n']:>6}{s['mean']:>+9.3f}{s['std']:>8.3f}{'' if paper is None else f'{paper:+.2f}':>12}")
+    if scored:
+        plot_fig2(scored, stem + "_fig2.png")
+    save_json(stem + ".json", {"args": vars(args), "fig2": table, "weighted": len(scored), "skipped": len(skipped)})
+
+
+def main(args):
+    """§4's VQAScores, Eq. (4)'s weights, Fig. 2. Returns weighted.csv's path on rank 0, None on the others."""
+    dist = setup_distributed()
+    if args.weighting not in WEIGHTINGS:
+        raise ValueError(f"--weighting {args.weighting!r} is not in common.WEIGHTINGS {sorted(WEIGHTINGS)}")
+    if not args.generated_csv:
+        raise ValueError("--generated_csv is required: the generated.csv that 01_generate.py wrote")
+    names = [member_name(m) for m in args.models]  # each member's score columns and cache folder
+    if len(set(names)) != len(names):
+        raise ValueError(f"two ensemble members share a name {names}: their score columns would collide")
+    # one row per V^s (syn_video), with t^s (neg_caption) and t^r (caption)
+    rows = read_csv(args.generated_csv, required=REQUIRED, texts=("caption", "neg_caption", "syn_video"))
+    root = os.path.dirname(os.path.abspath(args.generated_csv))  # syn_video is relative to the CSV's folder
+    out_csv = args.out_csv or os.path.join(root, "weighted.csv")
+    stem = os.path.splitext(out_csv)[0]  # <dir>/weighted: the JSON, figure, skip list and cache share it
+    cache = stem + "_cache"
+    keys = [row_key(r) for r in rows]  # (V^s, t^s, t^r) of each row, as the cache knows it
+    first = {}  # key -> the first row that has it: a repeated row is scored once
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+
+    # ---- resume: what each member's cache already holds (its settings checked first) ----
+    todo = resume(args, names, cache, first, dist)  # row indices left to score, per member
+    print0(f"{len(rows)} rows, {len(first)} synthetic videos; to score per model: "
+           + ", ".join(f"{n} {len(t)}" for n, t in zip(names, todo)))
+
+    # ---- §4: per-frame VQAScores of (V^s, t^s) and (V^s, t^r), every member, sharded over ranks ----
+    score_ensemble(args, rows, keys, names, todo, root, cache, dist)
+    if not all_ranks_finished(cache, dist):
+        return None  # rank 0 alone merges
+
+    # ---- §5 Eq. (4): fbar and phi, from every rank's cache ----
+    caches = [read_cache(os.path.join(cache, name)) for name in names]
+    scored, skipped = weigh(rows, keys, names, caches, args.weighting)
+    write_weighted(out_csv, stem, rows, names, scored, skipped)
+
+    # ---- §4 Fig. 2 and its table of means ----
+    report_fig2(args, scored, skipped, stem)
+    return out_csv
+
+
+# ===== Plumbing: CLIP-FlanT5 loading, the score cache, resume. A first reader may skip it. ==========
 
 # ---- CLIP-FlanT5 (Lin et al. 2024): FlanT5 whose encoder reads a CLIP image --------------------
 # The released checkpoint's layout (t2v_metrics' CLIPT5ForConditionalGeneration): T5's own weights +
@@ -117,6 +389,7 @@ def clip_t5_classes():
             self.vision_tower = torch.nn.Module()  # t2v_metrics' wrapper around the CLIP vision model
             self.vision_tower.vision_tower = CLIPVisionModel(CLIPVisionConfig.from_pretrained(config.mm_vision_tower))
             width = self.vision_tower.vision_tower.config.hidden_size
+            # CLIP's width -> T5's d_model: a patch becomes one input embedding of T5's encoder
             self.mm_projector = torch.nn.Sequential(torch.nn.Linear(width, config.d_model), torch.nn.GELU(),
                                                     torch.nn.Linear(config.d_model, config.d_model))
 
@@ -125,6 +398,7 @@ def clip_t5_classes():
             hidden = self.vision_tower.vision_tower(pixel_values, output_hidden_states=True).hidden_states
             image = self.mm_projector(hidden[self.config.mm_vision_select_layer][:, 1:])  # (n, patches, d): no CLS
             embeds = self.get_input_embeddings()(input_ids.clamp(min=0))  # (n, L, d)
+            # the n x patches IMAGE slots, in order, take the n images' patches
             embeds = embeds.masked_scatter((input_ids == IMAGE)[..., None], image.to(embeds.dtype))
             return super().forward(inputs_embeds=embeds, **kwargs)
 
@@ -137,10 +411,10 @@ def clip_t5_classes():
 
         def __call__(self, images, text, return_tensors="pt", **unused):
             sides = [self.tokenizer(prompt.split("<image>"))["input_ids"] for prompt in text]  # [before, after]
-            rows = [before + [IMAGE] * self.num_patches + after for before, after in sides]
+            rows = [before + [IMAGE] * self.num_patches + after for before, after in sides]  # ids, unpadded
             pad = self.tokenizer.pad_token_id
             input_ids = torch.tensor([r + [pad] * (max(map(len, rows)) - len(r)) for r in rows])  # (n, L) right-padded
-            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]  # (n, 3, H, W)
             return BatchFeature({"input_ids": input_ids, "attention_mask": (input_ids != pad).long(),
                                  "pixel_values": pixels}, tensor_type=return_tensors)
 
@@ -156,7 +430,7 @@ def load_member(model_id, device="cpu"):
     if PretrainedConfig.get_config_dict(model_id)[0].get("model_type") != "clip_t5":
         return load_video_llm(model_id, device=device)
     model_class, processor_class = clip_t5_classes()
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # bfloat16: ~25 GB for an XXL
     model, info = model_class.from_pretrained(model_id, dtype=dtype, output_loading_info=True)
     tower, missing = model.config.mm_vision_tower, info["missing_keys"]
     if any(k.startswith("vision_tower.") for k in missing):
@@ -169,101 +443,14 @@ def load_member(model_id, device="cpu"):
     model.resize_token_embeddings(len(tokenizer))  # as t2v_metrics: T5's 32128 padded rows -> the 32100 tokens
     vision = model.vision_tower.vision_tower.config
     processor = processor_class(tokenizer, CLIPImageProcessorPil.from_pretrained(tower),
-                                (vision.image_size // vision.patch_size) ** 2)
+                                (vision.image_size // vision.patch_size) ** 2)  # one IMAGE slot per patch
     return model.to(device).eval(), processor
 
 
-# ---- §4: VQAScore (Lin et al. 2024) of one (image, caption) pair ---------------------------------
-def vqa_prompt(processor, model_type, caption):
-    """The VQAScore question in the model's own prompt format -> (prompt, answer word)."""
-    question = VQA_QUESTION.format(caption=caption)
-    if model_type in VQA_FORMATS:
-        form, answer = VQA_FORMATS[model_type]
-        return form.format(question=question), answer
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False), "Yes"
-    raise ValueError(f"model type {model_type!r}: its processor has no chat template; add its prompt to VQA_FORMATS")
-
-
-def answer_ids(tokenizer, prompt, answer, encoder_decoder, vqascore):
-    """The answer tokens a_1..a_k that VQAScore reads: first_token, the answer's first token (k = 1);
-    t2v_metrics, its tokens and the end token. Encoder-decoder: the answer tokenised alone ("▁yes",
-    T5's decoder starts afresh); decoder-only: the token after the prompt (common.answer_token_ids,
-    "▁Yes" after LLaVA's "ASSISTANT:", where "Yes" is one token)."""
-    ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if encoder_decoder else \
-        answer_token_ids(tokenizer, prompt)[:1]
-    return ids[:1] if vqascore == "first_token" else ids + [tokenizer.eos_token_id]
-
-
-def pad_to_square(frame, colour):
-    """t2v_metrics' expand2square: the frame centred on a square of `colour` (its side = the long side)."""
-    (h, w), side = frame.shape[:2], max(frame.shape[:2])
-    out = np.full((side, side, 3), colour, dtype=frame.dtype)
-    out[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = frame
-    return out
-
-
-@torch.no_grad()
-def vqa_scores(model, processor, images, captions, pairs_per_forward=8, vqascore="first_token"):
-    """VQAScore of each (image, caption) pair: exp(mean_j log P(a_j | image, question, a_<j)) over the
-    answer tokens a_1..a_k of answer_ids, each read from the FULL softmax over the vocabulary (not
-    Eq. 1's Yes/No ratio); first_token (k = 1): P("Yes").
-
-    images: list of n uint8 arrays (H, W, 3); captions: list of n texts. Pairs go through the model
-    `pairs_per_forward` at a time. Returns a float tensor (n,) on the CPU."""
-    if vqascore not in ("first_token", "t2v_metrics"):
-        raise ValueError(f"--vqascore {vqascore!r}: use first_token or t2v_metrics")
-    enc_dec, model_type = model.config.get_text_config().is_encoder_decoder, model.config.model_type  # T5: enc_dec
-    prompts = [vqa_prompt(processor, model_type, caption) for caption in captions]  # [(prompt, answer word)]
-    answer = torch.tensor(answer_ids(processor.tokenizer, *prompts[0], enc_dec, vqascore), device=model.device)
-    # BLIP-2 / InstructBLIP: each prompt needs num_query_tokens image tokens (the Q-Former's outputs go
-    # there); a processor saved without the number puts none (BLIP-2: transformers silently scores the
-    # text alone) or fails obscurely (InstructBLIP)
-    queries, theirs = getattr(model.config, "num_query_tokens", None), getattr(processor, "num_query_tokens", None)
-    if queries and theirs != queries:
-        raise ValueError(f"{model_type}: processor's num_query_tokens {theirs}, the model's {queries}: "
-                         "set it in processor_config.json")
-    if model_type in PAD_TO_SQUARE:
-        colour = [int(255 * m) for m in processor.image_processor.image_mean]  # t2v_metrics' int(x * 255)
-        images = [pad_to_square(image, colour) for image in images]
-    scores = []
-    for s in range(0, len(captions), pairs_per_forward):
-        chunk = [p for p, _ in prompts[s:s + pairs_per_forward]]
-        n, k = len(chunk), len(answer)
-        # decoder-only: left padding puts every prompt's end, where the answer starts, at the same place
-        pad = {} if enc_dec else {"padding_side": "left"}
-        inputs = processor(images=list(images[s:s + n]), text=chunk, padding=True, return_tensors="pt", **pad)
-        inputs = inputs.to(model.device, model.dtype)  # floats (pixels) to the model's dtype, ids stay ints
-        if queries and ((inputs["input_ids"] == model.config.image_token_id).sum(1) != queries).any():
-            raise ValueError(f"{model_type}: the prompts do not hold {queries} image tokens "
-                             f"(id {model.config.image_token_id}) each: the tokenizer's <image> is another id")
-        given = answer[:-1].expand(n, k - 1)  # a_1..a_{k-1}, the model's input while it predicts a_2..a_k
-        if enc_dec:  # the decoder reads its start token, then a_1..a_{k-1}
-            start = torch.full((n, 1), model.config.get_text_config().decoder_start_token_id, device=model.device)
-            logits = model(**inputs, decoder_input_ids=torch.cat([start, given], 1)).logits  # (n, k, vocab)
-        else:  # the prompt, then a_1..a_{k-1}; lm_head runs on the last k positions only.
-            # Left padding shifts a short prompt's positions, which rotary embeddings (relative) ignore.
-            inputs["input_ids"] = torch.cat([inputs["input_ids"], given], 1)
-            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(given)], 1)
-            logits = model(**inputs, logits_to_keep=k).logits  # (n, k, vocab)
-        log_p = logits.float().log_softmax(-1).gather(2, answer.expand(n, k)[..., None])[..., 0]  # (n, k) log P(a_j)
-        scores.append(log_p.mean(1).exp().cpu())  # (n,)
-    return torch.cat(scores)
-
-
-def score_video(model, processor, frames, t_s, t_r, pairs_per_forward=8, vqascore="first_token"):
-    """Per-frame VQAScores of (V^s, t^s) and (V^s, t^r): T frames x 2 captions = 2T pairs, by
-    default one forward. frames: uint8 (T, H, W, 3). Returns two lists of T floats."""
-    T = len(frames)
-    p = vqa_scores(model, processor, [f for _ in range(2) for f in frames], [t_s] * T + [t_r] * T,
-                   pairs_per_forward, vqascore).view(2, T)
-    if not torch.isfinite(p).all():
-        raise ValueError(f"non-finite VQAScore {p.tolist()}")
-    return p[0].tolist(), p[1].tolist()
-
-
-# ---- the cache: one JSON line per (model, video) -------------------------------------------------
+# ---- the cache: one JSON line per (member, video) -------------------------------------------------
+# <stem>_cache/<member>/rank<r>.jsonl holds {key, target, real} (T per-frame VQAScores each) or
+# {key, error}; <stem>_cache/<member>.json the settings it was made with; finished.rank<r> that a rank
+# is done. Records are keyed by content (row_key), so any number of ranks, or a rerun, finds them.
 def member_name(model_id):
     """A short column-safe name for an ensemble member: the last part of its hub id or folder."""
     return re.sub(r"[^\w.-]", "_", os.path.basename(os.path.normpath(model_id)))
@@ -284,11 +471,12 @@ def read_cache(folder):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
-                    continue
+                    continue  # the half line a killed run left
                 if "error" in record:
                     failed[record["key"]] = record["error"]
                 else:
                     done[record["key"]] = record
+    # an error that a later run scored away no longer counts
     return done, {k: e for k, e in failed.items() if k not in done}
 
 
@@ -299,69 +487,23 @@ def open_part(path):
         with open(path, "rb") as fh:
             fh.seek(-1, os.SEEK_END)
             cut = fh.read() != b"\n"
-        if cut:
+        if cut:  # the cut line stays, unparsable, and read_cache skips it
             with open(path, "a", encoding="utf-8") as fh:
                 fh.write("\n")
     return open(path, "a", encoding="utf-8")
 
 
-# ---- §4 Fig. 2: distribution of fbar(Vs,ts) - fbar(Vs,tr) per misalignment type -----------------
-def fig2_table(rows):
-    """{misalignment type: {n, mean, std}} of fbar(V^s,t^s) - fbar(V^s,t^r)."""
-    by_type = {}
-    for r in rows:
-        by_type.setdefault(r["misalignment"] or "(none)", []).append(r["score_syn_target"] - r["score_syn_real"])
-    return {k: {"n": len(v), "mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in sorted(by_type.items())}
-
-
-def plot_fig2(rows, path):
-    """One histogram of fbar(V^s,t^s) - fbar(V^s,t^r) per misalignment type, written to `path` (PNG)."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-    table = fig2_table(rows)
-    cols, nrows = min(4, len(table)), -(-len(table) // 4)  # ceil
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
-    for ax in axes.flat[len(table):]:
-        ax.axis("off")
-    for ax, (kind, stats) in zip(axes.flat, table.items()):
-        diffs = [r["score_syn_target"] - r["score_syn_real"] for r in rows if (r["misalignment"] or "(none)") == kind]
-        ax.hist(diffs, bins=np.linspace(-1, 1, 41), color="tab:blue")
-        ax.axvline(stats["mean"], color="tab:red", label=f"mean {stats['mean']:+.2f}")
-        ax.axvline(0, color="black", linewidth=0.5)
-        ax.set(title=f"{kind} (n={stats['n']})", xlabel=r"$\bar f(V^s,t^s) - \bar f(V^s,t^r)$",
-               ylabel="synthetic videos")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def main(args):
-    dist = setup_distributed()
-    if args.weighting not in WEIGHTINGS:
-        raise ValueError(f"--weighting {args.weighting!r} is not in common.WEIGHTINGS {sorted(WEIGHTINGS)}")
-    if not args.generated_csv:
-        raise ValueError("--generated_csv is required: the generated.csv that 01_generate.py wrote")
-    names = [member_name(m) for m in args.models]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two ensemble members share a name {names}: their score columns would collide")
-    rows = read_csv(args.generated_csv, required=REQUIRED, texts=("caption", "neg_caption", "syn_video"))
-    root = os.path.dirname(os.path.abspath(args.generated_csv))  # syn_video is relative to the CSV's folder
-    out_csv = args.out_csv or os.path.join(root, "weighted.csv")
-    stem = os.path.splitext(out_csv)[0]
-    cache = stem + "_cache"
-    keys = [row_key(r) for r in rows]
-    first = {}  # key -> the first row that has it: a repeated row is scored once
-    for i, k in enumerate(keys):
-        first.setdefault(k, i)
-
-    # ---- resume: a member's cache holds scores of this CSV with these settings, else it stops ----
+# ---- resume and the ranks' end ---------------------------------------------------------------------
+def resume(args, names, cache, first, dist):
+    """Each member's row indices still to score. Its cache is reused only if it holds scores of this
+    CSV with these settings (else a ValueError naming them); every rank reads the caches, then all
+    agree before anyone writes to them."""
     source = file_hash(args.generated_csv)
     for model_id, name in zip(args.models, names):
-        check_resume(os.path.join(cache, f"{name}.json"), {"generated_csv": source, "model": model_id,
-                                                             "num_frames": args.num_frames, "vqascore": args.vqascore}, dist)
-    # every rank reads the cache, then all agree before anyone writes to it
+        # what changes a member's scores: the input's content, the model, T, the VQAScore's definition
+        settings = {"generated_csv": source, "model": model_id, "num_frames": args.num_frames,
+                    "vqascore": args.vqascore}
+        check_resume(os.path.join(cache, f"{name}.json"), settings, dist)
     caches = [read_cache(os.path.join(cache, name)) for name in names]
     todo = [[first[k] for k in first if k not in done] for done, _ in caches]  # row indices per model
     if dist.master:  # an earlier run's end-of-work markers
@@ -369,88 +511,21 @@ def main(args):
             os.remove(marker)
     if dist.world_size > 1:
         torch.distributed.barrier()
-    print0(f"{len(rows)} rows, {len(first)} synthetic videos; to score per model: "
-           + ", ".join(f"{n} {len(t)}" for n, t in zip(names, todo)))
+    return todo
 
-    # ---- §4: per-frame VQAScores, one model at a time (the whole ensemble never shares a GPU) ----
-    for model_id, name, rows_todo in zip(args.models, names, todo):
-        mine = shard(rows_todo, dist)  # the work left is split evenly, however much was cached
-        if not mine:
-            continue
-        model, processor = load_member(model_id, device=dist.device)
-        print0(f"{name}: prompt {vqa_prompt(processor, model.config.model_type, '<t>')[0]!r}")
-        with open_part(os.path.join(cache, name, f"rank{dist.rank}.jsonl")) as part:
-            for i in progress(mine, desc=f"VQAScore {name}"):
-                row = rows[i]
-                try:
-                    path = row["syn_video"] if os.path.isabs(row["syn_video"]) else os.path.join(root, row["syn_video"])
-                    frames = read_video(path, args.num_frames, "uniform")
-                    target, real = score_video(model, processor, frames, row["neg_caption"], row["caption"],
-                                               args.pairs_per_forward, args.vqascore)
-                    record = {"key": keys[i], "target": target, "real": real}
-                except (FileNotFoundError, ValueError) as e:  # missing / undecodable video, NaN score
-                    message = f"{args.generated_csv}:{rows.lines[i]} ({row['syn_video']}), model {name}: {e}"
-                    if args.strict:
-                        raise ValueError(message) from e
-                    print(f"[rank {dist.rank}] skipping {message}", flush=True)
-                    record = {"key": keys[i], "error": str(e)}
-                part.write(json.dumps(record) + "\n")
-                part.flush()  # a killed run keeps every finished video
-        del model, processor
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+
+def all_ranks_finished(cache, dist):
+    """Mark this rank done and leave the process group. True on rank 0, once every rank is done
+    (the merge is its alone); False on the other ranks at once."""
     os.makedirs(cache, exist_ok=True)
     open(os.path.join(cache, f"finished.rank{dist.rank}"), "w").close()
     if dist.world_size > 1:
         torch.distributed.destroy_process_group()
     if not dist.master:
-        return None
-    wait_for_files(os.path.join(cache, f"finished.rank{r}") for r in range(dist.world_size))  # not a barrier
-
-    # ---- §5 Eq. (4): fbar = mean over models of the mean over frames; w = phi(fbar_t, fbar_r) ----
-    caches = [read_cache(os.path.join(cache, name)) for name in names]
-    scored, skipped = [], []
-    for row, key in zip(rows, keys):
-        missing = [(n, failed.get(key, "not scored")) for n, (done, failed) in zip(names, caches) if key not in done]
-        if missing:
-            skipped.append({**row, "skip_reason": "; ".join(f"{n}: {e}" for n, e in missing)})
-            continue
-        out = dict(row)
-        for name, (done, _) in zip(names, caches):
-            out[f"vqascore_target_{name}"] = float(np.mean(done[key]["target"]))  # mean over frames
-            out[f"vqascore_real_{name}"] = float(np.mean(done[key]["real"]))
-        out["score_syn_target"] = float(np.mean([out[f"vqascore_target_{n}"] for n in names]))  # fbar(Vs, ts)
-        out["score_syn_real"] = float(np.mean([out[f"vqascore_real_{n}"] for n in names]))  # fbar(Vs, tr)
-        scored.append(out)
-    phi = WEIGHTINGS[args.weighting]  # Table 4 / Eq. (4), on all rows at once
-    weights = phi(np.array([r["score_syn_target"] for r in scored]), np.array([r["score_syn_real"] for r in scored]))
-    weights = np.broadcast_to(np.asarray(weights, dtype=float), (len(scored),))
-    if not np.isfinite(weights).all():
-        bad = [r["syn_video"] for r, w in zip(scored, weights) if not np.isfinite(w)]
-        raise ValueError(f"weighting {args.weighting!r} gave a non-finite weight for {bad[:5]}")
-    for r, w in zip(scored, weights):
-        r["weight"] = float(w)
-    columns = list(rows[0]) if rows else list(REQUIRED)
-    columns += [f"vqascore_{s}_{n}" for n in names for s in ("target", "real")]
-    write_csv(out_csv, scored, columns + ["score_syn_target", "score_syn_real", "weight"])
-    if skipped:
-        write_csv(stem + "_skipped.csv", skipped)
-    elif os.path.exists(stem + "_skipped.csv"):  # an earlier run's list, now scored
-        os.remove(stem + "_skipped.csv")
-    print0(f"wrote {out_csv}: {len(scored)} rows weighted; {len(skipped)} skipped"
-           + (f" (listed with the reason in {stem}_skipped.csv)" if skipped else ""))
-
-    # ---- §4 Fig. 2 and its table of means ----------------------------------------------------------
-    table = fig2_table(scored)
-    print0(f"{'misalignment':<16}{'n':>6}{'mean':>9}{'std':>8}{'paper mean':>12}")
-    for kind, s in table.items():
-        paper = PAPER_FIG2_MEANS.get(kind)
-        print0(f"{kind:<16}{s['n']:>6}{s['mean']:>+9.3f}{s['std']:>8.3f}{'' if paper is None else f'{paper:+.2f}':>12}")
-    if scored:
-        plot_fig2(scored, stem + "_fig2.png")
-    save_json(stem + ".json", {"args": vars(args), "fig2": table, "weighted": len(scored), "skipped": len(skipped)})
-    return out_csv
+        return False
+    # not a barrier: a collective would time out while a slow rank still scores its last videos
+    wait_for_files(os.path.join(cache, f"finished.rank{r}") for r in range(dist.world_size))
+    return True
 
 
 if __name__ == "__main__":

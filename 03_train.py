@@ -1,46 +1,21 @@
-"""Implements §5 (Eqs. 5-7) and the training details of §6 of the paper: LoRA fine-tuning of a video
-LLM on the real VideoCon triplets (V^r, t^r, t^s), their synthetic twins V^s = G(t^s) and, as the
-authors' released recipe does, VideoCon's natural-language explanations (the NLE task of §6).
+"""Implements §5 (Eqs. 5-7) and §6's training details of the paper: LoRA fine-tuning of a video LLM
+f(V, t) with Eq. (7), L = L_real + L_syn^phi + lambda_scr * L_scr^phi, on the real VideoCon triplets
+(V^r, t^r, t^s) and their synthetic twins V^s = G(t^s), with VideoCon's explanation task mixed in as
+the authors' released recipe does.
 
-Reads 02_weight.py's CSV (videopath, caption, neg_caption, syn_video, score_syn_target,
-score_syn_real, weight; `videopath` relative to --video_root, `syn_video` relative to the CSV's
-folder unless absolute), or a plain VideoCon CSV with --no-use_syn (the VideoCon baseline), and
-optionally VideoCon's explanation file (--feedback_csv: videopath, neg_caption, nle, split).
-Writes to --out_dir: adapter/ (peft save_pretrained: PeftModel.from_pretrained(base, dir) loads it),
-args.json, log.jsonl (one line per optimizer step: every loss term, lr, grad norm, rows/s),
-checkpoints/step_NNNNNNN.pt (every --save_every steps, only the latest kept) and skipped.csv (the
-rows that could not be trained on, with the reason, and the triplets trained without a twin).
+Reads 02_weight.py's CSV (--train_csv; a plain VideoCon CSV with --no-use_syn, the VideoCon baseline),
+the videos under --video_root and, optionally, VideoCon's explanation file (--feedback_csv).
+Writes to --out_dir: adapter/ (PeftModel.from_pretrained(base, dir) loads it), args.json, log.jsonl
+(one line per optimizer step: every loss term, lr, grad norm, rows/s), skipped.csv (the rows not
+trained on and the triplets trained without a twin, each with the reason) and checkpoints/.
 
-The released Video-LLaVA recipe (4 GPUs x 4 rows = 16 rows a step, the explanation rows mixed in):
+The released recipe, 4 GPUs x 4 rows = 16 rows a step (one process: the same global batches):
     torchrun --standalone --nproc_per_node 4 03_train.py --train_csv runs/generate/weighted.csv \
         --feedback_csv data/videocon/videocon_llm_feedback.csv --video_root data/videocon/videos \
         --out_dir runs/train
-One process (the same global batches through gradient accumulation, the same result):
-    python 03_train.py --train_csv runs/generate/weighted.csv --feedback_csv \
-        data/videocon/videocon_llm_feedback.csv --video_root data/videocon/videos
-The released loss instead of Eqs. (1)-(2)'s two-way form: add --answer_loss vocab.
-CPU-sized (a tiny random model and 8 toy rows, from tests/tiny.py and tests/tiny_train.py):
-    python -c "import sys; sys.path[:0] = ['.', 'tests']; import tiny, tiny_train; \
-        tiny.tiny_video_llava('/tmp/tiny-video-llava'); tiny_train.write_toy_set('/tmp/toy')"
-    python 03_train.py --model /tmp/tiny-video-llava --train_csv /tmp/toy/gen/weighted.csv \
-        --feedback_csv /tmp/toy/feedback.csv --video_root /tmp/toy/videos --out_dir /tmp/toy/train \
-        --batch_size 8 --micro_batch_size 4 --warmup_steps 0 --lr 1e-3 --num_workers 0
-
-Rows, as the released code counts them: a triplet is TWO rows (its Yes row (V^r, t^r) and its No row
-(V^r, t^s), each with its synthetic twin), an explanation ONE. A micro-batch holds --micro_batch_size
-rows; a triplet's two rows stay in one micro-batch, so its two videos are decoded, vision-encoded
-and run through the LM's prompt prefix once (common.answer_states) for all of its pairs.
-
-NOTE (deviation): --answer_loss two_way (the default, Eqs. 1-2 as written) weighs the terms of
-Eq. (7) unlike the released loss (--answer_loss vocab), which divides one sum of full-vocabulary
-answer-token cross-entropies by the micro-batch's N answer tokens. A triplet with a twin brings four
-pairs of two tokens each (the word and the end token): N = 8 a triplet. Where the word's
-probability mass sits on Yes/No (full-vocabulary CE = the two-way CE) and the end token is learnt
-(its CE ~ 0), the release's loss is L_real/8 + L_syn^phi/8 + lambda_scr * L_scr^phi/2 in our terms
-(its L_scr averages half-triplets of two hinges, ours triplets of four): (L_real + L_syn^phi +
-4 lambda_scr L_scr^phi) / 8. So --lambda_scr 4 gives the release's balance between the terms, at 1/8
-of the scale (which gradient clipping sees), and only without explanations: their tokens join N.
---answer_loss vocab reproduces it exactly; the default keeps the paper's lambda_scr = 1.
+    python 03_train.py <the same flags>
+Add --answer_loss vocab for the released code's loss instead of Eqs. (1)-(2) as written.
+A CPU-sized run (a tiny random model and 12 toy triplets): README, "A CPU-sized chain".
 """
 import contextlib
 import functools
@@ -52,11 +27,14 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import common
 from common import WEIGHTINGS
@@ -64,13 +42,22 @@ from common import WEIGHTINGS
 TERMS = ("loss", "l_real", "l_syn", "l_scr", "l_nle")  # Eq. (7), its three terms and the NLE loss, logged apart
 NLE_QUESTION = 'What is the misalignment between this video and the description: "{caption}"?'  # VideoCon's
 RUN_ONLY = ("out_dir", "resume", "max_steps", "num_workers", "cache_videos", "save_every",
-            "gradient_checkpointing")  # no effect on weights
+            "gradient_checkpointing")  # no effect on weights: a --resume may change them
 # LoRA on the language model's linear layers only; the vision tower's q/k/v_proj stay frozen.
 LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# The pairs (V, t) of a triplet, by name, and the term of Eq. (7) that uses them:
+#   "rr" = (V^r, t^r)   "rs" = (V^r, t^s)    Eq. (2): L_real
+#   "ss" = (V^s, t^s)   "sr" = (V^s, t^r)    Eq. (5): L_syn^phi, only for a triplet with a twin V^s
+#   "r'" = (V^r, t')    "s'" = (V^s, t')     Eq. (6): L_scr^phi, with --use_scr
+# t' on a video is that video's OWN caption (t^r on V^r, t^s on V^s) with its words outside
+# LCS(t^r, t^s) hidden from attention (footnote 2), as the released code masks the row's own caption.
+# An explanation row has one pair, "nle" = (V^r, NLE_QUESTION about t^s), answered by its explanation.
+TRIPLET_PAIRS = ("rr", "rs", "ss", "sr", "r'", "s'")
 
 
 @dataclass
 class Args:
+    # ---- inputs and outputs ----
     train_csv: str = "runs/generate/weighted.csv"
     """02_weight.py's CSV (a plain VideoCon CSV with --no-use_syn)"""
     feedback_csv: str = ""
@@ -80,11 +67,13 @@ class Args:
     """the folder that the CSV's `videopath` is relative to"""
     out_dir: str = "runs/train"
     """where adapter/, args.json, log.jsonl and checkpoints/ go"""
+    # ---- the model f(V, t) ----
     model: str = common.DEFAULT_MODEL
     """the video LLM f(V, t): a hub id or a local directory"""
     prompt: str = "llava_v1"
     """Video-LLaVA's prompt (common.PROMPT_FORMATS): 'llava_v1' = the released code's, with LLaVA's
     system sentence; 'card' = the transformers model card's; other families use their chat template"""
+    # ---- §5: the terms of Eq. (7) and their weights ----
     use_syn: bool = True
     """train on the synthetic twins V^s (Eqs. 5, 6); --no-use_syn is the VideoCon baseline, L = L_real"""
     use_scr: bool = True
@@ -101,6 +90,7 @@ class Args:
     """lambda_scr of Eq. (7): 1.0 for Video-LLaVA, 1e-2 for mPLUG-Owl"""
     gamma: float = 0.2
     """the margin g of Eq. (6)"""
+    # ---- §6: LoRA, AdamW, schedule ----
     lora_r: int = 32
     """LoRA rank"""
     lora_alpha: int = 32
@@ -117,6 +107,7 @@ class Args:
     """linear warm-up steps, then cosine decay to 0"""
     num_epochs: int = 1
     """passes over the CSV"""
+    # ---- batches and videos ----
     batch_size: int = 16
     """GLOBAL batch in the released code's rows (a triplet = its Yes row + its No row, an explanation =
     1 row) per optimizer step over all processes and accumulation steps: 16 = the released 4 GPUs x 4,
@@ -127,6 +118,7 @@ class Args:
     """frames per video"""
     frame_sampling: str = "uniform"
     """'uniform' (np.linspace, Video-LLaVA) or 'middle' (VideoCon / mPLUG-Owl)"""
+    # ---- the run: precision, memory, workers, checkpoints ----
     bf16: bool = True
     """bf16 weights and autocast on GPU (CPU always runs float32); the LoRA weights stay float32"""
     gradient_checkpointing: bool = True
@@ -147,6 +139,15 @@ class Args:
     """seed of the LoRA initialisation, the epoch shuffles and the LoRA dropout"""
 
 
+# =================================================================================================
+# §6 data: triplets (V^r, t^r, t^s), their twins V^s = G(t^s) and weights w = phi, explanations
+# =================================================================================================
+# A training item is a dict. A triplet: kind "triplet", line (its line in the CSV), real (V^r's
+# path), caption (t^r), neg (t^s), syn (V^s's path; None: trained without a twin), w (phi; 0 without
+# a twin), rows = 2. An explanation: kind "nle", line, real, neg (the t^s it explains), nle (its
+# text), rows = 1. Rows are counted as the released code counts them: a triplet is TWO rows, its Yes
+# row (V^r, t^r) and its No row (V^r, t^s), each with its twin; an explanation is ONE. --batch_size
+# and --micro_batch_size count these rows.
 def number(cell):
     """A CSV cell as a float; NaN (the row is then skipped) if it is empty or not a number."""
     try:
@@ -155,53 +156,76 @@ def number(cell):
         return float("nan")
 
 
-# ---- data: triplets (V^r, t^r, t^s), twins V^s, weights w = phi, and explanations ---------------
 def load_triplets(args):
     """The CSV rows as triplets with absolute video paths and the weight w (phi clamped at 0, as in the
     released code). A row whose real video is missing is a counted skip. A row whose twin cannot be
     used (no syn_video, its file missing, a missing/NaN weight or score) trains on L_real alone, its
     synthetic terms 0, as the released code trains such rows; it is counted and listed too. Both go
-    to skipped.csv with the reason. A video that exists but cannot be decoded stops the run."""
+    to skipped.csv with the reason. A video that exists but cannot be decoded stops the run.
+    Columns: videopath (relative to --video_root), caption, neg_caption and, with --use_syn,
+    syn_video (relative to the CSV's folder unless absolute) and what phi is read from."""
     if args.weighting != "csv" and args.weighting not in WEIGHTINGS:
         raise ValueError(f"--weighting {args.weighting!r}: use 'csv' or one of {sorted(WEIGHTINGS)}")
+    # phi's columns: 02_weight.py's `weight`, none for w = 1, or the two VQAScores it is computed from
     scores = {"csv": ["weight"], "fixed": []}.get(args.weighting, ["score_syn_target", "score_syn_real"])
+    scores = scores if args.use_syn else []  # the VideoCon baseline reads no twin and no weight
     texts = ["videopath", "caption", "neg_caption"]  # an empty syn_video is a triplet without a twin
     rows = common.read_csv(args.train_csv, texts + (["syn_video"] + scores if args.use_syn else []), texts=texts)
-    for c in scores if args.use_syn else []:  # VQAScores lie in [0, 1], phi <= 1 (a NaN is a counted skip below)
-        low = 0 if c.startswith("score") else -math.inf  # a negative weight is clamped at 0 below
-        if bad := [f"{line} ({r[c]})" for line, r in zip(rows.lines, rows) if not low <= number(r[c]) <= 1
-                   and not math.isnan(number(r[c]))]:
-            raise ValueError(f"{args.train_csv}: {c} outside [{low}, 1] on line(s) {', '.join(bad[:10])}")
-    column = {c: np.array([number(r[c]) for r in rows]) for c in (scores if args.use_syn else [])}
-    if not args.use_syn or args.weighting == "fixed":
-        w = np.ones(len(rows))
-    elif args.weighting == "csv":
-        w = column["weight"]
-    else:
-        ft, fr = column["score_syn_target"], column["score_syn_real"]
-        w = np.where(np.isfinite(ft) & np.isfinite(fr), WEIGHTINGS[args.weighting](ft, fr), np.nan)
-    w = np.maximum(w, 0.0)  # phi >= 0 (NaN stays NaN)
+    w = phi_weights(rows, scores, args)  # (rows,), NaN where a cell is missing
     csv_dir = os.path.dirname(os.path.abspath(args.train_csv))
     keep, skipped = [], []
     for i, r in enumerate(rows):
         t = dict(kind="triplet", line=rows.lines[i], real=os.path.join(args.video_root, r["videopath"]),
-                 caption=r["caption"], neg=r["neg_caption"], syn=None, w=0.0, rows=2)
-        if not os.path.isfile(t["real"]):
-            skipped.append(dict(file=args.train_csv, line=t["line"], videopath=r["videopath"], reason=f"video not found: {t['real']}"))
+                 caption=r["caption"], neg=r["neg_caption"], syn=None, w=0.0, rows=2)  # the twin: below
+        if not os.path.isfile(t["real"]):  # no V^r: nothing of the triplet can be trained
+            skipped.append(dict(file=args.train_csv, line=t["line"], videopath=r["videopath"],
+                                reason=f"video not found: {t['real']}"))
             continue
         keep.append(t)
-        if not args.use_syn:
+        if not args.use_syn:  # the VideoCon baseline: L_real alone
             continue
         syn = os.path.join(csv_dir, r["syn_video"]) if r["syn_video"] else ""  # an absolute syn_video stays as it is
-        no_twin = ("no syn_video" if not syn else f"synthetic video not found: {syn}" if not os.path.isfile(syn)
-                   else "weight is missing or not a number" if not math.isfinite(w[i]) else "")
-        if no_twin:
-            skipped.append(dict(file=args.train_csv, line=t["line"], videopath=r["videopath"], reason=f"trained without a twin: {no_twin}"))
+        if no_twin := why_no_twin(syn, w[i]):
+            skipped.append(dict(file=args.train_csv, line=t["line"], videopath=r["videopath"],
+                                reason=f"trained without a twin: {no_twin}"))
         else:
             t.update(syn=syn, w=float(w[i]))
     if not keep:
         raise ValueError(f"{args.train_csv}: no row can be trained on ({len(skipped)} skipped: {skipped[0]['reason']})")
     return keep, skipped
+
+
+def phi_weights(rows, scores, args):
+    """§5 Eq. (4) / Table 4: each row's weight w = phi(V^s, t^s, t^r), clamped at 0 (NaN where a
+    needed cell is missing or not a number). --weighting csv reads 02_weight.py's `weight`; a
+    WEIGHTINGS name recomputes it from fbar(V^s, t^s) and fbar(V^s, t^r); 'fixed' (and --no-use_syn)
+    is w = 1. A value outside [0, 1] stops the run, naming its lines."""
+    column = {c: np.array([number(r[c]) for r in rows]) for c in scores}  # (rows,) each
+    for c in scores:  # VQAScores lie in [0, 1], phi <= 1 (a NaN is a counted skip in load_triplets)
+        low = 0 if c.startswith("score") else -math.inf  # a negative weight is clamped at 0 below
+        if bad := [f"{line} ({r[c]})" for line, r, v in zip(rows.lines, rows, column[c])
+                   if not low <= v <= 1 and not math.isnan(v)]:
+            raise ValueError(f"{args.train_csv}: {c} outside [{low}, 1] on line(s) {', '.join(bad[:10])}")
+    if not args.use_syn or args.weighting == "fixed":
+        w = np.ones(len(rows))  # Eq. (3), unweighted
+    elif args.weighting == "csv":
+        w = column["weight"]
+    else:
+        ft, fr = column["score_syn_target"], column["score_syn_real"]  # fbar(V^s, t^s), fbar(V^s, t^r)
+        w = np.where(np.isfinite(ft) & np.isfinite(fr), WEIGHTINGS[args.weighting](ft, fr), np.nan)
+    return np.maximum(w, 0.0)  # phi >= 0 (NaN stays NaN)
+
+
+def why_no_twin(syn, w):
+    """Why a triplet trains without its twin V^s, as the released code trains a row without a
+    syn_video ('' if the twin is usable): syn is V^s's path ('' if none), w its weight phi."""
+    if not syn:
+        return "no syn_video"
+    if not os.path.isfile(syn):
+        return f"synthetic video not found: {syn}"
+    if not math.isfinite(w):
+        return "weight is missing or not a number"
+    return ""
 
 
 def load_explanations(args):
@@ -216,15 +240,274 @@ def load_explanations(args):
     rows = common.read_csv(args.feedback_csv, texts, texts=texts)
     keep, skipped = [], []
     for line, r in zip(rows.lines, rows):
-        if r.get("split", "train") != "train":
+        if r.get("split", "train") != "train":  # VideoCon's held-out explanations
             continue
         e = dict(kind="nle", line=line, real=os.path.join(args.video_root, r["videopath"]), neg=r["neg_caption"],
                  nle=r["nle"].strip(), rows=1)
         if os.path.isfile(e["real"]):
             keep.append(e)
         else:
-            skipped.append(dict(file=args.feedback_csv, line=line, videopath=r["videopath"], reason=f"video not found: {e['real']}"))
+            skipped.append(dict(file=args.feedback_csv, line=line, videopath=r["videopath"],
+                                reason=f"video not found: {e['real']}"))
     return keep, skipped
+
+
+# =================================================================================================
+# The pairs (V, t) of a micro-batch (TRIPLET_PAIRS) and their alignment logits a (Eq. 1)
+# =================================================================================================
+class PairSpec(NamedTuple):
+    """One pair to run: its prompt, its video and the answer tokens fed after the prompt."""
+    item: int  # the position of its triplet or explanation in the micro-batch
+    name: str  # "rr", "rs", "ss", "sr", "r'", "s'" or "nle"
+    video: str  # V^r's or V^s's path
+    caption: str  # the caption t asked about
+    other_caption: str | None  # t' pairs: `caption`'s words outside LCS(caption, other_caption) are hidden
+    question: str | None  # None: common.QUESTION, VideoCon's entailment question
+    answer: list | None  # token ids fed after the prompt (teacher forcing); None: no token loss
+
+
+class Pair(NamedTuple):
+    """One pair's output of micro_batch_pairs; a plain tuple (item, name, a, tokens) underneath."""
+    item: int  # the position of its triplet or explanation in the micro-batch
+    name: str  # as in PairSpec
+    a: torch.Tensor  # 0-dim float32 alignment logit a = logit_Yes - logit_No (Eq. 1); f = sigmoid(a)
+    tokens: tuple | None  # (logits (K, vocab), targets (K,)) of the K answer tokens; None: no token loss
+
+
+def pair_specs(batch, processor, model_type, word, args):
+    """The pairs to run for a micro-batch, item by item: a triplet's "rr", "rs", then with a twin "ss",
+    "sr", then with --use_scr "r'", "s'"; an explanation's "nle". Answer tokens are fed only where a
+    token loss reads them: an explanation's always; the entailment pairs' under --answer_loss vocab
+    (the word Yes/No, then the end token). word: {"Yes": id, "No": id}."""
+    end = [processor.tokenizer.eos_token_id]  # ends an answer (LLaMA's </s>, as the released "ASSISTANT: Yes</s>")
+    specs = []
+    for k, r in enumerate(batch):
+        if r["kind"] == "nle":  # asked what is wrong with t^s on V^r; answered by the explanation
+            asked, _ = common.entailment_prompt(processor, model_type, r["neg"], args.prompt, NLE_QUESTION)
+            answer = common.answer_ids(processor.tokenizer, asked, r["nle"]) + end
+            specs.append(PairSpec(k, "nle", r["real"], r["neg"], None, NLE_QUESTION, answer))
+            continue
+        vocab = args.answer_loss == "vocab"  # the released loss trains the answer's tokens
+        yes, no = ([word["Yes"]] + end, [word["No"]] + end) if vocab else (None, None)
+        specs += [PairSpec(k, "rr", r["real"], r["caption"], None, None, yes),  # V^r shows t^r: Yes
+                  PairSpec(k, "rs", r["real"], r["neg"], None, None, no)]  # V^r does not show t^s: No
+        if r["syn"]:
+            specs += [PairSpec(k, "ss", r["syn"], r["neg"], None, None, yes),  # V^s = G(t^s) shows t^s: Yes
+                      PairSpec(k, "sr", r["syn"], r["caption"], None, None, no)]  # V^s does not show t^r: No
+            if args.use_scr:  # t' = the video's own caption, its words outside LCS(t^r, t^s) hidden
+                specs += [PairSpec(k, "r'", r["real"], r["caption"], r["neg"], None, None),
+                          PairSpec(k, "s'", r["syn"], r["neg"], r["caption"], None, None)]
+    return specs
+
+
+def micro_batch_pairs(model, processor, batch, paths, frames, args):
+    """Every pair of a micro-batch (pair_specs), from ONE common.answer_states call: each video is
+    vision-encoded and its prompt prefix run once for all of its pairs. paths, frames: the micro-batch's
+    distinct videos (load_videos). Returns a Pair per spec, in order: a in float32; tokens = the
+    logits and targets of the answer's K tokens (the word or the explanation, then the end token,
+    teacher-forced), or None where no token loss is asked (t' pairs, and the entailment pairs under
+    --answer_loss two_way)."""
+    hf, tok = common.unwrap(model), processor.tokenizer  # hf: the transformers model under LoRA (and DDP)
+    text, _ = common.entailment_prompt(processor, hf.config.model_type, "", args.prompt)
+    word = dict(zip(("Yes", "No"), common.answer_token_ids(tok, text)))  # the answers' first token ids
+    specs = pair_specs(batch, processor, hf.config.model_type, word, args)
+    where = {p: k for k, p in enumerate(paths)}  # a video's path -> its index in frames
+    states, logits = common.answer_states(
+        model, processor, frames, [s.caption for s in specs], [where[s.video] for s in specs],
+        hidden=[common.hidden_word_spans(s.caption, s.other_caption) if s.other_caption else None for s in specs],
+        prompt=args.prompt, questions=[s.question or common.QUESTION for s in specs],
+        answers=[s.answer or [] for s in specs])
+    # states[i]: (K_i, hidden), logits[i]: (K_i, vocab); row j predicts answer token j (row 0: the word)
+    yes_no = common.answer_logits(model, torch.stack([h[0] for h in states]), [word["Yes"], word["No"]])  # (n, 2)
+    a = common.alignment_logit(yes_no[:, 0], yes_no[:, 1])  # (n,) Eq. (1)
+    return [Pair(s.item, s.name, a[i], (z, torch.tensor(s.answer, device=z.device)) if s.answer else None)
+            for i, (s, z) in enumerate(zip(specs, logits))]
+
+
+# =================================================================================================
+# §5 Eq. (7): the objective, from the pairs' alignment logits
+# =================================================================================================
+def objective(pairs, batch, args):
+    """Eq. (7): L = L_real + L_syn^phi + lambda_scr * L_scr^phi  (--answer_loss two_way, the default)
+
+    with L_real (Eq. 2), L_syn^phi (Eq. 5) and L_scr^phi (Eq. 6) each a mean over the micro-batch's
+    triplets, all from the alignment logits a of micro_batch_pairs' Pairs. A triplet without a twin
+    has w = 0, so its synthetic terms are exactly 0. Plus l_nle, VideoCon's explanation task (not
+    part of Eq. 7), which the released recipe adds to the loss. Returns {TERMS: 0-dim tensors}."""
+    zero = torch.zeros((), device=pairs[0][2].device)  # a term with nothing to average
+    a, w, twins = triplet_logits(pairs, batch, zero)  # a[name]: (b,) over the b triplets ({} if b = 0); w: (b,)
+    # ---- §3 Eq. (2): on V^r, its caption t^r (Yes) against the LLM-written negative t^s (No) ----
+    l_real = common.loss_real(a["rr"], a["rs"]) if a else zero
+    # ---- §5 Eq. (5): on V^s = G(t^s), t^s (Yes) against t^r (No), each triplet weighted by w = phi ----
+    l_syn = common.loss_syn(a["ss"], a["sr"], w) if a and args.use_syn else zero
+    # ---- §5 Eq. (6): f(V^z, t^z) > f(V^z, t') > f(V^z, t^zbar) by the margin gamma, on both videos ----
+    l_scr = common.loss_scr(*scr_logits(a), w, args.gamma) if args.use_syn and args.use_scr and twins else zero
+    # ---- not Eq. (7): VideoCon's explanation task, the mean cross-entropy of the explanations' tokens ----
+    explained = [tokens for _, name, _, tokens in pairs if name == "nle" and tokens]  # [(logits, targets)]
+    l_nle = zero
+    if explained:
+        l_nle = F.cross_entropy(torch.cat([x for x, _ in explained]), torch.cat([y for _, y in explained]))
+    # ---- §5 Eq. (7), plus the explanations' loss as the released recipe adds it ----
+    loss = common.total_loss(l_real, l_syn, l_scr, args.lambda_scr) + l_nle
+    return dict(zip(TERMS, (loss, l_real, l_syn, l_scr, l_nle)))
+
+
+# NOTE (deviation): the default --answer_loss two_way (Eqs. 1-2 as written) weighs Eq. (7)'s terms
+# unlike the released loss below, which divides ONE sum of full-vocabulary answer-token cross-
+# entropies by the micro-batch's N answer tokens. A triplet with a twin brings 4 pairs of 2 tokens
+# (the word, the end token): N = 8 a triplet. Where the word's probability mass sits on Yes/No (its
+# full-vocabulary CE = the two-way CE) and the end token is learnt (CE ~ 0), the release's loss is,
+# in our terms, L_real/8 + L_syn^phi/8 + lambda_scr L_scr^phi/2 (its L_scr averages half-triplets of
+# two hinges, ours triplets of four) = (L_real + L_syn^phi + 4 lambda_scr L_scr^phi) / 8. So
+# --lambda_scr 4 gives the release's balance between the terms, at 1/8 of its scale (which gradient
+# clipping sees), and only without explanations (their tokens join N). --answer_loss vocab reproduces
+# the release exactly; the default keeps the paper's lambda_scr = 1.
+def released_objective(pairs, batch, args):
+    """The released code's loss (--answer_loss vocab), in place of Eqs. (1)-(2)'s two-way terms:
+        L = 1/N sum_k w_k CE_k  +  lambda_scr * L_scr^phi * b / (2 * twins)
+    over every answer token k of the micro-batch (the word and the end token of each entailment pair,
+    every token of an explanation, and its end token): CE_k its full-vocabulary cross-entropy
+    (common.answer_token_loss), w_k = phi on synthetic pairs and 1 elsewhere, N the number of tokens.
+    l_real, l_syn and l_nle are that sum's parts over the real pairs, the synthetic pairs and the
+    explanations. L_scr^phi then averages the half-triplets that have a twin, as released (half of
+    Eq. 6's per-triplet sum): b triplets, of which `twins` have a twin."""
+    zero = torch.zeros((), device=pairs[0][2].device)  # a term with nothing to sum
+    tokens = answer_tokens(pairs, batch)  # pair name -> [(w_k, (logits (K, vocab), targets (K,))), ...]
+    n_tokens = sum(len(y) for group in tokens.values() for _, (_, y) in group)  # N, over all pairs
+    l_real = token_loss(tokens["rr"] + tokens["rs"], n_tokens, zero)
+    l_syn = token_loss(tokens["ss"] + tokens["sr"], n_tokens, zero)
+    l_nle = token_loss(tokens["nle"], n_tokens, zero)  # VideoCon's explanation task, in the same sum
+    a, w, twins = triplet_logits(pairs, batch, zero)
+    l_scr = zero
+    if args.use_syn and args.use_scr and twins:  # the release's mean is over its half-triplets with a twin
+        l_scr = common.loss_scr(*scr_logits(a), w, args.gamma) * len(w) / (2 * twins)  # len(w) = b
+    loss = common.total_loss(l_real, l_syn, l_scr, args.lambda_scr) + l_nle
+    return dict(zip(TERMS, (loss, l_real, l_syn, l_scr, l_nle)))
+
+
+def triplet_logits(pairs, batch, zero):
+    """The micro-batch's b triplets as columns: a {pair name: (b,) alignment logits} ({} if b = 0; a
+    pair a triplet lacks, e.g. "ss" without a twin, reads 0), w (b,) their weights phi, and how many
+    have a twin. pairs: Pairs, or plain (item, name, a, tokens) tuples."""
+    triplets = [k for k, r in enumerate(batch) if r["kind"] == "triplet"]  # their positions in the batch
+    w = torch.tensor([batch[k]["w"] for k in triplets], device=zero.device)  # 0 for a triplet without a twin
+    if not triplets:  # a micro-batch of explanations only
+        return {}, w, 0
+    by_item = {(k, name): a for k, name, a, _ in pairs}  # (item position, pair name) -> a, 0-dim
+    a = {name: torch.stack([by_item.get((k, name), zero) for k in triplets]) for name in TRIPLET_PAIRS}
+    return a, w, sum(batch[k]["syn"] is not None for k in triplets)
+
+
+def scr_logits(a):
+    """Eq. (6)'s arguments, each (b, 2) with column 0 = V^s, column 1 = V^r: the video's own caption
+    t^z, the shared t', the other video's caption t^zbar (common.loss_scr)."""
+    own = torch.stack([a["ss"], a["rr"]], 1)  # the logits of (V^s, t^s), (V^r, t^r)
+    shared = torch.stack([a["s'"], a["r'"]], 1)  # of (V^s, t'), (V^r, t')
+    other = torch.stack([a["sr"], a["rs"]], 1)  # of (V^s, t^r), (V^r, t^s)
+    return own, shared, other
+
+
+def answer_tokens(pairs, batch):
+    """The answer tokens of the pairs that carry them, by pair name, in pair order:
+    [(w_k, (logits (K, vocab), targets (K,))), ...], w_k = phi for the synthetic pairs, 1 otherwise."""
+    # t' pairs carry no tokens: the released code has no token loss for them, only Eq. (6)
+    return {name: [(batch[k]["w"] if name in ("ss", "sr") else 1.0, t) for k, n, _, t in pairs if n == name and t]
+            for name in ("rr", "rs", "ss", "sr", "nle")}
+
+
+def token_loss(group, n_tokens, zero):
+    """common.answer_token_loss over a group's tokens, each weighted by its pair's w_k, / N = n_tokens."""
+    if not group:
+        return zero
+    logits, targets = torch.cat([x for _, (x, _) in group]), torch.cat([y for _, (_, y) in group])  # (K, vocab), (K,)
+    weights = torch.cat([torch.full((len(y),), w_k, device=zero.device) for w_k, (_, y) in group])  # (K,)
+    return common.answer_token_loss(logits, targets, weights, n_tokens)
+
+
+# =================================================================================================
+# Training: §6's LoRA fine-tuning with §5's Eq. (7), under torchrun or in one process
+# =================================================================================================
+def main(args):
+    from peft import LoraConfig, get_peft_model  # heavy imports, loaded only to train
+    from transformers import get_cosine_schedule_with_warmup
+
+    dist = common.setup_distributed()  # torchrun's rank and world size; one process without torchrun
+    cuda = dist.device.startswith("cuda")
+    # ---- §6 data: the triplets with their twins and weights, and the explanations, in global batches ----
+    if args.answer_loss not in ("two_way", "vocab"):
+        raise ValueError(f"--answer_loss {args.answer_loss!r}: use 'two_way' or 'vocab'")
+    triplets, skipped = load_triplets(args)
+    explanations, skipped_nle = load_explanations(args)
+    items, skipped = triplets + explanations, skipped + skipped_nle
+    plan, accum, total = micro_batch_plan(items, args, dist)  # the same global batches for any process count
+    stop = min(total, args.max_steps) if args.max_steps else total  # --max_steps: as if killed there
+    settings = checkpoint_settings(args, items)
+    no_twin = sum(r["syn"] is None for r in triplets) if args.use_syn else 0  # listed in skipped.csv too
+    common.print0(f"{len(triplets)} triplets ({no_twin} without a twin, trained on L_real alone) and "
+                  f"{len(explanations)} explanations; {len(skipped) - no_twin} rows skipped; all listed in "
+                  f"skipped.csv. {total} steps of {args.batch_size} rows = {dist.world_size} processes x {accum} "
+                  f"micro-batches x {args.micro_batch_size}")
+
+    # ---- §6 model: the video LLM f(V, t), frozen, plus LoRA on its language model; AdamW, cosine decay ----
+    common.seed_everything(args.seed)  # the same LoRA initialisation on every rank
+    dtype = torch.bfloat16 if cuda and args.bf16 else torch.float32
+    model, processor = common.load_video_llm(args.model, dtype=dtype, device=dist.device)
+    if args.gradient_checkpointing:  # non-reentrant; it also makes the input embeddings require grad
+        model.activation_checkpointing_enable()
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                             target_modules=LORA_TARGETS)).train()  # freezes every other weight
+    params = [p for p in model.parameters() if p.requires_grad]  # the LoRA weights, all that trains
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total)
+    start = load_checkpoint(args, settings, model, optimizer, scheduler) if args.resume else 0
+    start_out_dir(args, skipped, start, dist)
+    # `model` is the PeftModel that is saved; forward and backward go through `ddp_model`: under torchrun
+    # a DDP wrapper of it, which averages the LoRA gradients over the processes; in one process, `model`
+    ddp_model = DistributedDataParallel(model, device_ids=[dist.local_rank] if cuda else None,
+                                        broadcast_buffers=False) if dist.world_size > 1 else model
+
+    # ---- §5 Eq. (7): one optimizer step per global batch, accumulated over `accum` micro-batches ----
+    loss_fn = released_objective if args.answer_loss == "vocab" else objective  # Eq. (7) as written by default
+    batches = iter(video_loader(items, plan, start, stop, accum, args, dist))
+    for step in range(start, stop):
+        t0, lr = time.time(), scheduler.get_last_lr()[0]
+        sums = torch.zeros(len(TERMS), device=dist.device)  # each of TERMS, summed over the micro-steps
+        for j in range(accum):
+            sums += micro_step(loss_fn, ddp_model, processor, next(batches), step, j == accum - 1, accum, args, dist)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        log_step(sums, step, lr, grad_norm, t0, accum, args, dist)
+        if dist.master and (step + 1) % args.save_every == 0:
+            save_checkpoint(args, step + 1, settings, model, optimizer, scheduler)
+
+    save_adapter(args, model, dist)  # out_dir/adapter: PeftModel.from_pretrained(base, dir) loads it
+    if dist.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return model
+
+
+# ===== Plumbing: batching, DataLoader workers, checkpoints. A first reader may skip it. ==========
+# ---- batching: micro-batches of whole triplets, the same global batches for any process count ----
+def micro_batch_plan(items, args, dist):
+    """Every epoch's micro-batches (the plan), the micro-batches each process accumulates per optimizer
+    step (accum), and the number of optimizer steps (total). Refuses settings that cannot make
+    --batch_size, or that leave nothing to train."""
+    accum, rest = divmod(args.batch_size, max(args.micro_batch_size, 1) * dist.world_size)
+    if rest or not accum or args.micro_batch_size < 2:
+        raise ValueError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
+                         f"{args.micro_batch_size} (at least 2: a triplet is 2 rows) x {dist.world_size} processes")
+    plan = [epoch_micro_batches(items, e, args) for e in range(args.num_epochs)]
+    per_global = accum * dist.world_size  # micro-batches in one global batch
+    total = sum(len(e) // per_global for e in plan)  # each epoch's tail that fills no global batch is dropped
+    if total == 0:
+        raise ValueError(f"{args.train_csv}: {sum(it['rows'] for it in items)} usable rows, fewer than one "
+                         f"--batch_size {args.batch_size}")
+    if total == 1 and args.warmup_steps > 0:  # the linear warm-up starts at lr 0: nothing would train
+        raise ValueError(f"1 optimizer step with --warmup_steps {args.warmup_steps}: it runs at lr 0 and the adapter "
+                         f"would stay untrained; pass --warmup_steps 0 (or more rows / --num_epochs)")
+    return plan, accum, total
 
 
 def pack(order, sizes, m):
@@ -233,10 +516,9 @@ def pack(order, sizes, m):
     that does not fit what is left of a micro-batch waits for the next one, and the next item that
     fits fills the gap; if none is left (an odd m, no explanation left) the micro-batch is one row
     short. The tail that cannot fill m - 1 rows is dropped."""
-    from collections import Counter, deque
-    queue, left, out = deque(order), Counter(sizes[i] for i in order), []
+    queue, left, out = deque(order), Counter(sizes[i] for i in order), []  # left: items per size still queued
     while queue:
-        batch, free, k = [], m, 0
+        batch, free, k = [], m, 0  # free: rows left in this micro-batch; k: the queue position looked at
         while free and k < len(queue) and any(left[size] for size in range(1, free + 1)):
             item = queue[k]
             if sizes[item] > free:
@@ -256,7 +538,7 @@ def epoch_micro_batches(items, epoch, args):
     """Every micro-batch of epoch `epoch`: a permutation of the items seeded by (seed, epoch), the
     same on every rank (as DistributedSampler.set_epoch does), packed into micro-batches of
     --micro_batch_size released rows."""
-    g = torch.Generator().manual_seed(common.example_seed(args.seed, "epoch", epoch))
+    g = torch.Generator().manual_seed(common.example_seed(args.seed, "epoch", epoch))  # a resume redraws it
     return pack(torch.randperm(len(items), generator=g).tolist(), [it["rows"] for it in items], args.micro_batch_size)
 
 
@@ -272,8 +554,20 @@ def micro_batches(plan, step, accum, dist):
         if step < len(epoch) // per_global:
             first = step * per_global + dist.rank * accum
             return epoch[first: first + accum]
-        step -= len(epoch) // per_global
+        step -= len(epoch) // per_global  # the step's index within the later epochs
     raise IndexError(f"step {step} is past the end of the plan")
+
+
+# ---- DataLoader workers: the videos of the next micro-batches, decoded in other processes ----
+def video_loader(items, plan, start, stop, accum, args, dist):
+    """A DataLoader over this rank's micro-batches of steps start ... stop - 1, in order, each as
+    load_videos' (batch, paths, frames), decoded by --num_workers processes ahead of the training."""
+    return torch.utils.data.DataLoader(
+        # batch_sampler: the micro-batches in training order, each a list of positions in `items`
+        items, batch_sampler=[mb for s in range(start, stop) for mb in micro_batches(plan, s, accum, dist)],
+        collate_fn=functools.partial(load_videos, args=args, cache={} if args.cache_videos else None),
+        num_workers=args.num_workers,  # 0: decoded in this process, between micro-steps
+        worker_init_fn=functools.partial(die_with, os.getpid()))
 
 
 def load_videos(batch, args, cache=None):
@@ -299,109 +593,83 @@ def die_with(parent, worker_id):
         os._exit(1)
 
 
-# ---- every pair of a micro-batch, in one call ---------------------------------------------------
-def micro_batch_pairs(model, processor, batch, paths, frames, args):
-    """Each pair's answer scores, from ONE common.answer_states call: each video's prompt prefix runs
-    once for all of its pairs. The pairs of a triplet are named
-        "rr" = (V^r, t^r)  "rs" = (V^r, t^s)                      Eq. (2)
-        "ss" = (V^s, t^s)  "sr" = (V^s, t^r)                      Eq. (5), triplets with a twin
-        "r'" = (V^r, t')   "s'" = (V^s, t')                       Eq. (6), with --use_scr
-    t' on a video is that video's OWN caption (t^r on V^r, t^s on V^s) with the words outside
-    LCS(t^r, t^s) hidden from attention, as the released code masks the row's own caption; an
-    explanation row is the pair "nle" = (V^r, its question about t^s), answered by the explanation.
-
-    Returns per pair (item position in batch, name, a, tokens): a = logit_Yes - logit_No (Eq. 1, in
-    float32); tokens = (logits (K, vocab), targets (K,)) of the answer's K tokens -- the word or the
-    explanation, then the end token, teacher-forced -- or None where no token loss is asked (t' pairs,
-    and the entailment pairs under --answer_loss two_way)."""
-    hf, tok = common.unwrap(model), processor.tokenizer
-    where = {p: k for k, p in enumerate(paths)}
-    text, _ = common.entailment_prompt(processor, hf.config.model_type, "", args.prompt)
-    word = dict(zip(("Yes", "No"), common.answer_token_ids(tok, text)))
-    end = [tok.eos_token_id]  # the token that ends an answer (LLaMA's </s>, as the released "ASSISTANT: Yes</s>")
-    specs = []  # (item, name, video, caption, hidden-from, question, answer ids)
-    for k, r in enumerate(batch):
-        if r["kind"] == "nle":
-            asked, _ = common.entailment_prompt(processor, hf.config.model_type, r["neg"], args.prompt, NLE_QUESTION)
-            specs.append((k, "nle", r["real"], r["neg"], None, NLE_QUESTION, common.answer_ids(tok, asked, r["nle"]) + end))
-            continue
-        token = args.answer_loss == "vocab"
-        yes, no = ([word["Yes"]] + end, [word["No"]] + end) if token else (None, None)  # the word, then the end
-        specs += [(k, "rr", r["real"], r["caption"], None, None, yes), (k, "rs", r["real"], r["neg"], None, None, no)]
-        if r["syn"]:
-            specs += [(k, "ss", r["syn"], r["neg"], None, None, yes), (k, "sr", r["syn"], r["caption"], None, None, no)]
-            if args.use_scr:
-                specs += [(k, "r'", r["real"], r["caption"], r["neg"], None, None),
-                          (k, "s'", r["syn"], r["neg"], r["caption"], None, None)]
-    states, logits = common.answer_states(
-        model, processor, frames, [s[3] for s in specs], [where[s[2]] for s in specs],
-        hidden=[common.hidden_word_spans(s[3], s[4]) if s[4] else None for s in specs], prompt=args.prompt,
-        questions=[s[5] or common.QUESTION for s in specs], answers=[s[6] or [] for s in specs])
-    yes_no = common.answer_logits(model, torch.stack([h[0] for h in states]), [word["Yes"], word["No"]])
-    a = common.alignment_logit(yes_no[:, 0], yes_no[:, 1])  # Eq. (1); row j of a pair's states and logits predicts its answer token j
-    return [(k, name, a[i], (z, torch.tensor(answer, device=z.device)) if answer else None)
-            for i, ((k, name, *_, answer), z) in enumerate(zip(specs, logits))]
+# ---- the training loop's steps ----
+def micro_step(loss_fn, ddp_model, processor, loaded, step, last, accum, args, dist):
+    """One micro-batch's forward (every pair in one call, then loss_fn) and backward of loss / accum.
+    loaded: load_videos' (batch, paths, frames); last: the step's last micro-batch, whose backward
+    all-reduces the gradients. Returns the TERMS' values, (len(TERMS),) float32, detached."""
+    batch, paths, frames = loaded
+    # the LoRA dropout's seed comes from the step and the rows, not the process: any rank count draws the same
+    torch.manual_seed(common.example_seed(args.seed, step, *[(r["kind"], r["line"]) for r in batch]))
+    # gradients are all-reduced only in the last micro-step's backward; the others accumulate locally
+    with contextlib.nullcontext() if dist.world_size == 1 or last else ddp_model.no_sync():
+        # bf16 on GPU (--bf16); Eq. (1)'s logits are computed in float32 all the same (common.answer_logits)
+        with torch.autocast("cuda", torch.bfloat16, enabled=dist.device.startswith("cuda") and args.bf16):
+            terms = loss_fn(micro_batch_pairs(ddp_model, processor, batch, paths, frames, args), batch, args)
+        if not all(torch.isfinite(v) for v in terms.values()):  # stop at once, naming the rows to look at
+            raise FloatingPointError(
+                f"step {step + 1}: non-finite loss {({k: v.item() for k, v in terms.items()})} on "
+                f"lines {[(r['kind'], r['line']) for r in batch]} of {args.train_csv} / {args.feedback_csv} "
+                f"(videos {paths})")
+        (terms["loss"] / accum).backward()  # the step's gradient: the mean over its micro-batches
+    return torch.stack([terms[k].detach().float() for k in TERMS])
 
 
-def objective(pairs, batch, args):
-    """Eq. (7) and its terms, plus the explanations' loss l_nle, from micro_batch_pairs' output.
-
-    --answer_loss two_way: each term is a mean over its own triplets (Eqs. 2, 5, 6) and l_nle the mean
-    token cross-entropy of the explanations. A triplet without a twin has w = 0, so its synthetic
-    terms are exactly 0 (its absent scores read as 0). --answer_loss vocab: the released loss,
-    common.answer_token_loss over the micro-batch's answer tokens, the explanations' among them; L_scr
-    then averages the half-triplets that have a twin, as released (half of Eq. 6's per-triplet sum)."""
-    device = pairs[0][2].device
-    zero = torch.zeros((), device=device)
-    triplets = [k for k, r in enumerate(batch) if r["kind"] == "triplet"]
-    a = {(k, name): v for k, name, v, _ in pairs}
-    col = lambda name: torch.stack([a.get((k, name), zero) for k in triplets])  # noqa: E731, (b,)
-    w = torch.tensor([batch[k]["w"] for k in triplets], device=device)
-    tokens = {name: [(batch[k]["w"] if name in ("ss", "sr") else 1.0, t) for k, n, _, t in pairs if n == name and t]
-              for name in ("rr", "rs", "ss", "sr", "nle")}
-    if args.answer_loss == "two_way":
-        # ---- §3 Eq. (2): real videos, positive vs LLM-written negative caption ----
-        l_real = common.loss_real(col("rr"), col("rs")) if triplets else zero
-        # ---- §5 Eq. (5): weighted synthetic loss (w = 1 is Eq. 3) ----
-        l_syn = common.loss_syn(col("ss"), col("sr"), w) if triplets and args.use_syn else zero
-        nle = [t for _, t in tokens["nle"]]
-        l_nle = F.cross_entropy(torch.cat([x for x, _ in nle]), torch.cat([y for _, y in nle])) if nle else zero
-    else:  # the released code's token loss: one sum over the micro-batch's answer tokens, / their number N
-        n_tokens = sum(len(y) for group in tokens.values() for _, (_, y) in group)
-        def part(*names):
-            group = [(wk, t) for name in names for wk, t in tokens[name]]
-            if not group:
-                return zero
-            logits, targets = torch.cat([x for _, (x, _) in group]), torch.cat([y for _, (_, y) in group])
-            weights = torch.cat([torch.full((len(y),), wk, device=device) for wk, (_, y) in group])
-            return common.answer_token_loss(logits, targets, weights, n_tokens)
-        l_real, l_syn, l_nle = part("rr", "rs"), part("ss", "sr"), part("nle")
-    # ---- §5 Eq. (6): f(own) > f(t') > f(other) on both videos; column 0 = V^s, column 1 = V^r ----
-    l_scr = zero
-    twins = sum(batch[k]["syn"] is not None for k in triplets)
-    if args.use_syn and args.use_scr and twins:
-        l_scr = common.loss_scr(torch.stack([col("ss"), col("rr")], 1), torch.stack([col("s'"), col("r'")], 1),
-                                torch.stack([col("sr"), col("rs")], 1), w, args.gamma)
-        if args.answer_loss == "vocab":  # the release's mean is over its half-triplets with a twin
-            l_scr = l_scr * len(triplets) / (2 * twins)
-    # ---- §5 Eq. (7): L = L_real + L_syn^phi + lambda_scr L_scr^phi, plus the explanations' loss ----
-    loss = common.total_loss(l_real, l_syn, l_scr, args.lambda_scr) + l_nle
-    return dict(zip(TERMS, (loss, l_real, l_syn, l_scr, l_nle)))
+def log_step(sums, step, lr, grad_norm, t0, accum, args, dist):
+    """Average each of TERMS over the global batch (every process and micro-step); rank 0 appends the
+    line to log.jsonl and prints it. sums: this process's sums over its micro-steps, (len(TERMS),)."""
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(sums)  # sum over the processes
+    sums /= accum * dist.world_size  # the sums over all micro-batches of the step -> their means
+    if dist.master:
+        line = dict(step=step + 1, **dict(zip(TERMS, sums.tolist())), lr=lr,
+                    grad_norm=grad_norm.item(), rows_per_s=args.batch_size / (time.time() - t0))
+        with open(os.path.join(args.out_dir, "log.jsonl"), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+        common.print0(" ".join(f"{k} {v:.4g}" for k, v in line.items()))
 
 
-# ---- checkpoints: LoRA weights, optimizer, scheduler and step; written atomically ---------------
-def save_checkpoint(args, step, plan, model, optimizer, scheduler):
+# ---- out_dir: settings, checkpoints (LoRA weights, optimizer, scheduler, step), the adapter ----
+def checkpoint_settings(args, items):
+    """What a checkpoint is made with: every setting that changes the weights (not RUN_ONLY), the
+    CSVs' content (sha256) and the item count. --resume refuses a checkpoint with other settings."""
+    # the CSVs by content, not by path: a changed weight column must not resume an older run
+    settings = {**asdict(args), "train_csv": common.file_hash(args.train_csv), "items": len(items),
+                "feedback_csv": common.file_hash(args.feedback_csv) if args.feedback_csv else ""}
+    return {k: v for k, v in settings.items() if k not in RUN_ONLY}
+
+
+def start_out_dir(args, skipped, start, dist):
+    """Rank 0, only once the model and data have loaded (so a typo in a flag destroys nothing): writes
+    args.json and skipped.csv; a fresh run deletes an older run's checkpoints; every run drops the
+    log lines after step `start` (a resumed run: those a killed run wrote; a fresh one: all)."""
+    if not dist.master:
+        return
+    os.makedirs(args.out_dir, exist_ok=True)
+    common.save_json(os.path.join(args.out_dir, "args.json"), asdict(args))
+    common.write_csv(os.path.join(args.out_dir, "skipped.csv"), skipped, ["file", "line", "videopath", "reason"])
+    if not args.resume:
+        shutil.rmtree(os.path.join(args.out_dir, "checkpoints"), ignore_errors=True)
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if os.path.exists(log_path):  # steps after `start` will be logged again
+        lines = [ln for ln in open(log_path, encoding="utf-8") if json.loads(ln)["step"] <= start]
+        with common.atomic_path(log_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(lines)
+
+
+def save_checkpoint(args, step, settings, model, optimizer, scheduler):
+    """Write out_dir/checkpoints/step_NNNNNNN.pt atomically, then delete the older ones."""
     path = os.path.join(args.out_dir, "checkpoints", f"step_{step:07d}.pt")
     lora = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    with common.atomic_path(path) as tmp:
-        torch.save(dict(step=step, plan=plan, lora=lora, optimizer=optimizer.state_dict(),
+    with common.atomic_path(path) as tmp:  # the key "plan" holds the settings (the name older checkpoints use)
+        torch.save(dict(step=step, plan=settings, lora=lora, optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict()), tmp)
     for old in glob.glob(os.path.join(args.out_dir, "checkpoints", "step_*.pt")):
         if old != path:
             os.remove(old)  # only the latest is kept (a LoRA + AdamW state of a 7B model is ~1 GB)
 
 
-def load_checkpoint(args, plan, model, optimizer, scheduler):
+def load_checkpoint(args, settings, model, optimizer, scheduler):
     """Restore the latest checkpoint; returns the step to continue from (0 if there is none).
 
     No RNG state needs restoring: the only randomness after the LoRA initialisation is the LoRA
@@ -412,11 +680,11 @@ def load_checkpoint(args, plan, model, optimizer, scheduler):
         common.print0(f"--resume: no checkpoint in {args.out_dir}/checkpoints, starting from step 0")
         return 0
     state = torch.load(paths[-1], map_location="cpu", weights_only=True)
-    if differ := common.settings_diff(state["plan"], plan):
+    if differ := common.settings_diff(state["plan"], settings):  # else the weights would mix two set-ups
         raise ValueError(f"{paths[-1]}: written with other settings ({differ}); resume with the same settings")
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if p.requires_grad:
+            if p.requires_grad:  # only the LoRA weights are saved; the frozen rest comes from --model
                 p.copy_(state["lora"][n])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -424,121 +692,16 @@ def load_checkpoint(args, plan, model, optimizer, scheduler):
     return state["step"]
 
 
-def main(args):
-    from peft import LoraConfig, get_peft_model
-    from torch.nn.parallel import DistributedDataParallel
-    from transformers import get_cosine_schedule_with_warmup
-
-    dist = common.setup_distributed()
-    cuda = dist.device.startswith("cuda")
-    # ---- data: triplets and explanations, packed into the same global batches for any number of processes ----
-    if args.answer_loss not in ("two_way", "vocab"):
-        raise ValueError(f"--answer_loss {args.answer_loss!r}: use 'two_way' or 'vocab'")
-    triplets, skipped = load_triplets(args)
-    explanations, skipped_nle = load_explanations(args)
-    items, skipped = triplets + explanations, skipped + skipped_nle
-    accum, rest = divmod(args.batch_size, max(args.micro_batch_size, 1) * dist.world_size)
-    if rest or not accum or args.micro_batch_size < 2:
-        raise ValueError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
-                         f"{args.micro_batch_size} (at least 2: a triplet is 2 rows) x {dist.world_size} processes")
-    epochs = [epoch_micro_batches(items, e, args) for e in range(args.num_epochs)]
-    per_global = accum * dist.world_size
-    total = sum(len(e) // per_global for e in epochs)
-    if total == 0:
-        raise ValueError(f"{args.train_csv}: {2 * len(triplets) + len(explanations)} usable rows, fewer than one "
-                         f"--batch_size {args.batch_size}")
-    if total == 1 and args.warmup_steps > 0:  # the linear warm-up starts at lr 0: nothing would train
-        raise ValueError(f"1 optimizer step with --warmup_steps {args.warmup_steps}: it runs at lr 0 and the adapter "
-                         f"would stay untrained; pass --warmup_steps 0 (or more rows / --num_epochs)")
-    stop = min(total, args.max_steps) if args.max_steps else total
-    # what a checkpoint was made with: the CSVs' content and every setting that changes the weights
-    plan = {**asdict(args), "train_csv": common.file_hash(args.train_csv), "items": len(items),
-            "feedback_csv": common.file_hash(args.feedback_csv) if args.feedback_csv else ""}
-    plan = {k: v for k, v in plan.items() if k not in RUN_ONLY}
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    no_twin = sum(r["syn"] is None for r in triplets) if args.use_syn else 0
-    common.print0(f"{len(triplets)} triplets ({no_twin} without a twin, trained on L_real alone) and {len(explanations)} "
-                  f"explanations; {len(skipped) - no_twin} rows skipped; all listed in skipped.csv. {total} steps of "
-                  f"{args.batch_size} rows = {dist.world_size} processes x {accum} micro-batches x {args.micro_batch_size}")
-
-    # ---- model: the frozen video LLM plus LoRA on its language model ----
-    common.seed_everything(args.seed)  # the same LoRA initialisation on every rank
-    dtype = torch.bfloat16 if cuda and args.bf16 else torch.float32
-    model, processor = common.load_video_llm(args.model, dtype=dtype, device=dist.device)
-    if args.gradient_checkpointing:  # non-reentrant; it also makes the input embeddings require grad
-        model.activation_checkpointing_enable()
-    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                             target_modules=LORA_TARGETS))  # freezes every other weight
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total)
-    start = load_checkpoint(args, plan, model, optimizer, scheduler) if args.resume else 0
-    if dist.master:  # only now, with the model and data loaded, does a fresh run replace an older one here
-        os.makedirs(args.out_dir, exist_ok=True)
-        common.save_json(os.path.join(args.out_dir, "args.json"), asdict(args))
-        common.write_csv(os.path.join(args.out_dir, "skipped.csv"), skipped, ["file", "line", "videopath", "reason"])
-        if not args.resume:
-            shutil.rmtree(os.path.join(args.out_dir, "checkpoints"), ignore_errors=True)
-    if dist.master and os.path.exists(log_path):  # drop log lines of steps a killed run did after `start`
-        lines = [ln for ln in open(log_path, encoding="utf-8") if json.loads(ln)["step"] <= start]
-        with common.atomic_path(log_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(lines)
-    # DDP all-reduces (averages) the LoRA gradients in the backward of the last micro-step.
-    ddp = DistributedDataParallel(model, device_ids=[dist.local_rank] if cuda else None,
-                                  broadcast_buffers=False) if dist.world_size > 1 else None
-    net = ddp or model
-
-    loader = torch.utils.data.DataLoader(
-        items, batch_sampler=[mb for s in range(start, stop) for mb in micro_batches(epochs, s, accum, dist)],
-        collate_fn=functools.partial(load_videos, args=args, cache={} if args.cache_videos else None),
-        num_workers=args.num_workers,
-        worker_init_fn=functools.partial(die_with, os.getpid()))
-    batches = iter(loader)
-    for step in range(start, stop):
-        t0, lr = time.time(), scheduler.get_last_lr()[0]
-        sums = torch.zeros(len(TERMS), device=dist.device)
-        for j in range(accum):
-            batch, paths, frames = next(batches)
-            torch.manual_seed(common.example_seed(args.seed, step, *[(r["kind"], r["line"]) for r in batch]))  # LoRA dropout
-            last = j == accum - 1  # gradients are all-reduced only on the last micro-step
-            with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
-                with torch.autocast("cuda", torch.bfloat16, enabled=cuda and args.bf16):
-                    terms = objective(micro_batch_pairs(net, processor, batch, paths, frames, args), batch, args)
-                if not all(torch.isfinite(v) for v in terms.values()):
-                    raise FloatingPointError(
-                        f"step {step + 1}: non-finite loss {({k: v.item() for k, v in terms.items()})} on "
-                        f"lines {[(r['kind'], r['line']) for r in batch]} of {args.train_csv} / {args.feedback_csv} (videos {paths})")
-                (terms["loss"] / accum).backward()
-            sums += torch.stack([terms[k].detach().float() for k in TERMS])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        # ---- log every term, averaged over the global batch; rank 0 writes ----
-        if ddp is not None:
-            torch.distributed.all_reduce(sums)
-        sums /= accum * dist.world_size
-        if dist.master:
-            line = dict(step=step + 1, **dict(zip(TERMS, sums.tolist())), lr=lr,
-                        grad_norm=grad_norm.item(), rows_per_s=args.batch_size / (time.time() - t0))
-            with open(log_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(line) + "\n")
-            common.print0(" ".join(f"{k} {v:.4g}" for k, v in line.items()))
-            if (step + 1) % args.save_every == 0:
-                save_checkpoint(args, step + 1, plan, model, optimizer, scheduler)
-
-    # ---- the adapter: rank 0 writes it to a temporary folder, then renames it ----
-    if dist.master:
-        final, tmp = os.path.join(args.out_dir, "adapter"), os.path.join(args.out_dir, f"adapter.tmp{os.getpid()}")
-        model.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        common.print0(f"saved {final}")
-    if ddp is not None:
-        torch.distributed.destroy_process_group()
-    return model
+def save_adapter(args, model, dist):
+    """Rank 0: the LoRA adapter (peft save_pretrained) into a temporary folder, then renamed to
+    out_dir/adapter, so that no reader meets half an adapter."""
+    if not dist.master:
+        return
+    final, tmp = os.path.join(args.out_dir, "adapter"), os.path.join(args.out_dir, f"adapter.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # a crash here leaves no adapter, never half of one
+    os.replace(tmp, final)
+    common.print0(f"saved {final}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Shared pieces of SynViTA: the paper's equations, then the plumbing every stage uses.
+"""Shared pieces of SynViTA (Zanella et al., "Can Text-to-Video Generation help Video-Language
+Alignment?", CVPR 2025), in three parts, to be read beside the paper's §3-§5:
 
-Paper: Zanella et al., "Can Text-to-Video Generation help Video-Language Alignment?", CVPR 2025.
-
-Part 1 holds one small pure function per equation (Eqs. 1-7, Table 4, footnote 2), tensors in and
-tensors out, with the formula in the docstring. Part 2 holds the plumbing: torchrun setup, seeds,
-CSV and file helpers, video reading, and the video LLM that computes f(V, t).
+Part 1, the equations: one small pure function per equation (Eqs. 1-7, Table 4, footnote 2),
+        tensors in and tensors out, the formula in its docstring;
+Part 2, f(V, t) on a video LLM: the entailment prompt, loading a model, and Eq. (1)'s forward
+        pass, in which each video's prompt prefix runs once for all of its captions;
+Part 3, plumbing: torchrun, seeds, printing, flags, CSV files, resume, and video files.
 """
 import contextlib
 import csv
@@ -44,6 +45,7 @@ def alignment_score(a):
     return torch.sigmoid(a)
 
 
+# ---- §3 Eq. (2), §4 Eq. (3), §5 Eqs. (5)-(7): the losses -----------------------------------------
 def loss_real(a_pos, a_neg):
     """Eq. (2): L_real = -1/n sum_i [ log f(V_i, t_i+) + log(1 - f(V_i, t_i-)) ].
 
@@ -80,6 +82,11 @@ def loss_scr(a_own, a_shared, a_other, w, margin=0.2):
     return (w * (above + below).sum(dim=1)).mean()
 
 
+def total_loss(l_real, l_syn, l_scr, lambda_scr):
+    """Eq. (7): L = L_real + L_syn^phi + lambda_scr * L_scr^phi."""
+    return l_real + l_syn + lambda_scr * l_scr
+
+
 def answer_token_loss(logits, targets, w, n_tokens):
     """The released code's answer loss (03_train.py --answer_loss vocab), beside Eqs. (1)-(2):
         1/N sum_k w_k * -log softmax(logits_k)[target_k]
@@ -91,11 +98,6 @@ def answer_token_loss(logits, targets, w, n_tokens):
     logits: (K, vocab) at the positions that predict the K tokens; targets: (K,) token ids;
     w: (K,) weights; n_tokens: N."""
     return (w * F.cross_entropy(logits.float(), targets, reduction="none")).sum() / n_tokens
-
-
-def total_loss(l_real, l_syn, l_scr, lambda_scr):
-    """Eq. (7): L = L_real + L_syn^phi + lambda_scr * L_scr^phi."""
-    return l_real + l_syn + lambda_scr * l_scr
 
 
 # ---- §5 Eq. (4) and Table 4: the weight phi of a synthetic video --------------------------------
@@ -115,6 +117,9 @@ WEIGHTINGS = {
 
 
 # ---- §5 footnote 2: t' = LCS(t^r, t^s), applied as attention-level masking ----------------------
+# t' is not fed as new text: it is the pair's own caption with the words outside the longest common
+# subsequence of t^r and t^s hidden by the attention mask, so both videos see the shared words at
+# the positions they have in the real prompt.
 def longest_common_subsequence(a, b):
     """LCS of two sequences by dynamic programming; returns the common items in the order of `a`."""
     return [a[i] for i in lcs_indices(a, b)]
@@ -132,7 +137,8 @@ def lcs_indices(a, b):
     out, i, j = [], 0, 0
     while i < n and j < m:
         if a[i] == b[j]:
-            out.append(i); i += 1; j += 1  # noqa: E702
+            out.append(i)  # a[i] == b[j] is in the LCS: take it, move on in both
+            i, j = i + 1, j + 1
         elif L[i + 1][j] >= L[i][j + 1]:
             i += 1
         else:
@@ -166,10 +172,377 @@ def token_visibility(offsets, hidden_spans):
 
 
 # =================================================================================================
-# Part 2: plumbing
+# Part 2: f(V, t) on a video LLM (§3: the model is asked the entailment question, Eq. 1 reads its answer)
+# =================================================================================================
+DEFAULT_MODEL = "LanguageBind/Video-LLaVA-7B-hf"  # the paper's Video-LLaVA, as transformers ships it
+QUESTION = 'Does this video entail the description: "{caption}"?'  # VideoCon's question
+# Video-LLaVA's hub processor has no chat template: its prompt formats, by name (--prompt). The
+# released code asks it in LLaVA's "llava_v1" conversation, a system sentence and then
+# `USER: <video>\n<question> ASSISTANT:`; transformers' model card drops the system sentence. Every
+# other family (LLaVA-OneVision, LLaVA-NeXT-Video, Qwen-VL, ...) uses its processor's chat template.
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+PROMPT_FORMATS = {
+    "llava_v1": SYSTEM + " USER: <video>\n{question} ASSISTANT:",  # the released code (default)
+    "card": "USER: <video>\n{question} ASSISTANT:",  # the transformers model card
+}
+
+
+# ---- the prompt: where the caption sits, which tokens answer -------------------------------------
+def entailment_prompt(processor, model_type, caption, prompt="llava_v1", question=QUESTION):
+    """The prompt text up to where the answer starts, and where `caption` sits in it (char offset).
+    prompt: a PROMPT_FORMATS name, used by Video-LLaVA; other families use their chat template.
+    question: the question asked about `caption` (a template with one {caption} field)."""
+    asked = question.format(caption=caption)  # e.g. Does this video entail the description: "<t>"?
+    if model_type == "video_llava":  # no chat template on the hub: the released conversation format
+        if prompt not in PROMPT_FORMATS:
+            raise ValueError(f"--prompt {prompt!r}: use one of {sorted(PROMPT_FORMATS)}")
+        text = PROMPT_FORMATS[prompt].format(question=asked)
+    else:  # the family's own chat template, the video first, as its model card asks
+        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": asked}]}]
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    # the caption's character offset: where hidden word spans of t' (footnote 2) are counted from
+    return text, text.rindex(asked) + question.index("{caption}")
+
+
+def answer_ids(tokenizer, prompt, answer):
+    """Token ids of `answer` as it follows `prompt` in one text, found by tokenising prompt + answer,
+    so it holds for any tokenizer ("▁Yes" in LLaMA, "Yes" in Qwen). "USER: ... ASSISTANT:" is
+    answered " Yes"; a chat template ending in a newline, "Yes"."""
+    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    # "ASSISTANT:" is followed by a space, a template's final newline by nothing
+    full = tokenizer(prompt + ("" if prompt[-1].isspace() else " ") + answer, add_special_tokens=False)["input_ids"]
+    if full[: len(base)] != base or len(full) == len(base):  # the answer must start a token of its own
+        raise ValueError(f"the tokenizer merges the prompt's end {prompt[-20:]!r} with the answer {answer[:20]!r}")
+    return full[len(base):]
+
+
+def answer_token_ids(tokenizer, prompt):
+    """Ids of the first token of the answers "Yes" and "No" as they follow `prompt`."""
+    ids = [answer_ids(tokenizer, prompt, answer)[0] for answer in ("Yes", "No")]
+    if ids[0] == ids[1]:
+        raise ValueError(f"'Yes' and 'No' start with the same token {ids[0]} after {prompt[-20:]!r}")
+    return ids
+
+
+def prompt_tokens(processor, model_type, caption, hidden=None, prompt="llava_v1", question=QUESTION):
+    """One prompt's text, its token ids (the video placeholder not expanded), each token's character
+    span, and whether it is visible: False where it overlaps a hidden word span of the caption
+    (hidden: [(start, end)] into `caption`, t' of footnote 2)."""
+    text, start = entailment_prompt(processor, model_type, caption, prompt, question)
+    enc = processor.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)  # with BOS
+    spans = [(s + start, e + start) for s, e in hidden or []]  # caption offsets -> prompt offsets
+    return text, enc["input_ids"], enc["offset_mapping"], token_visibility(enc["offset_mapping"], spans)
+
+
+# ---- the model: loaded by hub id or folder, an optional LoRA adapter on it ------------------------
+def must_exist(name_or_path, flag):
+    """Stop with a clear message when a model argument names a folder that does not exist (hub ids
+    are 'org/name': an absolute path, ./, ../, ~ or a second '/' marks a folder)."""
+    looks_local = name_or_path.startswith((os.sep, ".", "~")) or name_or_path.count("/") > 1
+    if not os.path.exists(name_or_path) and looks_local:
+        raise FileNotFoundError(f"{flag} {name_or_path}: no such folder (a hub id has the form org/name)")
+
+
+def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
+    """A transformers video LLM and its processor, from a hub id or a local directory, with
+    shared_prefix_attention (plain sdpa wherever answer_states does not ask for it).
+    dtype defaults to bfloat16 on GPU and float32 on CPU."""
+    from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForImageTextToText, AutoProcessor
+    from transformers.masking_utils import sdpa_mask
+    AttentionInterface.register("sdpa_shared_prefix", shared_prefix_attention)
+    AttentionMaskInterface.register("sdpa_shared_prefix", sdpa_mask)  # 2-D masks become sdpa's masks
+    must_exist(name_or_path, "--model")  # a mistyped folder fails here, not as a hub lookup
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)  # bf16 as in §6
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype,
+                                                        attn_implementation="sdpa_shared_prefix")
+    return model.to(device).eval(), processor
+
+
+def load_adapter(model, path, base=""):
+    """A LoRA adapter (03_train.py's <out_dir>/adapter) on `model` with peft, checked: every LoRA
+    tensor of the file must land on a LoRA weight of the model and every LoRA weight must come from
+    the file, else an error names the adapter and the base (peft itself only warns, and an adapter of
+    another base model then scores as the bare base)."""
+    from peft import PeftModel
+    from peft.utils import load_peft_weights
+    model = PeftModel.from_pretrained(model, path).eval()
+    saved = load_peft_weights(path, device="cpu")  # the file's tensors, by their saved names
+    # the loaded model's LoRA tensors under the same names (peft inserts the adapter's name, "default")
+    ours = {re.sub(r"\.default(?=\.)", "", k, count=1): v for k, v in model.state_dict().items() if "lora_" in k}
+    bad = sorted(set(saved) ^ set(ours)) or [k for k in saved if not torch.equal(saved[k], ours[k].cpu())]
+    if bad:
+        raise ValueError(f"--adapter {path}: {len(bad)} LoRA tensor(s) do not fit the base model {base} (e.g. "
+                         f"{bad[0]}); was it trained on another one?")
+    return model
+
+
+def unwrap(model):
+    """The transformers model inside a (possibly PEFT- or DDP-wrapped) model."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ---- Eq. (1) on a batch of pairs: each video's prompt prefix runs once ----------------------------
+# Every prompt of a video starts with the same tokens, up to and including the video and the text
+# after it that all the prompts share (the prefix: ~2,104 of Video-LLaVA-7B's ~2,127 tokens); only
+# the suffix (the caption, the answer cue, teacher-forced answer tokens) differs per pair. So a row of
+# the batch holds one video's prefix, then its pairs' suffixes one after another, and a 4-D attention
+# mask lets each suffix token see the prefix and its own suffix only. Each pair's state is then the
+# one its whole prompt would get alone (tests/test_scoring.py checks it), at a fraction of the cost.
+def yes_no_logits(model, processor, videos, captions, video_index=None, hidden=None, features=None,
+                  prompt="llava_v1", per_row=0):
+    """The (logit_Yes, logit_No) pair of Eq. (1) for each (video, caption) pair, where the answer starts;
+    alignment_logit turns them into a, alignment_score into f(V, t).
+
+    videos:      list of uint8 frame arrays (T, H, W, 3), each encoded once and its prompt prefix run once;
+    captions:    list of n captions;
+    video_index: caption i is scored on videos[video_index[i]] (default: pair i with video i);
+    hidden:      optional per-caption character spans hidden by the attention mask (t', Eq. 6);
+    features:    optional precomputed encode_videos(...) output (LLaVA families; then `videos` is not used);
+    prompt:      a PROMPT_FORMATS name (Video-LLaVA; other families use their chat template);
+    per_row:     the most captions on one copy of a video's prefix (0: all; see answer_states).
+    Returns a float32 tensor (n, 2) (see answer_logits); gradients flow outside torch.no_grad()."""
+    hf = unwrap(model)
+    states, _ = answer_states(model, processor, videos, captions, video_index, hidden, features, prompt,
+                              per_row=per_row)
+    # the ids of "Yes" and "No" as the answer's first token after this prompt (every pair's is the same)
+    text, _ = entailment_prompt(processor, hf.config.model_type, captions[0], prompt)
+    return answer_logits(model, torch.stack([s[0] for s in states]), answer_token_ids(processor.tokenizer, text))
+
+
+def answer_logits(model, states, token_ids):
+    """The LM head's rows `token_ids` applied in float32 to final hidden states (k, hidden): (k, len).
+    NOTE: not read from the bf16 logits: a bf16 logit near 20 is rounded to a multiple of 1/8, which
+    would put Eq. (1)'s scores on a coarse grid (ties in retrieval rankings, steps in the losses)."""
+    head = unwrap(model).lm_head
+    # only the rows of the answer tokens: (len, hidden) instead of the whole vocabulary
+    bias = None if head.bias is None else head.bias[token_ids].float()
+    with torch.autocast(states.device.type, enabled=False):  # autocast would run it in bf16
+        return F.linear(states.float(), head.weight[token_ids].float(), bias)
+
+
+def answer_states(model, processor, videos, captions, video_index=None, hidden=None, features=None,
+                  prompt="llava_v1", questions=None, answers=None, per_row=0):
+    """Eq. (1)'s forward pass: the LM's final hidden states and logits where it predicts each
+    (video, caption) pair's answer, from ONE forward in which each video's prompt prefix runs once
+    (the layout above). Gradients (outside no_grad) flow through the suffixes and the prefix, with
+    activation checkpointing as usual.
+
+    videos, captions, video_index, hidden, features, prompt: as yes_no_logits;
+    questions: optional per-pair question templates with one {caption} field (default QUESTION);
+    answers:   optional per-pair lists of answer token ids, fed after the prompt (teacher forcing);
+    per_row:   the most pairs on one row (0: all pairs of a video; each more row repeats the prefix).
+    Returns (states, logits), each a tuple of n tensors with k_i = max(1, len(answers[i])) rows: row j
+    is where the model predicts answer token j (row 0: the prompt's last token). states[i]: (k_i,
+    hidden) in the model's dtype; logits[i]: (k_i, vocab), the LM head's output upcast to float32."""
+    n, hf = len(captions), unwrap(model)
+    video_index = list(range(n)) if video_index is None else list(video_index)
+    # the prompts, cut after the video: one shared head (up to the video), a suffix per pair
+    head, head_text, tails, shown, lengths = prompt_suffixes(processor, hf, captions, hidden, prompt, questions,
+                                                             answers)
+    prefix, positions, starts, encoded = video_prefixes(model, processor, videos, head, head_text, features)
+    prefix, positions, starts, tails, shown = share_common_text(prefix, positions, starts, tails, shown, lengths)
+    # the batch: a row per (video, up to per_row of its pairs), the prefix first, then the suffixes
+    groups, ids, pos, block, first, visible, keep, order = pack_rows(
+        prefix, positions, starts, tails, shown, video_index, answers, per_row, processor.tokenizer.pad_token_id or 0)
+    mask, windows = suffix_masks(hf, block, first, visible, P=max(len(prefix[v]) for v, _ in groups))
+    rows = [v for v, _ in groups]  # the video of each row
+
+    def per_row_video(x):  # the vision features of each row's video, in row order
+        return x[rows] if torch.is_tensor(x) else tuple(x[v] for v in rows)
+    video = type(encoded)(pooler_output=per_row_video(encoded.pooler_output))
+    if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL adds vision features in early layers
+        video.deepstack_features = [per_row_video(layer) for layer in encoded.deepstack_features]
+    # ---- one forward; the LM head's input at the kept positions is the answer states ----
+    grabbed = []  # a forward pre-hook on lm_head sees its input: the final hidden states it is applied to
+    hook = hf.lm_head.register_forward_pre_hook(lambda module, args: grabbed.append(args[0]))
+    try:
+        out = model(input_ids=ids.to(hf.device), attention_mask=mask.to(hf.device),
+                    position_ids=pos.squeeze(0).to(hf.device), mm_encoder_outputs={"video": video},
+                    logits_to_keep=keep.to(hf.device), suffix_windows=windows)
+    finally:
+        hook.remove()
+    # the kept positions come out in row-major order (`order`); give them back in the pairs' order
+    sizes = [max(1, len(answers[i])) if answers else 1 for i in order]
+    states, logits = dict(zip(order, grabbed[0].split(sizes))), dict(zip(order, out.logits.float().split(sizes)))
+    return tuple(states[i] for i in range(n)), tuple(logits[i] for i in range(n))
+
+
+def prompt_suffixes(processor, hf, captions, hidden, prompt, questions, answers):
+    """Each pair's prompt cut after its video placeholder: the head (token ids up to and including
+    the placeholder, the same for every pair, and its text) and per pair the suffix's token ids, their
+    visibility (False: a word of the caption hidden for t'), and the prompt's own length after the
+    video. Teacher-forced answer tokens join the suffix, all but the last (predicted, never read)."""
+    video_id = hf.config.video_token_id
+    heads, tails, shown, lengths = {}, [], [], []
+    for i, caption in enumerate(captions):
+        text, ids, offsets, visible = prompt_tokens(processor, hf.config.model_type, caption,
+                                                    hidden[i] if hidden else None, prompt,
+                                                    questions[i] if questions else QUESTION)
+        cut = len(ids) - ids[::-1].index(video_id) if video_id in ids else 0  # just after the last placeholder
+        heads[tuple(ids[:cut])] = text[:offsets[cut - 1][1]] if all(visible[:cut]) else None
+        fed = list(answers[i][:-1]) if answers else []  # the last answer token is predicted, never read
+        tails.append(ids[cut:] + fed)
+        shown.append(visible[cut:] + [True] * len(fed))  # answer tokens are always visible
+        lengths.append(len(ids) - cut)  # the prompt's own tokens after the video
+    if len(heads) != 1 or None in heads.values() or next(iter(heads)).count(video_id) != 1:
+        raise ValueError(f"the prompts must share one prefix with one video placeholder (id {video_id}), "
+                         "the caption after it")
+    (head, head_text), = heads.items()
+    return list(head), head_text, tails, shown, lengths
+
+
+def share_common_text(prefix, positions, starts, tails, shown, lengths):
+    """Move the text after the video that every prompt shares (e.g. `\\nDoes this video entail the
+    description: "`) from the suffixes into each video's prefix: run once per video, not once per
+    pair. Each suffix keeps at least its prompt's last token (where the answer is predicted); text
+    positions go on one by one (in all d position dimensions)."""
+    common_text = 0  # how many leading suffix tokens every pair shares (visible in all of them)
+    while (common_text < min(lengths) - 1 and all(s[common_text] for s in shown)
+           and len({t[common_text] for t in tails}) == 1):
+        common_text += 1
+    shared = tails[0][:common_text]
+    tails, shown = [t[common_text:] for t in tails], [s[common_text:] for s in shown]
+    more = [torch.arange(s, s + common_text).expand(len(p), common_text) for s, p in zip(starts, positions)]
+    prefix = [torch.cat([p, torch.tensor(shared, dtype=p.dtype)]) for p in prefix]
+    positions = [torch.cat([p, x], dim=1) for p, x in zip(positions, more)]  # (d, P_v + common_text)
+    return prefix, positions, [s + common_text for s in starts], tails, shown
+
+
+def pack_rows(prefix, positions, starts, tails, shown, video_index, answers, per_row, pad):
+    """The batch's rows: [one video's prefix, padded to the longest prefix P | its pairs' suffixes,
+    one after another, padded to the widest row W]. Returns the groups (video, its pairs on the row),
+    and (R, W) tensors: token ids; positions (d, R, W); block (the pair a suffix token belongs to, -1
+    for prefix and padding); first (the column where that suffix starts); visible (the keys a suffix
+    token may see: the real prefix and its suffix's visible tokens); keep (where the LM head runs);
+    and order (the pairs, in the row-major order of the kept positions)."""
+    n = len(tails)
+    groups = []  # (video, the pairs on this row): a video's pairs, per_row at a time
+    for v in sorted(set(video_index)):
+        idx = [i for i in range(n) if video_index[i] == v]
+        groups += [(v, idx[j:j + (per_row or n)]) for j in range(0, len(idx), per_row or n)]
+    R, P = len(groups), max(len(prefix[v]) for v, _ in groups)
+    W = P + max(sum(len(tails[i]) for i in idx) for _, idx in groups)
+    ids, pos = torch.full((R, W), pad), torch.zeros(len(positions[0]), R, W, dtype=torch.long)
+    block, first = torch.full((R, W), -1), torch.arange(W).repeat(R, 1)
+    visible, keep, order = torch.zeros(R, W, dtype=torch.bool), torch.zeros(R, W, dtype=torch.bool), []
+    for r, (v, idx) in enumerate(groups):
+        p, at = len(prefix[v]), P  # suffixes start at column P on every row
+        ids[r, :p], pos[:, r, :p], visible[r, :p] = prefix[v], positions[v], True
+        for i in idx:
+            m, k = len(tails[i]), max(1, len(answers[i])) if answers else 1  # suffix length, kept positions
+            ids[r, at:at + m], visible[r, at:at + m] = torch.tensor(tails[i]), torch.tensor(shown[i])
+            block[r, at:at + m], first[r, at:at + m] = i, at
+            # a suffix's positions go on from its video's prefix, as if its prompt ran alone
+            pos[:, r, at:at + m], keep[r, at + m - k:at + m] = starts[v] + torch.arange(m), True
+            order.append(i)
+            at += m
+    return groups, ids, pos, block, first, visible, keep, order
+
+
+def suffix_masks(hf, block, first, visible, P):
+    """The suffix queries' additive masks, built once (sdpa would convert a bool mask in every
+    layer): a suffix token sees the real prefix and the visible tokens of its own suffix, causally.
+    With shared_prefix_attention (the default): windows of SUFFIX_WINDOW queries, each with its own
+    (R, 1, b - a, P + b - lo) mask, and an empty attention_mask; with sdpa or eager attention: the
+    whole square (R, 1, W, W). Returns (attention_mask, windows)."""
+    R, W = block.shape
+    zero, low = torch.tensor([0, torch.finfo(hf.dtype).min], dtype=hf.dtype)  # additive: 0 = seen, min = not
+    S = W - P  # suffix columns
+    # (R, S, S): same pair, causal, and the key visible (t' hides words of the caption)
+    own = (block[:, P:, None] == block[:, None, P:]) & torch.ones(S, S, dtype=torch.bool).tril() & visible[:, None, P:]
+    seen = torch.where(visible[:, None, :P], zero, low)  # (R, 1, P): the prefix's real tokens
+    windows = []
+    if hf.config.get_text_config()._attn_implementation == "sdpa_shared_prefix":
+        # shared_prefix_attention runs the prefix causally, unmasked, and each window of suffix queries
+        # [a, b) against the prefix and columns [lo, b) under its own mask; attention_mask is not read
+        for a in range(P, W, SUFFIX_WINDOW):
+            b, lo = min(a + SUFFIX_WINDOW, W), int(first[:, a].min())
+            part = torch.where(own[:, a - P:b - P, lo - P:b - P], zero, low)
+            windows.append((a, b, lo, torch.cat([seen.expand(R, b - a, P), part], dim=2)[:, None].to(hf.device)))
+        return torch.zeros(R, 1, 0, W, dtype=hf.dtype), windows
+    # sdpa, eager: the whole square, causal over the prefix, then the suffix rows
+    suffix_rows = torch.cat([seen.expand(R, S, P), torch.where(own, zero, low)], dim=2)
+    mask = torch.cat([torch.where(torch.ones(P, W, dtype=torch.bool).tril(), zero, low).expand(R, P, W),
+                      suffix_rows], dim=1)[:, None]
+    return mask, windows
+
+
+def encode_videos(model, processor, videos):
+    """Vision-encode each video once -> (num_videos, L, hidden): the L embeddings that replace the
+    video placeholder in the prompt. videos: list of uint8 arrays (T, H, W, 3)."""
+    hf = unwrap(model)
+    # the processor resizes and normalises the frames: (num_videos, T, 3, H', W')
+    pixels = processor.video_processor(videos=list(videos), return_tensors="pt")["pixel_values_videos"]
+    pixels = pixels.to(hf.device, hf.dtype)
+    features = hf.model.get_video_features(pixel_values_videos=pixels).pooler_output  # projected into the LM
+    return features.reshape(len(videos), -1, features.shape[-1])
+
+
+def video_prefixes(model, processor, videos, head, head_text, features=None):
+    """Each video's prompt prefix (`head`: the prompt's token ids up to its video placeholder, whose
+    text is head_text), the placeholder expanded. Per video: token ids (P_v,) and positions (d, P_v)
+    (d = 3: Qwen-VL's 3-D rotary positions, from its own get_rope_index; else d = 1), and the position
+    where the text after the video goes on; then the vision encoder's output (frozen: no_grad)."""
+    hf = unwrap(model)
+    if not hasattr(hf.model, "get_rope_index"):  # LLaVA families: L tokens per video, 1-D positions
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        if features is None:
+            with torch.no_grad():
+                features = encode_videos(model, processor, videos)
+        ids = torch.tensor(head)
+        # the placeholder becomes L video tokens (Video-LLaVA-7B: 8 frames x 257 = 2,056)
+        ids = ids.repeat_interleave(torch.where(ids == hf.config.video_token_id, features.shape[1], 1))
+        n = len(features)
+        encoded = BaseModelOutputWithPooling(pooler_output=features)
+        # every video's prefix has the same ids and positions 0..P-1; the text goes on at P
+        return [ids] * n, [torch.arange(len(ids))[None]] * n, [len(ids)] * n, encoded
+    # Qwen-VL: the processor expands the placeholder (a size-dependent count; Qwen3-VL adds timestamps);
+    # get_rope_index of the prefix plus one text token gives its positions and where the text goes on
+    with torch.no_grad():
+        enc = [processor(text=head_text, videos=[v], return_tensors="pt") for v in videos]
+        pixels, grids = (torch.cat([e[k] for e in enc]).to(hf.device) for k in ("pixel_values_videos",
+                                                                                "video_grid_thw"))
+        encoded = hf.model.get_video_features(pixels.to(hf.dtype), grids, return_dict=True)
+    ids, positions, starts = [], [], []
+    for e in enc:  # one video at a time: its own placeholder count and 3-D positions
+        extra = {k: e[k] for k in ("video_grid_thw", "second_per_grid_ts") if k in e}
+        pos, _ = hf.model.get_rope_index(F.pad(e["input_ids"], (0, 1)), F.pad(e["mm_token_type_ids"], (0, 1)), **extra)
+        ids.append(e["input_ids"][0])
+        positions.append(pos[:, 0, :-1])  # (3, P_v): the prefix's own positions
+        starts.append(int(pos[0, 0, -1]))  # the position of the first text token after the prefix
+    return ids, positions, starts, encoded
+
+
+SUFFIX_WINDOW = 256  # suffix queries per attention call in shared_prefix_attention
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, suffix_windows=(), **kwargs):
+    """sdpa, except on answer_states' rows [prefix | suffixes] (suffix_windows given): there the prefix
+    (columns < P) attends causally to itself through sdpa's causal kernel, unmasked, and the suffix
+    queries go in windows of columns [a, b), each to the prefix and to columns [lo, b) (lo: where the
+    window's first suffix starts) under the window's own mask (rows, 1, b - a, P + b - lo), built once
+    by answer_states (attention_mask is then not read). The same numbers as sdpa with the whole
+    square mask, at a fraction of the cost: sdpa computes masked-out scores too."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward as sdpa
+    if not suffix_windows:
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+    P = suffix_windows[0][0]  # the first window starts where the prefix ends
+    # the prefix: plain causal attention over itself (no mask tensor: sdpa's fast causal kernel)
+    out = [sdpa(module, query[:, :, :P], key[:, :, :P], value[:, :, :P], None, is_causal=True, **kwargs)[0]]
+    for a, b, lo, mask in suffix_windows:
+        k, v = (torch.cat([x[:, :, :P], x[:, :, lo:b]], dim=2) for x in (key, value))  # (batch, heads, keys, dim)
+        out.append(sdpa(module, query[:, :, a:b], k, v, mask, **kwargs)[0])
+    return torch.cat(out, dim=1), None  # (batch, length, heads, head_dim)
+
+
+# =================================================================================================
+# Part 3: plumbing (a first reader may skip it): torchrun, seeds, printing, flags, files, videos
 # =================================================================================================
 
-# ---- torchrun, seeds, printing ------------------------------------------------------------------
+# ---- torchrun, seeds, printing, flags -----------------------------------------------------------
 @dataclass
 class Dist:
     rank: int = 0
@@ -183,17 +556,18 @@ def setup_distributed():
     """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; nccl on GPU, gloo on CPU. Plain `python`
     (no RANK) gives a single process and no process group."""
     cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ:  # plain `python`: one process, no process group
         return Dist(device="cuda" if cuda else "cpu")
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank)  # one GPU per process, by its rank on this node
     # NOTE: these torch modules take the WORLD group as a default argument when first imported
     # (transformers imports them). Imported after init_process_group, they keep the group alive past
     # destroy_process_group, and its gloo threads ran on into interpreter exit, where a rank could abort
     # ("terminate called without an active exception"). Imported before, those defaults are None.
     import importlib
-    for name in ("torch.distributed.fsdp.sharded_grad_scaler", "torch.distributed.nn.functional", "torch.distributed.optim"):
+    for name in ("torch.distributed.fsdp.sharded_grad_scaler", "torch.distributed.nn.functional",
+                 "torch.distributed.optim"):
         importlib.import_module(name)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
@@ -209,7 +583,9 @@ def print0(*args, **kwargs):
 def seed_everything(seed):
     """Seed python, numpy and torch (all devices)."""
     import random
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)  # noqa: E702
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # the CPU's and every GPU's generator
 
 
 def example_seed(*key, base=0):
@@ -250,7 +626,12 @@ def wait_for_files(paths, every=2.0):
 def parse_args(cls, argv=None):
     """Command-line flags from an `Args` dataclass: one `--field` per field, its type from the
     annotation, its --help from the docstring written under the field (as in CleanRL)."""
-    import argparse, ast, dataclasses, inspect, textwrap  # noqa: E401
+    import argparse
+    import ast
+    import dataclasses
+    import inspect
+    import textwrap
+    # the string under each field of the dataclass is its --help (the AST sees it; Python drops it)
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
@@ -260,16 +641,16 @@ def parse_args(cls, argv=None):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = f.type if isinstance(f.type, type) else type(default) if default is not None else str
         kw = dict(default=default, help=f"{docs.get(f.name, '')} (default: {default})")
-        if kind is bool:
+        if kind is bool:  # --flag / --no-flag
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(default, (list, tuple)):
+        elif isinstance(default, (list, tuple)):  # --flag a b c
             parser.add_argument(f"--{f.name}", nargs="*", type=type(default[0]) if default else str, **kw)
         else:
             parser.add_argument(f"--{f.name}", type=kind, **kw)
     return cls(**vars(parser.parse_args(argv)))
 
 
-# ---- files: CSV in, atomic writes out -----------------------------------------------------------
+# ---- files: CSV in, atomic writes out, settings-checked resume ----------------------------------
 class Rows(list):
     """read_csv's rows (dicts), with `lines` (each row's physical line in the file; the header is
     line 1) and `skipped` ({problem: [lines]}, the rows left out)."""
@@ -292,9 +673,9 @@ def read_csv(path, required=(), texts=()):
     try:
         text = data.decode("utf-8-sig")  # a BOM (a spreadsheet's export) is not part of the header
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
+        line = data[:e.start].count(b"\n") + 1  # the physical line of the first bad byte
         raise ValueError(f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8; save the file as UTF-8") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""))  # newline="": quoted captions may span lines
     header = next(reader, None)
     missing = [c for c in required if c not in (header or [])]
     if missing:
@@ -305,14 +686,15 @@ def read_csv(path, required=(), texts=()):
     for fields in reader:
         line, start = start, reader.line_num + 1
         if not fields:
-            continue
+            continue  # a blank line
+        # the first problem of a row decides how it is counted
         if len(fields) != len(header):
             kind = f"not {len(header)} fields as in the header"
         elif empty := [c for c in texts if not fields[header.index(c)].strip()]:
             kind = "empty " + " and ".join(empty)
         elif tuple(fields) in seen:
             kind = "exact duplicate of an earlier row"
-        else:
+        else:  # a good row
             seen[tuple(fields)] = line
             rows.append(dict(zip(header, fields)))
             rows.lines.append(line)
@@ -362,7 +744,7 @@ def file_hash(path):
     """sha256 of a file's bytes (the content of an input, for a settings-checked resume)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
+        for block in iter(lambda: fh.read(1 << 20), b""):  # 1 MiB at a time: CSVs of any size
             digest.update(block)
     return digest.hexdigest()
 
@@ -380,18 +762,18 @@ def check_resume(path, record, dist=None):
     setting that differs, before it deletes or reuses anything."""
     import json
     record = json.loads(json.dumps(record, default=str))  # as it reads back (tuples -> lists, ...)
-    if os.path.exists(path):
+    if os.path.exists(path):  # a rerun: its settings must be the first run's
         with open(path, encoding="utf-8") as fh:
             old = json.load(fh)
         if differ := settings_diff(old, record):
             raise ValueError(f"{path}: the work here was made with other settings ({differ}); "
                              f"rerun with the same settings to resume, or pass another output folder "
                              f"(or delete this one) to start again")
-    elif dist is None or dist.master:
+    elif dist is None or dist.master:  # the first run records what its work is made of
         save_json(path, record)
 
 
-# ---- videos -------------------------------------------------------------------------------------
+# ---- videos: decord reads, x264 writes (byte-stable) --------------------------------------------
 def frame_indices(num_total, num_frames, sampling="uniform"):
     """Which frames to keep. "uniform": np.linspace over the clip, truncated to integers, as the
     released Video-LLaVA code and the transformers model card do; "middle": the middle frame of each
@@ -413,8 +795,8 @@ def read_video(path, num_frames=8, sampling="uniform"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: video file not found")
     try:
-        vr = decord.VideoReader(path, num_threads=1)
-        n = len(vr)
+        vr = decord.VideoReader(path, num_threads=1)  # one thread: the stages parallelise over videos
+        n = len(vr)  # frames in the file
         if n == 0:
             raise ValueError("no frames")
         return vr.get_batch(list(frame_indices(n, num_frames, sampling))).asnumpy()
@@ -464,322 +846,15 @@ def write_video(path, frames, fps=8):
     """Write uint8 frames (T, H, W, 3) as H.264 mp4 (x264 at its default CRF 23), atomically; the
     same frames give the same file, byte for byte. Odd sizes are cropped to even."""
     import av
+    # yuv420p halves the chroma in both directions: H.264 in this format needs even sizes
     frames = np.asarray(frames)[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # a killed run leaves a *.tmp<pid>.mp4, never a truncated final file
         with av.open(tmp, "w") as container:
             stream = container.add_stream("libx264", rate=fps, options={"x264-params": X264_PARAMS})
             stream.thread_count, stream.thread_type = 1, "NONE"  # no FFmpeg-side threads either
             stream.height, stream.width = frames.shape[1:3]
             stream.pix_fmt = "yuv420p"
             tag_bt601(stream.codec_context)  # say which colours rgb_to_yuv420 wrote
-            for planes in rgb_to_yuv420(frames):
+            for planes in rgb_to_yuv420(frames):  # already yuv420p: PyAV hands them to x264 as they are
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(planes, format="yuv420p")))
             container.mux(stream.encode())  # flush
-
-
-# ---- the video LLM that computes f(V, t) --------------------------------------------------------
-DEFAULT_MODEL = "LanguageBind/Video-LLaVA-7B-hf"
-QUESTION = 'Does this video entail the description: "{caption}"?'  # VideoCon's question
-# Video-LLaVA's hub processor has no chat template: its prompt formats, by name (--prompt). The
-# released code asks it in LLaVA's "llava_v1" conversation, a system sentence and then
-# `USER: <video>\n<question> ASSISTANT:`; transformers' model card drops the system sentence. Every
-# other family (LLaVA-OneVision, LLaVA-NeXT-Video, Qwen-VL, ...) uses its processor's chat template.
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-PROMPT_FORMATS = {
-    "llava_v1": SYSTEM + " USER: <video>\n{question} ASSISTANT:",  # the released code (default)
-    "card": "USER: <video>\n{question} ASSISTANT:",  # the transformers model card
-}
-
-
-SUFFIX_WINDOW = 256  # suffix queries per attention call in shared_prefix_attention
-
-
-def shared_prefix_attention(module, query, key, value, attention_mask, suffix_windows=(), **kwargs):
-    """sdpa, except on answer_states' rows [prefix | suffixes] (suffix_windows given): there the prefix
-    (columns < P) attends causally to itself through sdpa's causal kernel, unmasked, and the suffix
-    queries go in windows of columns [a, b), each to the prefix and to columns [lo, b) (lo: where the
-    window's first suffix starts) under the window's own mask (rows, 1, b - a, P + b - lo), built once
-    by answer_states (attention_mask is then not read). The same numbers as sdpa with the whole
-    square mask, at a fraction of the cost: sdpa computes masked-out scores too."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward as sdpa
-    if not suffix_windows:
-        return sdpa(module, query, key, value, attention_mask, **kwargs)
-    P = suffix_windows[0][0]
-    out = [sdpa(module, query[:, :, :P], key[:, :, :P], value[:, :, :P], None, is_causal=True, **kwargs)[0]]
-    for a, b, lo, mask in suffix_windows:
-        k, v = (torch.cat([x[:, :, :P], x[:, :, lo:b]], dim=2) for x in (key, value))  # (batch, heads, keys, dim)
-        out.append(sdpa(module, query[:, :, a:b], k, v, mask, **kwargs)[0])
-    return torch.cat(out, dim=1), None  # (batch, length, heads, head_dim)
-
-
-def must_exist(name_or_path, flag):
-    """Stop with a clear message when a model argument names a folder that does not exist (hub ids
-    are 'org/name': an absolute path, ./, ../, ~ or a second '/' marks a folder)."""
-    if not os.path.exists(name_or_path) and (name_or_path.startswith((os.sep, ".", "~")) or name_or_path.count("/") > 1):
-        raise FileNotFoundError(f"{flag} {name_or_path}: no such folder (a hub id has the form org/name)")
-
-
-def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
-    """A transformers video LLM and its processor, from a hub id or a local directory, with
-    shared_prefix_attention (plain sdpa wherever answer_states does not ask for it).
-    dtype defaults to bfloat16 on GPU and float32 on CPU."""
-    from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForImageTextToText, AutoProcessor
-    from transformers.masking_utils import sdpa_mask
-    AttentionInterface.register("sdpa_shared_prefix", shared_prefix_attention)
-    AttentionMaskInterface.register("sdpa_shared_prefix", sdpa_mask)  # 2-D masks become sdpa's masks
-    must_exist(name_or_path, "--model")
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    processor = AutoProcessor.from_pretrained(name_or_path)
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype,
-                                                        attn_implementation="sdpa_shared_prefix")
-    return model.to(device).eval(), processor
-
-
-def load_adapter(model, path, base=""):
-    """A LoRA adapter (03_train.py's <out_dir>/adapter) on `model` with peft, checked: every LoRA
-    tensor of the file must land on a LoRA weight of the model and every LoRA weight must come from
-    the file, else an error names the adapter and the base (peft itself only warns, and an adapter of
-    another base model then scores as the bare base)."""
-    from peft import PeftModel
-    from peft.utils import load_peft_weights
-    model = PeftModel.from_pretrained(model, path).eval()
-    saved = load_peft_weights(path, device="cpu")
-    ours = {re.sub(r"\.default(?=\.)", "", k, count=1): v for k, v in model.state_dict().items() if "lora_" in k}
-    bad = sorted(set(saved) ^ set(ours)) or [k for k in saved if not torch.equal(saved[k], ours[k].cpu())]
-    if bad:
-        raise ValueError(f"--adapter {path}: {len(bad)} LoRA tensor(s) do not fit the base model {base} (e.g. "
-                         f"{bad[0]}); was it trained on another one?")
-    return model
-
-
-def entailment_prompt(processor, model_type, caption, prompt="llava_v1", question=QUESTION):
-    """The prompt text up to where the answer starts, and where `caption` sits in it (char offset).
-    prompt: a PROMPT_FORMATS name, used by Video-LLaVA; other families use their chat template.
-    question: the question asked about `caption` (a template with one {caption} field)."""
-    asked = question.format(caption=caption)
-    if model_type == "video_llava":
-        if prompt not in PROMPT_FORMATS:
-            raise ValueError(f"--prompt {prompt!r}: use one of {sorted(PROMPT_FORMATS)}")
-        text = PROMPT_FORMATS[prompt].format(question=asked)
-    else:
-        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": asked}]}]
-        text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    return text, text.rindex(asked) + question.index("{caption}")
-
-
-def answer_ids(tokenizer, prompt, answer):
-    """Token ids of `answer` as it follows `prompt` in one text, found by tokenising prompt + answer,
-    so it holds for any tokenizer ("▁Yes" in LLaMA, "Yes" in Qwen). "USER: ... ASSISTANT:" is
-    answered " Yes"; a chat template ending in a newline, "Yes"."""
-    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full = tokenizer(prompt + ("" if prompt[-1].isspace() else " ") + answer, add_special_tokens=False)["input_ids"]
-    if full[: len(base)] != base or len(full) == len(base):
-        raise ValueError(f"the tokenizer merges the prompt's end {prompt[-20:]!r} with the answer {answer[:20]!r}")
-    return full[len(base):]
-
-
-def answer_token_ids(tokenizer, prompt):
-    """Ids of the first token of the answers "Yes" and "No" as they follow `prompt`."""
-    ids = [answer_ids(tokenizer, prompt, answer)[0] for answer in ("Yes", "No")]
-    if ids[0] == ids[1]:
-        raise ValueError(f"'Yes' and 'No' start with the same token {ids[0]} after {prompt[-20:]!r}")
-    return ids
-
-
-def unwrap(model):
-    """The transformers model inside a (possibly PEFT- or DDP-wrapped) model."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def encode_videos(model, processor, videos):
-    """Vision-encode each video once -> (num_videos, L, hidden): the L embeddings that replace the
-    video placeholder in the prompt. videos: list of uint8 arrays (T, H, W, 3)."""
-    hf = unwrap(model)
-    pixels = processor.video_processor(videos=list(videos), return_tensors="pt")["pixel_values_videos"]
-    pixels = pixels.to(hf.device, hf.dtype)
-    features = hf.model.get_video_features(pixel_values_videos=pixels).pooler_output
-    return features.reshape(len(videos), -1, features.shape[-1])
-
-
-def prompt_tokens(processor, model_type, caption, hidden=None, prompt="llava_v1", question=QUESTION):
-    """One prompt's text, its token ids (the video placeholder not expanded), each token's character
-    span, and whether it is visible: False where it overlaps a hidden word span of the caption
-    (hidden: [(start, end)] into `caption`, t' of footnote 2)."""
-    text, start = entailment_prompt(processor, model_type, caption, prompt, question)
-    enc = processor.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    spans = [(s + start, e + start) for s, e in hidden or []]
-    return text, enc["input_ids"], enc["offset_mapping"], token_visibility(enc["offset_mapping"], spans)
-
-
-def video_prefixes(model, processor, videos, head, head_text, features=None):
-    """Each video's prompt prefix (`head`: the prompt's token ids up to its video placeholder, whose
-    text is head_text), the placeholder expanded. Per video: token ids (P_v,) and positions (d, P_v)
-    (d = 3: Qwen-VL's 3-D rotary positions, from its own get_rope_index; else d = 1), and the position
-    where the text after the video goes on; then the vision encoder's output (frozen: no_grad)."""
-    hf = unwrap(model)
-    if not hasattr(hf.model, "get_rope_index"):  # LLaVA families: L tokens per video, 1-D positions
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-        if features is None:
-            with torch.no_grad():
-                features = encode_videos(model, processor, videos)
-        ids = torch.tensor(head)
-        ids = ids.repeat_interleave(torch.where(ids == hf.config.video_token_id, features.shape[1], 1))
-        n = len(features)
-        encoded = BaseModelOutputWithPooling(pooler_output=features)
-        return [ids] * n, [torch.arange(len(ids))[None]] * n, [len(ids)] * n, encoded
-    # Qwen-VL: the processor expands the placeholder (a size-dependent count; Qwen3-VL adds timestamps);
-    # get_rope_index of the prefix plus one text token gives its positions and where the text goes on
-    with torch.no_grad():
-        enc = [processor(text=head_text, videos=[v], return_tensors="pt") for v in videos]
-        pixels, grids = (torch.cat([e[k] for e in enc]).to(hf.device) for k in ("pixel_values_videos",
-                                                                                "video_grid_thw"))
-        encoded = hf.model.get_video_features(pixels.to(hf.dtype), grids, return_dict=True)
-    ids, positions, starts = [], [], []
-    for e in enc:
-        extra = {k: e[k] for k in ("video_grid_thw", "second_per_grid_ts") if k in e}
-        pos, _ = hf.model.get_rope_index(F.pad(e["input_ids"], (0, 1)), F.pad(e["mm_token_type_ids"], (0, 1)), **extra)
-        ids.append(e["input_ids"][0]); positions.append(pos[:, 0, :-1]); starts.append(int(pos[0, 0, -1]))  # noqa: E702
-    return ids, positions, starts, encoded
-
-
-def answer_states(model, processor, videos, captions, video_index=None, hidden=None, features=None,
-                  prompt="llava_v1", questions=None, answers=None, per_row=0):
-    """Eq. (1)'s forward pass: the LM's final hidden states and logits where it predicts each
-    (video, caption) pair's answer, from ONE forward in which each video's prompt prefix runs once.
-
-    Every prompt of a video starts with the same tokens, up to and including the video and the text
-    after it that all the prompts share (the prefix: ~2,104 of Video-LLaVA-7B's ~2,127); only the
-    suffix (caption, answer cue, teacher-forced answer tokens) differs per pair. A row of the batch
-    holds one video's prefix, then its pairs' suffixes one after another; a 4-D attention mask lets a
-    suffix token see the prefix and the visible tokens of its own suffix (t' words hidden), never
-    another suffix, and every suffix's positions go on from the prefix's end. So each state equals
-    that of the pair's whole prompt run alone, and gradients (outside no_grad) flow through the
-    suffixes and the prefix, with activation checkpointing as usual.
-
-    videos, captions, video_index, hidden, features, prompt: as yes_no_logits;
-    questions: optional per-pair question templates with one {caption} field (default QUESTION);
-    answers:   optional per-pair lists of answer token ids, fed after the prompt (teacher forcing);
-    per_row:   the most pairs on one row (0: all pairs of a video; each more row repeats the prefix).
-    Returns (states, logits), each a tuple of n tensors with k_i = max(1, len(answers[i])) rows: row j
-    is where the model predicts answer token j (row 0: the prompt's last token). states[i]: (k_i,
-    hidden) in the model's dtype; logits[i]: (k_i, vocab), the LM head's output upcast to float32."""
-    n, hf = len(captions), unwrap(model)
-    video_index = list(range(n)) if video_index is None else list(video_index)
-    video_id, pad = hf.config.video_token_id, processor.tokenizer.pad_token_id or 0
-    # ---- each prompt, cut after its video placeholder: the shared prefix, then the pair's suffix ----
-    heads, tails, shown, lengths = {}, [], [], []
-    for i, caption in enumerate(captions):
-        text, ids, offsets, visible = prompt_tokens(processor, hf.config.model_type, caption,
-                                                    hidden[i] if hidden else None, prompt,
-                                                    questions[i] if questions else QUESTION)
-        cut = len(ids) - ids[::-1].index(video_id) if video_id in ids else 0
-        heads[tuple(ids[:cut])] = text[:offsets[cut - 1][1]] if all(visible[:cut]) else None
-        fed = list(answers[i][:-1]) if answers else []  # the last answer token is predicted, never read
-        tails.append(ids[cut:] + fed); shown.append(visible[cut:] + [True] * len(fed))  # noqa: E702
-        lengths.append(len(ids) - cut)  # the prompt's own tokens after the video
-    if len(heads) != 1 or None in heads.values() or next(iter(heads)).count(video_id) != 1:
-        raise ValueError(f"the prompts must share one prefix with one video placeholder (id {video_id}), "
-                         "the caption after it")
-    (head, head_text), = heads.items()
-    prefix, positions, starts, encoded = video_prefixes(model, processor, videos, list(head), head_text, features)
-    # the text after the video that every prompt shares (e.g. `\nDoes this video entail the description: "`)
-    # joins the prefix: run once per video, not once per pair. Each suffix keeps at least its prompt's
-    # last token (where the answer is predicted); text positions go on one by one (all d dimensions).
-    common_text = 0
-    while (common_text < min(lengths) - 1 and all(s[common_text] for s in shown)
-           and len({t[common_text] for t in tails}) == 1):
-        common_text += 1
-    shared, tails, shown = tails[0][:common_text], [t[common_text:] for t in tails], [s[common_text:] for s in shown]
-    more = [torch.arange(s, s + common_text).expand(len(p), common_text) for s, p in zip(starts, positions)]
-    prefix = [torch.cat([p, torch.tensor(shared, dtype=p.dtype)]) for p in prefix]
-    positions = [torch.cat([p, x], dim=1) for p, x in zip(positions, more)]
-    starts = [s + common_text for s in starts]
-    # ---- rows [one video's prefix, padded to the longest | its pairs' suffixes, one after another] ----
-    groups = []
-    for v in sorted(set(video_index)):
-        idx = [i for i in range(n) if video_index[i] == v]
-        groups += [(v, idx[j:j + (per_row or n)]) for j in range(0, len(idx), per_row or n)]
-    R, P = len(groups), max(len(prefix[v]) for v, _ in groups)
-    W = P + max(sum(len(tails[i]) for i in idx) for _, idx in groups)
-    ids, pos = torch.full((R, W), pad), torch.zeros(len(positions[0]), R, W, dtype=torch.long)
-    block = torch.full((R, W), -1)  # the pair a suffix token belongs to (-1: prefix or padding)
-    first = torch.arange(W).repeat(R, 1)  # the column where a suffix token's suffix starts
-    visible = torch.zeros(R, W, dtype=torch.bool)  # keys a suffix token may see: real prefix, visible own tokens
-    keep, order = torch.zeros(R, W, dtype=torch.bool), []  # where the LM head is applied, in row-major order
-    for r, (v, idx) in enumerate(groups):
-        p, at = len(prefix[v]), P
-        ids[r, :p], pos[:, r, :p], visible[r, :p] = prefix[v], positions[v], True
-        for i in idx:
-            m, k = len(tails[i]), max(1, len(answers[i])) if answers else 1
-            ids[r, at:at + m], visible[r, at:at + m] = torch.tensor(tails[i]), torch.tensor(shown[i])
-            block[r, at:at + m], first[r, at:at + m] = i, at
-            pos[:, r, at:at + m], keep[r, at + m - k:at + m] = starts[v] + torch.arange(m), True
-            order.append(i); at += m  # noqa: E702
-    # the suffix queries' additive masks, built once (sdpa would convert a bool mask in every layer):
-    # a suffix token sees the real prefix and the visible tokens of its own suffix, causally
-    zero, low = torch.tensor([0, torch.finfo(hf.dtype).min], dtype=hf.dtype)
-    S = W - P
-    own = (block[:, P:, None] == block[:, None, P:]) & torch.ones(S, S, dtype=torch.bool).tril() & visible[:, None, P:]
-    seen = torch.where(visible[:, None, :P], zero, low)  # (rows, 1, P): the prefix's real tokens
-    windows = []
-    if hf.config.get_text_config()._attn_implementation == "sdpa_shared_prefix":
-        # shared_prefix_attention runs the prefix causally, unmasked, and each window of suffix queries
-        # [a, b) against the prefix and columns [lo, b) under its own mask; attention_mask is not read
-        for a in range(P, W, SUFFIX_WINDOW):
-            b, lo = min(a + SUFFIX_WINDOW, W), int(first[:, a].min())
-            part = torch.where(own[:, a - P:b - P, lo - P:b - P], zero, low)
-            windows.append((a, b, lo, torch.cat([seen.expand(R, b - a, P), part], dim=2)[:, None].to(hf.device)))
-        mask = torch.zeros(R, 1, 0, W, dtype=hf.dtype)
-    else:  # sdpa, eager: the whole square (rows, 1, W, W)
-        suffix_rows = torch.cat([seen.expand(R, S, P), torch.where(own, zero, low)], dim=2)
-        mask = torch.cat([torch.where(torch.ones(P, W, dtype=torch.bool).tril(), zero, low).expand(R, P, W),
-                          suffix_rows], dim=1)[:, None]
-    pick = lambda x: x[[v for v, _ in groups]] if torch.is_tensor(x) else tuple(x[v] for v, _ in groups)  # noqa: E731
-    video = type(encoded)(pooler_output=pick(encoded.pooler_output))  # each row's video
-    if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL adds vision features in early layers
-        video.deepstack_features = [pick(layer) for layer in encoded.deepstack_features]
-    # ---- one forward (shared_prefix_attention runs the prefix causally, unmasked); the LM head's
-    # input at the kept positions is the answer states ----
-    grabbed = []
-    hook = hf.lm_head.register_forward_pre_hook(lambda module, args: grabbed.append(args[0]))
-    try:
-        out = model(input_ids=ids.to(hf.device), attention_mask=mask.to(hf.device),
-                    position_ids=pos.squeeze(0).to(hf.device), mm_encoder_outputs={"video": video},
-                    logits_to_keep=keep.to(hf.device), suffix_windows=windows)
-    finally:
-        hook.remove()
-    sizes = [max(1, len(answers[i])) if answers else 1 for i in order]
-    states, logits = dict(zip(order, grabbed[0].split(sizes))), dict(zip(order, out.logits.float().split(sizes)))
-    return tuple(states[i] for i in range(n)), tuple(logits[i] for i in range(n))
-
-
-def answer_logits(model, states, token_ids):
-    """The LM head's rows `token_ids` applied in float32 to final hidden states (k, hidden): (k, len).
-    NOTE: not read from the bf16 logits: a bf16 logit near 20 is rounded to a multiple of 1/8, which
-    would put Eq. (1)'s scores on a coarse grid (ties in retrieval rankings, steps in the losses)."""
-    head = unwrap(model).lm_head
-    bias = None if head.bias is None else head.bias[token_ids].float()
-    with torch.autocast(states.device.type, enabled=False):  # autocast would run it in bf16
-        return F.linear(states.float(), head.weight[token_ids].float(), bias)
-
-
-def yes_no_logits(model, processor, videos, captions, video_index=None, hidden=None, features=None,
-                  prompt="llava_v1", per_row=0):
-    """The (logit_Yes, logit_No) pair of Eq. (1) for each (video, caption) pair, where the answer starts;
-    alignment_logit turns them into a, alignment_score into f(V, t).
-
-    videos:      list of uint8 frame arrays (T, H, W, 3), each encoded once and its prompt prefix run once;
-    captions:    list of n captions;
-    video_index: caption i is scored on videos[video_index[i]] (default: pair i with video i);
-    hidden:      optional per-caption character spans hidden by the attention mask (t', Eq. 6);
-    features:    optional precomputed encode_videos(...) output (LLaVA families; then `videos` is not used);
-    prompt:      a PROMPT_FORMATS name (Video-LLaVA; other families use their chat template);
-    per_row:     the most captions on one copy of a video's prefix (0: all; see answer_states).
-    Returns a float32 tensor (n, 2) (see answer_logits); gradients flow outside torch.no_grad()."""
-    hf = unwrap(model)
-    states, _ = answer_states(model, processor, videos, captions, video_index, hidden, features, prompt,
-                              per_row=per_row)
-    text, _ = entailment_prompt(processor, hf.config.model_type, captions[0], prompt)
-    return answer_logits(model, torch.stack([s[0] for s in states]), answer_token_ids(processor.tokenizer, text))

@@ -1,0 +1,49 @@
+"""Everything README's CPU-sized chain (01 -> 02 -> 03 -> 04) needs, built offline in seconds:
+
+    python tests/tiny_chain.py runs/tiny
+
+<root>/cogvideox/            a tiny random CogVideoX (01's --pipeline)
+<root>/vqa/{instructblip,clip-flant5,llava}/  three tiny random VQA members (02's --models)
+<root>/video-llava/          a tiny random Video-LLaVA (03's and 04's --model)
+<root>/videos/real_K.mp4     16 real clips: a coloured square moving left or right (the --video_root)
+<root>/videocon.csv          their VideoCon-layout triplets: 12 of split train, 4 of split test
+
+The models are random: the chain's numbers mean nothing; it shows that the stages fit together.
+"""
+import os
+import sys
+
+import tiny
+import tiny_generate
+import tiny_weight
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+
+
+def videocon_rows(root, n=16, n_test=4):
+    """n clips and their triplets; t^s names the other direction (VideoCon's "action" type)."""
+    import common
+    rows = []
+    for k in range(n):
+        name, direction = list(COLOURS)[k % 4], 1 if (k // 4) % 2 == 0 else -1
+        path = os.path.join(root, "videos", f"real_{k}.mp4")
+        common.write_video(path, tiny.moving_square(color=COLOURS[name], direction=direction, seed=k))
+        side, other = ("right", "left") if direction > 0 else ("left", "right")
+        rows.append(dict(videopath=f"real_{k}.mp4", caption=f"a {name} square moves to the {side}",
+                         neg_caption=f"a {name} square moves to the {other}", misalignment="action",
+                         split="test" if k >= n - n_test else "train"))
+    common.write_csv(os.path.join(root, "videocon.csv"), rows)
+
+
+def main(root):
+    tiny_generate.tiny_cogvideox(os.path.join(root, "cogvideox"))
+    for name, build in (("instructblip", tiny_weight.tiny_instructblip), ("clip-flant5", tiny_weight.tiny_clip_flant5),
+                        ("llava", tiny_weight.tiny_llava)):
+        build(os.path.join(root, "vqa", name))
+    tiny.tiny_video_llava(os.path.join(root, "video-llava"))
+    videocon_rows(root)
+    print(f"{root}: tiny models, 16 clips and videocon.csv written")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny")
