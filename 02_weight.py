@@ -1,11 +1,11 @@
 """02_weight.py: the VQAScore ensemble fbar and the weight phi of every synthetic video.
 
-Implements §4 (Fig. 2) and §5 Eq. (4) / Table 4 of Zanella et al., CVPR 2025. A synthetic video V^s,
-generated from the negative caption t^s, is weighed by how much better it shows t^s than the real caption t^r:
-    w = phi(V^s, t^s, t^r) = max(0, fbar(V^s, t^s) - fbar(V^s, t^r))                               (Eq. 4)
+Implements §4 (Fig. 2) and §5 Eq. (4) / Table 4 of Zanella et al., CVPR 2025: a synthetic video V^s (made from
+t^s) is weighed by how much better it shows t^s than t^r: w = phi = max(0, fbar(V^s,t^s) - fbar(V^s,t^r)), Eq. (4).
 fbar(V, t) = the mean over 3 image VQA models of their VQAScore (Lin et al. 2024), P("Yes" | frame,
 'Does this figure show "<t>"? Please answer yes or no.'), averaged over 4 uniformly sampled frames of V.
---weighting picks another row of Table 4. The authors never released this stage.
+By default phi is Table 4's row 3, fbar(V^s,t^s) (1 - fbar(V^s,t^r)), which §6.2 used for Video-LLaVA
+(--weighting difference: Eq. 4, used for mPLUG-Owl). The authors never released this stage.
 
 Reads   <dir>/generated.csv        01_generate.py's: input columns + syn_video (relative to <dir>) + seed
 Writes  <dir>/weighted.csv         the same + vqascore_{target,real}_<member>, score_syn_target = fbar(V^s,t^s),
@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from common import (WEIGHTINGS, answer_token_ids, check_resume, file_hash, load_video_llm, parse_args, print0,
-                    progress, read_csv, read_video, save_json, setup_distributed, shard, wait_for_files, write_csv)
+from common import (WEIGHTINGS, answer_token_ids, check_resume, file_hash, keep_split, load_video_llm, parse_args,
+                    print0, progress, read_csv, read_video, save_json, setup_distributed, shard, wait_for_files,
+                    write_csv)
 
 VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # VQAScore's question
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -72,8 +73,11 @@ class Args:
     vqascore: str = "first_token"
     """first_token: P(first answer token), VQAScore as its paper writes it; t2v_metrics:
     exp(-mean cross-entropy) over the answer's tokens + end token, as VQAScore's code computes it"""
-    weighting: str = "difference"
-    """phi, a key of common.WEIGHTINGS (Table 4); "difference" is Eq. (4)"""
+    weighting: str = "target_x_inv_real"
+    """phi, a key of common.WEIGHTINGS (Table 4): "target_x_inv_real" = row 3, fbar(Vs,ts) (1 - fbar(Vs,tr)),
+    which §6.2 used for Video-LLaVA, the default model; "difference" = Eq. (4), used for mPLUG-Owl"""
+    split: str = "train"
+    """weigh only rows of this `split` when the CSV has that column ("" = all rows)"""
     pairs_per_forward: int = 8
     """(frame, caption) pairs per forward pass: 8 = a video's 4 frames x 2 captions at once, 1 = one by one"""
     strict: bool = False
@@ -333,6 +337,7 @@ def main(args):
         raise ValueError(f"two ensemble members share a name {names}: their score columns would collide")
     # one row per V^s (syn_video), with t^s (neg_caption) and t^r (caption)
     rows = read_csv(args.generated_csv, required=REQUIRED, texts=("caption", "neg_caption", "syn_video"))
+    rows = keep_split(rows, args.split, args.generated_csv)  # never the rows 04 evaluates on
     root = os.path.dirname(os.path.abspath(args.generated_csv))  # syn_video is relative to the CSV's folder
     out_csv = args.out_csv or os.path.join(root, "weighted.csv")
     stem = os.path.splitext(out_csv)[0]  # <dir>/weighted: the JSON, figure, skip list and cache share it

@@ -62,7 +62,10 @@ class Args:
     """02_weight.py's CSV (a plain VideoCon CSV with --no-use_syn)"""
     feedback_csv: str = ""
     """VideoCon's explanation file (videocon_llm_feedback.csv: videopath, neg_caption, nle, split):
-    its `train` rows are mixed into the batches as the released recipe does; '' = entailment only"""
+    its --split rows are mixed into the batches as the released recipe does; '' = entailment only"""
+    split: str = "train"
+    """train only on rows of this `split` of both CSVs, when they have that column ("" = all rows):
+    VideoCon's val and test rows never train (04 evaluates on its test rows)"""
     video_root: str = "data/videocon/videos"
     """the folder that the CSV's `videopath` is relative to"""
     out_dir: str = "runs/train"
@@ -171,6 +174,7 @@ def load_triplets(args):
     scores = scores if args.use_syn else []  # the VideoCon baseline reads no twin and no weight
     texts = ["videopath", "caption", "neg_caption"]  # an empty syn_video is a triplet without a twin
     rows = common.read_csv(args.train_csv, texts + (["syn_video"] + scores if args.use_syn else []), texts=texts)
+    rows = common.keep_split(rows, args.split, args.train_csv)  # the other splits are counted and left out
     w = phi_weights(rows, scores, args)  # (rows,), NaN where a cell is missing
     csv_dir = os.path.dirname(os.path.abspath(args.train_csv))
     keep, skipped = [], []
@@ -230,18 +234,16 @@ def why_no_twin(syn, w):
 
 def load_explanations(args):
     """VideoCon's explanation (NLE) rows, the second task of §6: in videocon_llm_feedback.csv's layout
-    (videopath, neg_caption, nle, + split), the rows of split `train` (all rows without a split
-    column). Each is asked `What is the misalignment between this video and the description:
-    "<neg_caption>"?` and trained on the explanation's tokens; like the released code's rows without
-    a syn_video, it has no synthetic twin and no t'. Returns (rows, skipped)."""
+    (videopath, neg_caption, nle, + split), the rows of --split (all rows without a split column).
+    Each is asked `What is the misalignment between this video and the description: "<neg_caption>"?`
+    and trained on the explanation's tokens; like the released code's rows without a syn_video, it
+    has no synthetic twin and no t'. Returns (rows, skipped)."""
     if not args.feedback_csv:
         return [], []
     texts = ["videopath", "neg_caption", "nle"]  # an empty one is a bad row of the reader, named and counted
-    rows = common.read_csv(args.feedback_csv, texts, texts=texts)
+    rows = common.keep_split(common.read_csv(args.feedback_csv, texts, texts=texts), args.split, args.feedback_csv)
     keep, skipped = [], []
     for line, r in zip(rows.lines, rows):
-        if r.get("split", "train") != "train":  # VideoCon's held-out explanations
-            continue
         e = dict(kind="nle", line=line, real=os.path.join(args.video_root, r["videopath"]), neg=r["neg_caption"],
                  nle=r["nle"].strip(), rows=1)
         if os.path.isfile(e["real"]):

@@ -709,6 +709,24 @@ def read_csv(path, required=(), texts=()):
     return rows
 
 
+def keep_split(rows, split, path):
+    """read_csv's rows of one `split` (e.g. VideoCon's "train"): a model is never weighted or trained
+    on the rows it is evaluated on. Values are compared without case or surrounding spaces; a file
+    without a `split` column, or split "", keeps every row. The rows left out are counted in one
+    printed line; none left is an error naming the file's splits."""
+    def wanted(row):  # a row without the column belongs to every split
+        return row.get("split", split).strip().lower() == split.strip().lower()
+    if not split or all(map(wanted, rows)):
+        return rows
+    kept = Rows(r for r in rows if wanted(r))
+    kept.lines, kept.skipped = [line for line, r in zip(rows.lines, rows) if wanted(r)], rows.skipped
+    splits = sorted({r.get("split", "") for r in rows})
+    if not kept:
+        raise ValueError(f"{path}: no row of --split {split!r}; its splits: {splits}")
+    print0(f"{path}: {len(rows) - len(kept)} row(s) of other splits left out (--split {split!r}; its splits: {splits})")
+    return kept
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary name next to `path`; rename it to `path` only if the block succeeds, so

@@ -36,8 +36,8 @@ def test_the_four_stages_chain_through_one_folder(tmp_path, video_llava_dir):
     vqa = tiny_weight.tiny_llava(str(tmp_path / "tiny-llava"))
     weight.main(weight.Args(generated_csv=str(gen_dir / "generated.csv"), models=[vqa]))
     weighted = common.read_csv(str(gen_dir / "weighted.csv"), required=["score_syn_target", "score_syn_real", "weight"])
-    for r in weighted:  # the default weighting is Eq. (4)
-        assert float(r["weight"]) == max(0.0, float(r["score_syn_target"]) - float(r["score_syn_real"]))
+    for r in weighted:  # the default weighting is Table 4's row 3, §6.2's for Video-LLaVA (issue 25)
+        assert float(r["weight"]) == float(r["score_syn_target"]) * (1 - float(r["score_syn_real"]))
 
     # §5 Eq. (7): LoRA fine-tuning on the real triplets and their synthetic twins (4 triplets = 8 rows: 2 steps)
     train_dir = tmp_path / "train"

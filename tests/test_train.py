@@ -117,6 +117,30 @@ def test_explanations_are_read_like_videocon_prepares_them(toy, tmp_path):
     assert train.load_explanations(train.Args(feedback_csv="")) == ([], [])
 
 
+def test_no_row_of_another_split_reaches_a_batch(toy, tmp_path, capsys):
+    """VideoCon's val and test rows never train (issue 25): 03 keeps the --split rows of both CSVs
+    (case and spaces aside), counts the others in one line each, and no micro-batch of the plan
+    holds anything else."""
+    splits = ["train", "val", "test", " Train", "train", "test", "TRAIN ", "train"]
+    for name, source, order in (("w.csv", toy[0], splits), ("fb.csv", feedback(toy), splits[::-1])):
+        rows = common.read_csv(source)
+        for r, split in zip(rows, order):
+            r["split"] = split
+        common.write_csv(tmp_path / name, rows)
+    args = train.Args(train_csv=str(tmp_path / "w.csv"), feedback_csv=str(tmp_path / "fb.csv"), video_root=toy[1],
+                      batch_size=4, micro_batch_size=2, num_epochs=3)
+    items = train.load_triplets(args)[0] + train.load_explanations(args)[0]
+    printed = capsys.readouterr().out
+    for name in ("w.csv", "fb.csv"):
+        assert f"{tmp_path / name}: 3 row(s) of other splits left out (--split 'train'" in printed
+    allowed = {("triplet", 2 + i) for i, s in enumerate(splits) if s.strip().lower() == "train"}
+    allowed |= {("nle", 2 + i) for i, s in enumerate(splits[::-1]) if s.strip().lower() == "train"}
+    assert {(it["kind"], it["line"]) for it in items} == allowed
+    plan, _, _ = train.micro_batch_plan(items, args, common.Dist())
+    batched = {(items[i]["kind"], items[i]["line"]) for epoch in plan for micro_batch in epoch for i in micro_batch}
+    assert batched and batched <= allowed
+
+
 @pytest.mark.parametrize("weighting", sorted(train.WEIGHTINGS) + ["csv"])
 def test_weights_from_the_csv_or_recomputed(toy, weighting):
     rows, skipped = train.load_triplets(train.Args(train_csv=toy[0], video_root=toy[1], weighting=weighting))

@@ -64,6 +64,22 @@ def read(path):
         return list(csv.DictReader(fh))
 
 
+def test_only_training_rows_are_weighed_and_the_default_weighting_is_video_llavas(llava_dir, tmp_path, capsys):
+    """02 weighs the --split rows only (counted in one line), with Table 4's row 3 by default: §6.2,
+    "For Video-LLaVA, we use (3)", fbar(Vs,ts) (1 - fbar(Vs,tr))."""
+    path = make_generated(str(tmp_path), n=3)
+    rows = common.read_csv(path)
+    for r, split in zip(rows, ["train", "test", "Train"]):
+        r["split"] = split
+    common.write_csv(path, rows)
+    got = read(run(path, [llava_dir]))
+    assert [r["videopath"] for r in got] == ["real/0.mp4", "real/2.mp4"]
+    assert f"{path}: 1 row(s) of other splits left out (--split 'train'" in capsys.readouterr().out
+    for r in got:
+        ft, fr = float(r["score_syn_target"]), float(r["score_syn_real"])
+        assert float(r["weight"]) == pytest.approx(ft * (1 - fr), abs=1e-12)
+
+
 # ---- VQAScore from the model's full softmax, computed by hand: P(Yes), and t2v_metrics' exp(-CE) ----
 # first_token: P(first answer token); t2v_metrics: exp(-mean cross-entropy) over "Yes" + the end token,
 # which is what a model's own loss gives with those labels (t2v_metrics' recipe)
