@@ -36,7 +36,7 @@ REQUIRED = ("videopath", "caption", "neg_caption", "misalignment")
 TEXTS = ("videopath", "caption", "neg_caption")  # must not be empty
 SETTINGS = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames", "fps")
 # G: any diffusers text-to-video pipeline, by hub id or local folder. The default is CogVideoX-5b
-# at the paper's settings (720x480, 49 frames, 8 fps). The paper names "CogVideoX" without a size;
+# at its own settings (720x480, 49 frames, 8 fps). The paper names "CogVideoX" without a size or settings;
 # we take 5b, the larger of the two 720x480x49 models, trained in bfloat16 as we run it
 # (THUDM/CogVideoX-2b is the cheaper choice: pass --dtype float16, its training precision).
 # Wan 2.1 and LTX-Video run through the same code with their own defaults.
@@ -46,7 +46,7 @@ SETTINGS = ("num_inference_steps", "guidance_scale", "height", "width", "num_fra
 # Per-pipeline defaults, keyed by the diffusers class named in the checkpoint's model_index.json.
 # Each is overridden by its flag. A pipeline not listed here needs every flag of SETTINGS.
 PIPELINE_DEFAULTS = {
-    # paper §4: CogVideoX at 720x480, 49 frames, 8 fps; 50 DDIM steps, guidance 6 (CogVideoX's own)
+    # CogVideoX-5b's model card: 720x480, 49 frames at 8 fps, 50 DDIM steps, guidance 6 (§4 gives no settings)
     "CogVideoXPipeline": dict(num_inference_steps=50, guidance_scale=6.0, height=480, width=720, num_frames=49, fps=8),
     # Wan 2.1 T2V (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers): its model card's 832x480, 81 frames, 16 fps
     "WanPipeline": dict(num_inference_steps=50, guidance_scale=5.0, height=480, width=832, num_frames=81, fps=16),
@@ -76,19 +76,20 @@ class Args:
     guidance_scale: float = 0.0
     """classifier-free guidance; 0 = the pipeline's default (CogVideoX: 6.0); 1 turns guidance off"""
     height: int = 0
-    """frame height in pixels; 0 = the pipeline's default (CogVideoX: 480, paper §4)"""
+    """frame height in pixels; 0 = the pipeline's default (CogVideoX: 480)"""
     width: int = 0
-    """frame width in pixels; 0 = the pipeline's default (CogVideoX: 720, paper §4)"""
+    """frame width in pixels; 0 = the pipeline's default (CogVideoX: 720)"""
     num_frames: int = 0
-    """frames of V^s; 0 = the pipeline's default (CogVideoX: 49, paper §4); 1 + a multiple of the VAE's time stride"""
+    """frames of V^s; 0 = the pipeline's default (CogVideoX: 49); 1 + a multiple of the VAE's time stride"""
     fps: int = 0
-    """frame rate of the mp4; 0 = the pipeline's default (CogVideoX: 8, paper §4)"""
+    """frame rate of the mp4; 0 = the pipeline's default (CogVideoX: 8)"""
     seed: int = 0
     """base of every row's seed example_seed(videopath, neg_caption, base=seed): another value, other videos"""
     split: str = "train"
     """keep only rows of this `split` when the CSV has that column ("" = all rows)"""
     misalignment: list = field(default_factory=list)
-    """generate only these misalignment types (e.g. action flip; the paper's Table 2 study); empty = all"""
+    """generate only these misalignment types (e.g. action flip); empty = all. Table 2 needs every real
+    triplet: generate all types, then train with 03_train.py --syn_types"""
     limit: int = 0
     """generate only the first N selected rows (0 = all)"""
     dtype: str = "auto"

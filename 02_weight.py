@@ -9,9 +9,9 @@ By default phi is Table 4's row 3, fbar(V^s,t^s) (1 - fbar(V^s,t^r)), which §6.
 
 Reads   <dir>/generated.csv        01_generate.py's: input columns + syn_video (relative to <dir>) + seed
 Writes  <dir>/weighted.csv         the same + vqascore_{target,real}_<member>, score_syn_target = fbar(V^s,t^s),
-                                   score_syn_real = fbar(V^s,t^r), weight
-        <dir>/weighted_fig2.png    Fig. 2; <dir>/weighted.json: the settings, Fig. 2's table, the skip count
-        <dir>/weighted_skipped.csv rows that could not be scored and why (only if there are any)
+                                   score_syn_real = fbar(V^s,t^r), weight (all empty if V^s could not be scored)
+        <dir>/weighted_fig2.png    Fig. 2 (--fig2_only: over several runs' weighted.csv); <dir>/weighted.json
+        <dir>/weighted_skipped.csv the rows kept without a weight, and why (only if there are any)
         <dir>/weighted_cache/      per-frame scores per member and rank: a killed or repeated run resumes
 
 Launch (one GPU holds one model at a time; more GPUs split the videos):
@@ -81,7 +81,10 @@ class Args:
     pairs_per_forward: int = 8
     """(frame, caption) pairs per forward pass: 8 = a video's 4 frames x 2 captions at once, 1 = one by one"""
     strict: bool = False
-    """stop at the first row that cannot be scored, instead of skipping it and counting it"""
+    """stop at the first row that cannot be scored, instead of keeping it without a weight and counting it"""
+    fig2_only: list = field(default_factory=list)
+    """Fig. 2 alone, no model loaded: the weighted.csv of several runs (e.g. one per generator: the paper's
+    Fig. 2 pools three), each row with its own run's scores; needs --out_csv, writes <its stem>_fig2.png, .json"""
 
 
 # ---- §4: VQAScore (Lin et al. 2024) of (image, caption) pairs --------------------------------------
@@ -243,16 +246,22 @@ def with_fbar(row, key, names, caches):
 
 
 def weigh(rows, keys, names, caches, weighting):
-    """Eq. (4) / Table 4: fbar and w = phi of every row that every member scored -> (scored rows with
-    their weight, skipped rows with a skip_reason naming each member's error)."""
-    scored, skipped = [], []
+    """Eq. (4) / Table 4: fbar and w = phi of every row that every member scored -> (every row, in order,
+    with its scores and weight, or none where a member could not score its V^s; those rows again, each
+    with a skip_reason naming each member's error)."""
+    out, skipped = [], []
     for row, key in zip(rows, keys):
         # a row lacks fbar if any member failed on it (or, after a kill, never got to it)
         missing = [(n, failed.get(key, "not scored")) for n, (done, failed) in zip(names, caches) if key not in done]
         if missing:
-            skipped.append({**row, "skip_reason": "; ".join(f"{n}: {e}" for n, e in missing)})
+            # kept, its score and weight cells empty: 03_train.py trains its real triplet (V^r, t^r, t^s)
+            # on L_real alone ("trained without a twin"); dropped, the real triplet would be lost too
+            out.append(dict(row))
+            why = "; ".join(f"{n}: {e}" for n, e in missing)  # each member's error
+            skipped.append({**row, "skip_reason": f"kept without a weight: {why}"})
             continue
-        scored.append(with_fbar(row, key, names, caches))
+        out.append(with_fbar(row, key, names, caches))
+    scored = [r for r in out if "score_syn_target" in r]  # the rows with fbar, which get a weight
     phi = WEIGHTINGS[weighting]  # Table 4 / Eq. (4), on all rows at once
     weights = phi(np.array([r["score_syn_target"] for r in scored]), np.array([r["score_syn_real"] for r in scored]))
     # a phi that returns a scalar (a constant) gives that weight to every row
@@ -262,20 +271,22 @@ def weigh(rows, keys, names, caches, weighting):
         raise ValueError(f"weighting {weighting!r} gave a non-finite weight for {bad[:5]}")
     for r, w in zip(scored, weights):
         r["weight"] = float(w)  # w in Eq. (5)'s weighted L_syn (03_train.py)
-    return scored, skipped
+    return out, skipped
 
 
-def write_weighted(out_csv, stem, rows, names, scored, skipped):
-    """weighted.csv (generated.csv's columns + each member's scores + fbar twice + weight) and the skip list."""
+def write_weighted(out_csv, stem, rows, names, weighted, skipped):
+    """weighted.csv (generated.csv's columns + each member's scores + fbar twice + weight; a row without
+    scores has those cells empty) and the skip list of those rows."""
     columns = list(rows[0]) if rows else list(REQUIRED)  # generated.csv's own columns (REQUIRED if no row)
     columns += [f"vqascore_{s}_{n}" for n in names for s in ("target", "real")]
-    write_csv(out_csv, scored, columns + ["score_syn_target", "score_syn_real", "weight"])
+    write_csv(out_csv, weighted, columns + ["score_syn_target", "score_syn_real", "weight"])  # missing keys: ""
     if skipped:
         write_csv(stem + "_skipped.csv", skipped)
     elif os.path.exists(stem + "_skipped.csv"):  # an earlier run's list, now scored
         os.remove(stem + "_skipped.csv")
-    print0(f"wrote {out_csv}: {len(scored)} rows weighted; {len(skipped)} skipped"
-           + (f" (listed with the reason in {stem}_skipped.csv)" if skipped else ""))
+    # one count of the rows without a weight: this line, <stem>.json's kept_without_weight, the skip list's rows
+    print0(f"wrote {out_csv}: {len(weighted) - len(skipped)} rows weighted; {len(skipped)} kept without a weight"
+           + (f" (their V^s could not be scored; listed with the reason in {stem}_skipped.csv)" if skipped else ""))
 
 
 # ---- §4 Fig. 2: distribution of fbar(V^s,t^s) - fbar(V^s,t^r) per misalignment type ---------------
@@ -312,9 +323,9 @@ def plot_fig2(rows, path):
     plt.close(fig)
 
 
-def report_fig2(args, scored, skipped, stem):
+def report_fig2(args, scored, stem, counts):
     """Fig. 2's table (ours beside the paper's means) printed, its histograms to <stem>_fig2.png, and
-    <stem>.json: the settings, the table, how many rows were weighted and skipped."""
+    <stem>.json: the settings, the table and `counts` (how many rows were weighted, kept without a weight)."""
     table = fig2_table(scored)
     print0(f"{'misalignment':<16}{'n':>6}{'mean':>9}{'std':>8}{'paper mean':>12}")
     for kind, s in table.items():
@@ -322,11 +333,61 @@ def report_fig2(args, scored, skipped, stem):
         print0(f"{kind:<16}{s['n']:>6}{s['mean']:>+9.3f}{s['std']:>8.3f}{'' if paper is None else f'{paper:+.2f}':>12}")
     if scored:
         plot_fig2(scored, stem + "_fig2.png")
-    save_json(stem + ".json", {"args": vars(args), "fig2": table, "weighted": len(scored), "skipped": len(skipped)})
+    save_json(stem + ".json", {"args": vars(args), "fig2": table, **counts})
+
+
+# ---- §4 Fig. 2 over several runs: the paper's is the mean over its three generators --------------
+# --fig2_only reads each run's weighted.csv (fbar(V^s,t^s) and fbar(V^s,t^r) are there): no model is loaded
+FIG2_COLUMNS = ("misalignment", "score_syn_target", "score_syn_real")  # what Fig. 2 reads of a weighted.csv
+
+
+def fig2_scores(path, line, row):
+    """A weighted.csv row as Fig. 2 reads it: {misalignment, score_syn_target, score_syn_real} as floats;
+    None if both score cells are empty (02 kept the row without a weight). Any other cell that is not a
+    VQAScore (a number in [0, 1]) is an error naming file:line."""
+    cells = [row["score_syn_target"].strip(), row["score_syn_real"].strip()]  # fbar(Vs, ts), fbar(Vs, tr)
+    if not any(cells):
+        return None  # its V^s could not be scored: not part of Fig. 2
+    try:
+        ft, fr = map(float, cells)
+    except ValueError:
+        ft = fr = float("nan")  # caught just below, with the cells named
+    if not (0 <= ft <= 1 and 0 <= fr <= 1):  # fbar is a mean of probabilities; NaN fails too
+        raise ValueError(f"{path}:{line}: score_syn_target {cells[0]!r}, score_syn_real {cells[1]!r}: "
+                         "not two numbers in [0, 1]")
+    return {"misalignment": row["misalignment"], "score_syn_target": ft, "score_syn_real": fr}
+
+
+def fig2_of_runs(args):
+    """--fig2_only: Fig. 2 and its table over the union of several runs' weighted.csv (e.g. one per
+    generator), each row with its own run's scores, the means over every scored row of every file;
+    rows without scores are left out and counted. Writes <--out_csv stem>_fig2.png and .json."""
+    if not args.out_csv or args.generated_csv:
+        raise ValueError("--fig2_only needs --out_csv (the figure and JSON go beside it) and no --generated_csv")
+    stem = os.path.splitext(args.out_csv)[0]
+    # a run's own weighted_fig2.png and weighted.json are never overwritten by the pooled ones
+    if any(os.path.abspath(os.path.splitext(p)[0]) == os.path.abspath(stem) for p in args.fig2_only):
+        raise ValueError(f"--out_csv {args.out_csv}: a file of --fig2_only; its run's figure and JSON would be "
+                         "overwritten: pass another --out_csv")
+    scored, files = [], {}
+    for path in args.fig2_only:
+        rows = read_csv(path, required=FIG2_COLUMNS)  # a file without the score columns: an error naming it
+        mine = [fig2_scores(path, line, r) for line, r in zip(rows.lines, rows)]  # None: no scores
+        scored += [r for r in mine if r is not None]  # the union: each row keeps its own run's fbar
+        files[path] = {"rows": len(rows), "without_scores": mine.count(None)}
+        print0(f"{path}: {len(rows)} rows, {mine.count(None)} without scores (left out of Fig. 2)")
+    if not scored:
+        raise ValueError(f"--fig2_only {args.fig2_only}: no row has scores")
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)  # e.g. a new folder for the pooled figure
+    report_fig2(args, scored, stem, {"weighted": len(scored), "files": files})
+    return stem + ".json"
 
 
 def main(args):
-    """§4's VQAScores, Eq. (4)'s weights, Fig. 2. Returns weighted.csv's path on rank 0, None on the others."""
+    """§4's VQAScores, Eq. (4)'s weights, Fig. 2. Returns weighted.csv's path on rank 0, None on the others
+    (--fig2_only: Fig. 2 of existing weighted.csv files, no model; the path of its JSON)."""
+    if args.fig2_only:  # Fig. 2 over several runs (the paper's three generators): read, not scored
+        return fig2_of_runs(args)
     dist = setup_distributed()
     if args.weighting not in WEIGHTINGS:
         raise ValueError(f"--weighting {args.weighting!r} is not in common.WEIGHTINGS {sorted(WEIGHTINGS)}")
@@ -359,11 +420,12 @@ def main(args):
 
     # ---- §5 Eq. (4): fbar and phi, from every rank's cache ----
     caches = [read_cache(os.path.join(cache, name)) for name in names]
-    scored, skipped = weigh(rows, keys, names, caches, args.weighting)
-    write_weighted(out_csv, stem, rows, names, scored, skipped)
+    weighted, skipped = weigh(rows, keys, names, caches, args.weighting)  # every row; those without a weight
+    write_weighted(out_csv, stem, rows, names, weighted, skipped)
 
-    # ---- §4 Fig. 2 and its table of means ----
-    report_fig2(args, scored, skipped, stem)
+    # ---- §4 Fig. 2 and its table of means, over the rows with scores ----
+    report_fig2(args, [r for r in weighted if "weight" in r], stem,
+                {"weighted": len(weighted) - len(skipped), "kept_without_weight": len(skipped)})
     return out_csv
 
 

@@ -3,8 +3,9 @@ f(V, t) with Eq. (7), L = L_real + L_syn^phi + lambda_scr * L_scr^phi, on the re
 (V^r, t^r, t^s) and their synthetic twins V^s = G(t^s), with VideoCon's explanation task mixed in as
 the authors' released recipe does.
 
-Reads 02_weight.py's CSV (--train_csv; a plain VideoCon CSV with --no-use_syn, the VideoCon baseline),
-the videos under --video_root and, optionally, VideoCon's explanation file (--feedback_csv).
+Reads 02_weight.py's CSV (--train_csv; one per generator for Table 5's "ALL"; a plain VideoCon CSV with
+--no-use_syn, the VideoCon baseline), the videos under --video_root and, optionally, VideoCon's explanation
+file (--feedback_csv). --syn_types keeps the twins of some misalignment types only (Table 2).
 Writes to --out_dir: adapter/ (PeftModel.from_pretrained(base, dir) loads it), args.json, log.jsonl
 (one line per optimizer step: every loss term, lr, grad norm, rows/s), skipped.csv (the rows not
 trained on and the triplets trained without a twin, each with the reason) and checkpoints/.
@@ -28,7 +29,7 @@ import signal
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -49,17 +50,26 @@ LORA_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up
 #   "rr" = (V^r, t^r)   "rs" = (V^r, t^s)    Eq. (2): L_real
 #   "ss" = (V^s, t^s)   "sr" = (V^s, t^r)    Eq. (5): L_syn^phi, only for a triplet with a twin V^s
 #   "r'" = (V^r, t')    "s'" = (V^s, t')     Eq. (6): L_scr^phi, with --use_scr
+# With several --train_csv files (Table 5's "ALL"), a triplet has a twin V^s_j from each CSV j that has one:
+# twin 0's pairs are named as above, twin j's with j appended ("ss1", "sr1", "s'1", ...); "r'" is
+# run once, as it does not depend on the twin.
 # t' on a video is that video's OWN caption (t^r on V^r, t^s on V^s) with its words outside
 # LCS(t^r, t^s) hidden from attention (footnote 2), as the released code masks the row's own caption.
 # An explanation row has one pair, "nle" = (V^r, NLE_QUESTION about t^s), answered by its explanation.
 TRIPLET_PAIRS = ("rr", "rs", "ss", "sr", "r'", "s'")
+TWIN_PAIRS = ("ss", "sr", "s'")  # the pairs of one twin V^s_j, run once per twin
 
 
 @dataclass
 class Args:
     # ---- inputs and outputs ----
-    train_csv: str = "runs/generate/weighted.csv"
-    """02_weight.py's CSV (a plain VideoCon CSV with --no-use_syn)"""
+    train_csv: list = field(default_factory=lambda: ["runs/generate/weighted.csv"])
+    """02_weight.py's CSV (a plain VideoCon CSV with --no-use_syn); or several, one per generator, for
+    Table 5's "ALL": their rows are merged by the real triplet (videopath, caption, neg_caption), which
+    trains L_real once, with one twin V^s from each CSV that has a usable one (a str is one CSV)"""
+    syn_types: list = field(default_factory=list)
+    """Table 2: train on the twins V^s of rows of these `misalignment` types only (e.g. --syn_types action);
+    every real triplet still trains on L_real, those of other types as triplets without a twin. [] = all"""
     feedback_csv: str = ""
     """VideoCon's explanation file (videocon_llm_feedback.csv: videopath, neg_caption, nle, split):
     its --split rows are mixed into the batches as the released recipe does; '' = entailment only"""
@@ -141,16 +151,25 @@ class Args:
     seed: int = 0
     """seed of the LoRA initialisation, the epoch shuffles and the LoRA dropout"""
 
+    def __post_init__(self):
+        if isinstance(self.train_csv, str):  # Args(train_csv="w.csv") in Python: one CSV
+            self.train_csv = [self.train_csv]
+
 
 # =================================================================================================
 # §6 data: triplets (V^r, t^r, t^s), their twins V^s = G(t^s) and weights w = phi, explanations
 # =================================================================================================
-# A training item is a dict. A triplet: kind "triplet", line (its line in the CSV), real (V^r's
-# path), caption (t^r), neg (t^s), syn (V^s's path; None: trained without a twin), w (phi; 0 without
-# a twin), rows = 2. An explanation: kind "nle", line, real, neg (the t^s it explains), nle (its
-# text), rows = 1. Rows are counted as the released code counts them: a triplet is TWO rows, its Yes
-# row (V^r, t^r) and its No row (V^r, t^s), each with its twin; an explanation is ONE. --batch_size
-# and --micro_batch_size count these rows.
+# A training item is a dict. A triplet: kind "triplet", line (its line in the first CSV that lists
+# it), real (V^r's path), caption (t^r), neg (t^s), syn (V^s's path; None: trained without a twin),
+# w (phi; 0 without a twin), rows = 2, and, only where later --train_csv files add twins (Table 5's
+# "ALL"), more_twins = [(V^s's path, phi), ...] (twins() lists them all). An explanation: kind "nle",
+# line, real, neg (the t^s it explains), nle (its text), rows = 1. Rows are counted as the released
+# code counts them: a triplet is TWO rows, its Yes row (V^r, t^r) and its No row (V^r, t^s), each
+# with its twin; an explanation is ONE. --batch_size and --micro_batch_size count these rows. A
+# triplet with k twins is still 2 rows: its forward pass grows with k (3 more pairs a twin).
+NO_TWIN = "trained without a twin: "  # skipped.csv's reason for a row whose twin V^s is not used
+
+
 def number(cell):
     """A CSV cell as a float; NaN (the row is then skipped) if it is empty or not a number."""
     try:
@@ -165,41 +184,111 @@ def load_triplets(args):
     used (no syn_video, its file missing, a missing/NaN weight or score) trains on L_real alone, its
     synthetic terms 0, as the released code trains such rows; it is counted and listed too. Both go
     to skipped.csv with the reason. A video that exists but cannot be decoded stops the run.
+    Several --train_csv files (Table 5's "ALL", one per generator) are merged by the real triplet
+    (videopath, caption, neg_caption; the n-th such row of one CSV with the n-th of another): it is
+    ONE triplet, in the order the CSVs first list it, with a twin from each CSV that has a usable one.
+    --syn_types (Table 2) leaves out the twins of rows of other `misalignment` types: their triplets
+    train as triplets without a twin, counted in one printed line, not in skipped.csv.
     Columns: videopath (relative to --video_root), caption, neg_caption and, with --use_syn,
-    syn_video (relative to the CSV's folder unless absolute) and what phi is read from."""
-    if args.weighting != "csv" and args.weighting not in WEIGHTINGS:
-        raise ValueError(f"--weighting {args.weighting!r}: use 'csv' or one of {sorted(WEIGHTINGS)}")
-    # phi's columns: 02_weight.py's `weight`, none for w = 1, or the two VQAScores it is computed from
-    scores = {"csv": ["weight"], "fixed": []}.get(args.weighting, ["score_syn_target", "score_syn_real"])
-    scores = scores if args.use_syn else []  # the VideoCon baseline reads no twin and no weight
-    texts = ["videopath", "caption", "neg_caption"]  # an empty syn_video is a triplet without a twin
-    rows = common.read_csv(args.train_csv, texts + (["syn_video"] + scores if args.use_syn else []), texts=texts)
-    rows = common.keep_split(rows, args.split, args.train_csv)  # the other splits are counted and left out
-    w = phi_weights(rows, scores, args)  # (rows,), NaN where a cell is missing
-    csv_dir = os.path.dirname(os.path.abspath(args.train_csv))
-    keep, skipped = [], []
-    for i, r in enumerate(rows):
-        t = dict(kind="triplet", line=rows.lines[i], real=os.path.join(args.video_root, r["videopath"]),
-                 caption=r["caption"], neg=r["neg_caption"], syn=None, w=0.0, rows=2)  # the twin: below
-        if not os.path.isfile(t["real"]):  # no V^r: nothing of the triplet can be trained
-            skipped.append(dict(file=args.train_csv, line=t["line"], videopath=r["videopath"],
-                                reason=f"video not found: {t['real']}"))
-            continue
-        keep.append(t)
-        if not args.use_syn:  # the VideoCon baseline: L_real alone
-            continue
-        syn = os.path.join(csv_dir, r["syn_video"]) if r["syn_video"] else ""  # an absolute syn_video stays as it is
-        if no_twin := why_no_twin(syn, w[i]):
-            skipped.append(dict(file=args.train_csv, line=t["line"], videopath=r["videopath"],
-                                reason=f"trained without a twin: {no_twin}"))
-        else:
-            t.update(syn=syn, w=float(w[i]))
+    syn_video (relative to the CSV's folder unless absolute), what phi is read from and, with
+    --syn_types, misalignment."""
+    scores = check_data_flags(args)  # the columns phi is read from
+    wanted = {t.strip().lower() for t in args.syn_types}  # compared as keep_split compares splits
+    keep, skipped, by_key, left_out, types = [], [], {}, Counter(), set()
+    for path in args.train_csv:
+        rows, w = read_train_csv(path, scores, args)  # the --split rows, w: (rows,) phi, NaN where missing
+        seen = Counter()  # the rows of each real triplet met so far in this CSV
+        for i, r in enumerate(rows):
+            where = dict(file=path, line=rows.lines[i], videopath=r["videopath"])  # a skipped row's place
+            triplet = (r["videopath"], r["caption"], r["neg_caption"])  # the real triplet's identity
+            seen[triplet] += 1
+            key = (*triplet, seen[triplet])  # its n-th row here pairs with its n-th row in the other CSVs
+            if key not in by_key:  # the first CSV that lists it: its real part, once
+                by_key[key] = new_triplet(r, rows.lines[i], args)  # None: V^r is missing
+                keep += [by_key[key]] if by_key[key] else []
+            types.add(r.get("misalignment", ""))  # the file's types, for an unknown --syn_types
+            if by_key[key] is None:  # no V^r: nothing of the triplet can be trained
+                skipped.append({**where, "reason": f"video not found: {os.path.join(args.video_root, r['videopath'])}"})
+            elif not args.use_syn:  # the VideoCon baseline: L_real alone
+                continue
+            elif wanted and r["misalignment"].strip().lower() not in wanted:  # Table 2: not this type's twins
+                left_out[r["misalignment"]] += 1
+            elif no_twin := add_twin(by_key[key], r, w[i], path):  # else this CSV's twin joins the triplet
+                skipped.append({**where, "reason": NO_TWIN + no_twin})
+    known = {t.strip().lower() for t in types}
+    if unknown := [t for t in args.syn_types if t.strip().lower() not in known]:  # a typo would train no twin
+        raise ValueError(f"--syn_types {unknown}: no row of {csv_names(args)} has this misalignment; "
+                         f"its types: {sorted(types)}")
     if not keep:
-        raise ValueError(f"{args.train_csv}: no row can be trained on ({len(skipped)} skipped: {skipped[0]['reason']})")
+        raise ValueError(f"{csv_names(args)}: no row can be trained on "
+                         f"({len(skipped)} skipped: {skipped[0]['reason']})")
+    if left_out:  # one line: the twins --syn_types leaves out, by type
+        common.print0(f"--syn_types {args.syn_types}: {sum(left_out.values())} twin(s) of other misalignment types "
+                      f"left out ({', '.join(f'{k}: {n}' for k, n in sorted(left_out.items()))}); their triplets "
+                      f"train on L_real alone (Table 2), not listed in skipped.csv")
+    if len(args.train_csv) > 1:  # Table 5's "ALL": how many twins the merged triplets have
+        common.print0(f"{len(args.train_csv)} --train_csv files merged into {len(keep)} triplets; twins per "
+                      f"triplet: {dict(sorted(Counter(len(twins(t)) for t in keep).items()))}")
     return keep, skipped
 
 
-def phi_weights(rows, scores, args):
+def check_data_flags(args):
+    """Refuse --weighting, --train_csv and --syn_types values that cannot work; returns the columns that
+    phi is read from: 02_weight.py's `weight`, none for w = 1, or the two VQAScores it is computed from."""
+    if args.weighting != "csv" and args.weighting not in WEIGHTINGS:
+        raise ValueError(f"--weighting {args.weighting!r}: use 'csv' or one of {sorted(WEIGHTINGS)}")
+    if not args.train_csv:  # `--train_csv` with no file after it
+        raise ValueError("--train_csv: give one CSV, or one per generator (Table 5's \"ALL\")")
+    if args.syn_types and not args.use_syn:  # the VideoCon baseline has no twin to pick
+        raise ValueError(f"--syn_types {args.syn_types} picks synthetic twins: it needs --use_syn")
+    scores = {"csv": ["weight"], "fixed": []}.get(args.weighting, ["score_syn_target", "score_syn_real"])
+    return scores if args.use_syn else []  # the VideoCon baseline reads no twin and no weight
+
+
+def read_train_csv(path, scores, args):
+    """One --train_csv's rows of --split (the other splits are counted and left out) and their
+    weights w = phi (phi_weights): (rows, (rows,) array, NaN where a cell is missing)."""
+    texts = ["videopath", "caption", "neg_caption"]  # an empty syn_video is a triplet without a twin
+    columns = texts + (["syn_video"] + scores if args.use_syn else []) + (["misalignment"] if args.syn_types else [])
+    rows = common.keep_split(common.read_csv(path, columns, texts=texts), args.split, path)
+    return rows, phi_weights(rows, scores, args, path)
+
+
+def new_triplet(r, line, args):
+    """CSV row r as a triplet item, its twin not yet added (None if its real video V^r is missing)."""
+    real = os.path.join(args.video_root, r["videopath"])
+    if not os.path.isfile(real):
+        return None
+    return dict(kind="triplet", line=line, real=real, caption=r["caption"], neg=r["neg_caption"], syn=None, w=0.0,
+                rows=2)
+
+
+def add_twin(t, r, w, path):
+    """Add CSV row r's twin V^s (syn_video, relative to the CSV's folder unless absolute) with its weight w
+    = phi to triplet t: the first in syn and w, those of later CSVs in more_twins. Returns why the row's
+    twin cannot be used ('' if it is used)."""
+    syn = os.path.join(os.path.dirname(os.path.abspath(path)), r["syn_video"]) if r["syn_video"] else ""
+    if no_twin := why_no_twin(syn, w):
+        return no_twin
+    if t["syn"] is None:
+        t.update(syn=syn, w=float(w))
+    else:  # Table 5's "ALL": another generator's V^s of the same t^s
+        t.setdefault("more_twins", []).append((syn, float(w)))
+    return ""
+
+
+def twins(t):
+    """A triplet's twins V^s with their weights phi, [(path, phi), ...]: none, or syn and w first, then
+    more_twins (one per further --train_csv with a usable twin)."""
+    return ([(t["syn"], t["w"])] if t.get("syn") else []) + t.get("more_twins", [])
+
+
+def csv_names(args):
+    """The --train_csv files, as messages name them."""
+    return ", ".join(args.train_csv)
+
+
+def phi_weights(rows, scores, args, path):
     """§5 Eq. (4) / Table 4: each row's weight w = phi(V^s, t^s, t^r), clamped at 0 (NaN where a
     needed cell is missing or not a number). --weighting csv reads 02_weight.py's `weight`; a
     WEIGHTINGS name recomputes it from fbar(V^s, t^s) and fbar(V^s, t^r); 'fixed' (and --no-use_syn)
@@ -209,7 +298,7 @@ def phi_weights(rows, scores, args):
         low = 0 if c.startswith("score") else -math.inf  # a negative weight is clamped at 0 below
         if bad := [f"{line} ({r[c]})" for line, r, v in zip(rows.lines, rows, column[c])
                    if not low <= v <= 1 and not math.isnan(v)]:
-            raise ValueError(f"{args.train_csv}: {c} outside [{low}, 1] on line(s) {', '.join(bad[:10])}")
+            raise ValueError(f"{path}: {c} outside [{low}, 1] on line(s) {', '.join(bad[:10])}")
     if not args.use_syn or args.weighting == "fixed":
         w = np.ones(len(rows))  # Eq. (3), unweighted
     elif args.weighting == "csv":
@@ -260,7 +349,7 @@ def load_explanations(args):
 class PairSpec(NamedTuple):
     """One pair to run: its prompt, its video and the answer tokens fed after the prompt."""
     item: int  # the position of its triplet or explanation in the micro-batch
-    name: str  # "rr", "rs", "ss", "sr", "r'", "s'" or "nle"
+    name: str  # "rr", "rs", "ss", "sr", "r'", "s'" (twin j >= 1: "ss1", "sr1", "s'1", ...) or "nle"
     video: str  # V^r's or V^s's path
     caption: str  # the caption t asked about
     other_caption: str | None  # t' pairs: `caption`'s words outside LCS(caption, other_caption) are hidden
@@ -278,9 +367,10 @@ class Pair(NamedTuple):
 
 def pair_specs(batch, processor, model_type, word, args):
     """The pairs to run for a micro-batch, item by item: a triplet's "rr", "rs", then with a twin "ss",
-    "sr", then with --use_scr "r'", "s'"; an explanation's "nle". Answer tokens are fed only where a
-    token loss reads them: an explanation's always; the entailment pairs' under --answer_loss vocab
-    (the word Yes/No, then the end token). word: {"Yes": id, "No": id}."""
+    "sr", then with --use_scr "r'", "s'", then those of its further twins j ("ssj", "srj", "s'j"; Table
+    5's "ALL"); an explanation's "nle". Answer tokens are fed only where a token loss reads them: an
+    explanation's always; the entailment pairs' under --answer_loss vocab (the word Yes/No, then the
+    end token). word: {"Yes": id, "No": id}."""
     end = [processor.tokenizer.eos_token_id]  # ends an answer (LLaMA's </s>, as the released "ASSISTANT: Yes</s>")
     specs = []
     for k, r in enumerate(batch):
@@ -293,13 +383,26 @@ def pair_specs(batch, processor, model_type, word, args):
         yes, no = ([word["Yes"]] + end, [word["No"]] + end) if vocab else (None, None)
         specs += [PairSpec(k, "rr", r["real"], r["caption"], None, None, yes),  # V^r shows t^r: Yes
                   PairSpec(k, "rs", r["real"], r["neg"], None, None, no)]  # V^r does not show t^s: No
-        if r["syn"]:
-            specs += [PairSpec(k, "ss", r["syn"], r["neg"], None, None, yes),  # V^s = G(t^s) shows t^s: Yes
-                      PairSpec(k, "sr", r["syn"], r["caption"], None, None, no)]  # V^s does not show t^r: No
+        for j, (syn, _) in enumerate(twins(r)):  # one twin, or one per generator's CSV (Table 5's "ALL")
+            specs += [PairSpec(k, twin_pair("ss", j), syn, r["neg"], None, None, yes),  # V^s = G(t^s) shows t^s: Yes
+                      PairSpec(k, twin_pair("sr", j), syn, r["caption"], None, None, no)]  # V^s does not show t^r: No
             if args.use_scr:  # t' = the video's own caption, its words outside LCS(t^r, t^s) hidden
-                specs += [PairSpec(k, "r'", r["real"], r["caption"], r["neg"], None, None),
-                          PairSpec(k, "s'", r["syn"], r["neg"], r["caption"], None, None)]
+                # (V^r, t') does not depend on the twin: run once, with the first
+                specs += [PairSpec(k, "r'", r["real"], r["caption"], r["neg"], None, None)] if j == 0 else []
+                specs += [PairSpec(k, twin_pair("s'", j), syn, r["neg"], r["caption"], None, None)]
     return specs
+
+
+def twin_pair(name, j):
+    """Twin j's name for a synthetic pair "ss", "sr" or "s'": the name itself for the first twin (j = 0),
+    j appended for the others ("ss1", "sr1", "s'1", ...)."""
+    return name if j == 0 else f"{name}{j}"
+
+
+def split_pair(name):
+    """A pair name as (name without its twin index, twin index j): "ss1" -> ("ss", 1), "rr" -> ("rr", 0)."""
+    base = name.rstrip("0123456789")
+    return base, int(name[len(base):] or 0)
 
 
 def micro_batch_pairs(model, processor, batch, paths, frames, args):
@@ -329,21 +432,33 @@ def micro_batch_pairs(model, processor, batch, paths, frames, args):
 # =================================================================================================
 # §5 Eq. (7): the objective, from the pairs' alignment logits
 # =================================================================================================
+# NOTE (deviation): with several --train_csv files (Table 5's "ALL": every generator's V^s of each
+# t^s) a triplet has k twins. The paper does not say how their terms were combined, and the release
+# has no config for "ALL"; we take, for a triplet, the MEAN over its k twins of the per-twin terms of
+# Eqs. (5) and (6), so that a triplet with k twins weighs as much as one with a single twin: twin j
+# enters L_syn^phi and L_scr^phi with weight phi_j / k. Eq. (6)'s hinges on V^r use the same logits
+# for every twin, (V^r, t') included (run once), so they enter with weight mean_j phi_j. L_real is
+# counted once per triplet. With one CSV (k <= 1) this is Eqs. (5)-(6) exactly as before.
 def objective(pairs, batch, args):
     """Eq. (7): L = L_real + L_syn^phi + lambda_scr * L_scr^phi  (--answer_loss two_way, the default)
 
     with L_real (Eq. 2), L_syn^phi (Eq. 5) and L_scr^phi (Eq. 6) each a mean over the micro-batch's
     triplets, all from the alignment logits a of micro_batch_pairs' Pairs. A triplet without a twin
-    has w = 0, so its synthetic terms are exactly 0. Plus l_nle, VideoCon's explanation task (not
-    part of Eq. 7), which the released recipe adds to the loss. Returns {TERMS: 0-dim tensors}."""
+    has w = 0, so its synthetic terms are exactly 0; one with k twins takes the mean of its k twins'
+    terms (the NOTE above). Plus l_nle, VideoCon's explanation task (not part of Eq. 7), which the
+    released recipe adds to the loss. Returns {TERMS: 0-dim tensors}."""
     zero = torch.zeros((), device=pairs[0][2].device)  # a term with nothing to average
-    a, w, twins = triplet_logits(pairs, batch, zero)  # a[name]: (b,) over the b triplets ({} if b = 0); w: (b,)
+    a, w, k = triplet_logits(pairs, batch, zero)  # a[name]: (b,) over the b triplets ({} if b = 0); w: (J, b)
+    share = w / torch.tensor(k, device=zero.device).clamp(min=1)  # (J, b): phi_j / k, twin j's part of a triplet
     # ---- §3 Eq. (2): on V^r, its caption t^r (Yes) against the LLM-written negative t^s (No) ----
     l_real = common.loss_real(a["rr"], a["rs"]) if a else zero
     # ---- §5 Eq. (5): on V^s = G(t^s), t^s (Yes) against t^r (No), each triplet weighted by w = phi ----
-    l_syn = common.loss_syn(a["ss"], a["sr"], w) if a and args.use_syn else zero
+    # (summed over the twin slots j, each weighted phi_j / k: the mean over a triplet's k twins)
+    l_syn = over_twins([common.loss_syn(a[twin_pair("ss", j)], a[twin_pair("sr", j)], share[j])
+                        for j in range(len(w))], zero) if args.use_syn else zero
     # ---- §5 Eq. (6): f(V^z, t^z) > f(V^z, t') > f(V^z, t^zbar) by the margin gamma, on both videos ----
-    l_scr = common.loss_scr(*scr_logits(a), w, args.gamma) if args.use_syn and args.use_scr and twins else zero
+    l_scr = over_twins([common.loss_scr(*scr_logits(a, j), share[j], args.gamma)
+                        for j in range(len(w))], zero) if args.use_syn and args.use_scr else zero
     # ---- not Eq. (7): VideoCon's explanation task, the mean cross-entropy of the explanations' tokens ----
     explained = [tokens for _, name, _, tokens in pairs if name == "nle" and tokens]  # [(logits, targets)]
     l_nle = zero
@@ -364,57 +479,80 @@ def objective(pairs, batch, args):
 # --lambda_scr 4 gives the release's balance between the terms, at 1/8 of its scale (which gradient
 # clipping sees), and only without explanations (their tokens join N). --answer_loss vocab reproduces
 # the release exactly; the default keeps the paper's lambda_scr = 1.
+# NOTE (deviation): with k twins (Table 5's "ALL", no released config) the released loss is extended
+# as its own means count: per token and per half-triplet. Each twin's 2 pairs bring their 4 tokens,
+# weighted by that twin's phi, into the one sum and into N; L_scr^phi averages the half-triplets with
+# a twin, counted per twin (twin j: its V^s half and the V^r half with weight phi_j). So, unlike the
+# two-way mean over twins, a triplet with k twins weighs about k-fold in L_syn^phi and L_scr^phi here,
+# as in the release run on the k CSVs concatenated, but with L_real's tokens counted once.
 def released_objective(pairs, batch, args):
     """The released code's loss (--answer_loss vocab), in place of Eqs. (1)-(2)'s two-way terms:
         L = 1/N sum_k w_k CE_k  +  lambda_scr * L_scr^phi * b / (2 * twins)
     over every answer token k of the micro-batch (the word and the end token of each entailment pair,
     every token of an explanation, and its end token): CE_k its full-vocabulary cross-entropy
-    (common.answer_token_loss), w_k = phi on synthetic pairs and 1 elsewhere, N the number of tokens.
-    l_real, l_syn and l_nle are that sum's parts over the real pairs, the synthetic pairs and the
-    explanations. L_scr^phi then averages the half-triplets that have a twin, as released (half of
-    Eq. 6's per-triplet sum): b triplets, of which `twins` have a twin."""
+    (common.answer_token_loss), w_k = phi on synthetic pairs (its twin's) and 1 elsewhere, N the
+    number of tokens. l_real, l_syn and l_nle are that sum's parts over the real pairs, the synthetic
+    pairs and the explanations. L_scr^phi then averages the half-triplets that have a twin, as
+    released (half of Eq. 6's per-triplet sum): b triplets with `twins` twins in all."""
     zero = torch.zeros((), device=pairs[0][2].device)  # a term with nothing to sum
     tokens = answer_tokens(pairs, batch)  # pair name -> [(w_k, (logits (K, vocab), targets (K,))), ...]
     n_tokens = sum(len(y) for group in tokens.values() for _, (_, y) in group)  # N, over all pairs
     l_real = token_loss(tokens["rr"] + tokens["rs"], n_tokens, zero)
-    l_syn = token_loss(tokens["ss"] + tokens["sr"], n_tokens, zero)
+    l_syn = token_loss(tokens["ss"] + tokens["sr"], n_tokens, zero)  # every twin's pairs
     l_nle = token_loss(tokens["nle"], n_tokens, zero)  # VideoCon's explanation task, in the same sum
-    a, w, twins = triplet_logits(pairs, batch, zero)
+    a, w, k = triplet_logits(pairs, batch, zero)
     l_scr = zero
-    if args.use_syn and args.use_scr and twins:  # the release's mean is over its half-triplets with a twin
-        l_scr = common.loss_scr(*scr_logits(a), w, args.gamma) * len(w) / (2 * twins)  # len(w) = b
+    if args.use_syn and args.use_scr and sum(k):  # the release's mean is over its half-triplets with a twin
+        hinges = over_twins([common.loss_scr(*scr_logits(a, j), w[j], args.gamma) for j in range(len(w))], zero)
+        l_scr = hinges * len(k) / (2 * sum(k))  # len(k) = b; sum(k): twins, each counted
     loss = common.total_loss(l_real, l_syn, l_scr, args.lambda_scr) + l_nle
     return dict(zip(TERMS, (loss, l_real, l_syn, l_scr, l_nle)))
 
 
 def triplet_logits(pairs, batch, zero):
     """The micro-batch's b triplets as columns: a {pair name: (b,) alignment logits} ({} if b = 0; a
-    pair a triplet lacks, e.g. "ss" without a twin, reads 0), w (b,) their weights phi, and how many
-    have a twin. pairs: Pairs, or plain (item, name, a, tokens) tuples."""
-    triplets = [k for k, r in enumerate(batch) if r["kind"] == "triplet"]  # their positions in the batch
-    w = torch.tensor([batch[k]["w"] for k in triplets], device=zero.device)  # 0 for a triplet without a twin
+    pair a triplet lacks, e.g. "ss" without a twin, reads 0), w (J, b): the weight phi of each
+    triplet's twin j (0 where it has none; J = the most twins a triplet here has: 0 or 1 with one
+    --train_csv), and k: each triplet's number of twins (a list). pairs: Pairs, or plain (item, name,
+    a, tokens) tuples."""
+    triplets = [twins(r) for r in batch if r["kind"] == "triplet"]  # each triplet's [(V^s, phi), ...]
+    k = [len(t) for t in triplets]
+    slots = max(k, default=0)  # J
+    w = torch.tensor([[t[j][1] if j < len(t) else 0.0 for t in triplets] for j in range(slots)],
+                     device=zero.device).reshape(slots, len(triplets))  # phi_j, 0 for a triplet without twin j
     if not triplets:  # a micro-batch of explanations only
-        return {}, w, 0
-    by_item = {(k, name): a for k, name, a, _ in pairs}  # (item position, pair name) -> a, 0-dim
-    a = {name: torch.stack([by_item.get((k, name), zero) for k in triplets]) for name in TRIPLET_PAIRS}
-    return a, w, sum(batch[k]["syn"] is not None for k in triplets)
+        return {}, w, k
+    by_item = {(i, name): a for i, name, a, _ in pairs}  # (item position, pair name) -> a, 0-dim
+    where = [i for i, r in enumerate(batch) if r["kind"] == "triplet"]  # the triplets' positions in the batch
+    names = [name for name in TRIPLET_PAIRS if name not in TWIN_PAIRS]  # rr, rs, r': one per triplet
+    names += [twin_pair(name, j) for j in range(slots) for name in TWIN_PAIRS]  # ss, sr, s' of each twin j
+    return {name: torch.stack([by_item.get((i, name), zero) for i in where]) for name in names}, w, k
 
 
-def scr_logits(a):
-    """Eq. (6)'s arguments, each (b, 2) with column 0 = V^s, column 1 = V^r: the video's own caption
-    t^z, the shared t', the other video's caption t^zbar (common.loss_scr)."""
-    own = torch.stack([a["ss"], a["rr"]], 1)  # the logits of (V^s, t^s), (V^r, t^r)
-    shared = torch.stack([a["s'"], a["r'"]], 1)  # of (V^s, t'), (V^r, t')
-    other = torch.stack([a["sr"], a["rs"]], 1)  # of (V^s, t^r), (V^r, t^s)
+def over_twins(terms, zero):
+    """The sum of one term per twin slot j (zero if there is none; the term itself if there is one)."""
+    return functools.reduce(torch.add, terms) if terms else zero
+
+
+def scr_logits(a, j=0):
+    """Eq. (6)'s arguments for twin j, each (b, 2) with column 0 = V^s (twin j), column 1 = V^r: the
+    video's own caption t^z, the shared t', the other video's caption t^zbar (common.loss_scr)."""
+    own = torch.stack([a[twin_pair("ss", j)], a["rr"]], 1)  # the logits of (V^s, t^s), (V^r, t^r)
+    shared = torch.stack([a[twin_pair("s'", j)], a["r'"]], 1)  # of (V^s, t'), (V^r, t')
+    other = torch.stack([a[twin_pair("sr", j)], a["rs"]], 1)  # of (V^s, t^r), (V^r, t^s)
     return own, shared, other
 
 
 def answer_tokens(pairs, batch):
-    """The answer tokens of the pairs that carry them, by pair name, in pair order:
-    [(w_k, (logits (K, vocab), targets (K,))), ...], w_k = phi for the synthetic pairs, 1 otherwise."""
-    # t' pairs carry no tokens: the released code has no token loss for them, only Eq. (6)
-    return {name: [(batch[k]["w"] if name in ("ss", "sr") else 1.0, t) for k, n, _, t in pairs if n == name and t]
-            for name in ("rr", "rs", "ss", "sr", "nle")}
+    """The answer tokens of the pairs that carry them, by pair name (every twin's under "ss" and "sr"),
+    in pair order: [(w_k, (logits (K, vocab), targets (K,))), ...], w_k = the twin's phi for the
+    synthetic pairs, 1 otherwise."""
+    groups = {name: [] for name in ("rr", "rs", "ss", "sr", "nle")}
+    for i, name, _, t in pairs:
+        base, j = split_pair(name)  # "ss1" -> ("ss", 1): twin 1's
+        if t:  # t' pairs carry no tokens: the released code has no token loss for them, only Eq. (6)
+            groups[base].append((twins(batch[i])[j][1] if base in ("ss", "sr") else 1.0, t))
+    return groups
 
 
 def token_loss(group, n_tokens, zero):
@@ -444,11 +582,7 @@ def main(args):
     plan, accum, total = micro_batch_plan(items, args, dist)  # the same global batches for any process count
     stop = min(total, args.max_steps) if args.max_steps else total  # --max_steps: as if killed there
     settings = checkpoint_settings(args, items)
-    no_twin = sum(r["syn"] is None for r in triplets) if args.use_syn else 0  # listed in skipped.csv too
-    common.print0(f"{len(triplets)} triplets ({no_twin} without a twin, trained on L_real alone) and "
-                  f"{len(explanations)} explanations; {len(skipped) - no_twin} rows skipped; all listed in "
-                  f"skipped.csv. {total} steps of {args.batch_size} rows = {dist.world_size} processes x {accum} "
-                  f"micro-batches x {args.micro_batch_size}")
+    print_data(triplets, explanations, skipped, total, accum, args, dist)
 
     # ---- §6 model: the video LLM f(V, t), frozen, plus LoRA on its language model; AdamW, cosine decay ----
     common.seed_everything(args.seed)  # the same LoRA initialisation on every rank
@@ -504,7 +638,7 @@ def micro_batch_plan(items, args, dist):
     per_global = accum * dist.world_size  # micro-batches in one global batch
     total = sum(len(e) // per_global for e in plan)  # each epoch's tail that fills no global batch is dropped
     if total == 0:
-        raise ValueError(f"{args.train_csv}: {sum(it['rows'] for it in items)} usable rows, fewer than one "
+        raise ValueError(f"{csv_names(args)}: {sum(it['rows'] for it in items)} usable rows, fewer than one "
                          f"--batch_size {args.batch_size}")
     if total == 1 and args.warmup_steps > 0:  # the linear warm-up starts at lr 0: nothing would train
         raise ValueError(f"1 optimizer step with --warmup_steps {args.warmup_steps}: it runs at lr 0 and the adapter "
@@ -575,7 +709,8 @@ def video_loader(items, plan, start, stop, accum, args, dist):
 def load_videos(batch, args, cache=None):
     """DataLoader collate (runs in a worker): decode each distinct video of a micro-batch once; with
     a `cache` (a dict: --cache_videos) each video only the first time this process meets it."""
-    paths = list(dict.fromkeys([r["real"] for r in batch] + [r["syn"] for r in batch if r.get("syn")]))
+    # V^r of every item, then every twin V^s (Table 5's "ALL": one per generator)
+    paths = list(dict.fromkeys([r["real"] for r in batch] + [syn for r in batch for syn, _ in twins(r)]))
     if cache is None:
         return batch, paths, [common.read_video(p, args.num_frames, args.frame_sampling) for p in paths]
     for p in paths:
@@ -596,6 +731,18 @@ def die_with(parent, worker_id):
 
 
 # ---- the training loop's steps ----
+def print_data(triplets, explanations, skipped, total, accum, args, dist):
+    """One printed line: what trains (triplets, those without a twin, explanations), what is skipped,
+    and the global batches. skipped: load_triplets' and load_explanations' rows not trained on."""
+    no_twin = sum(r["syn"] is None for r in triplets) if args.use_syn else 0  # listed in skipped.csv too
+    rows_out = sum(not s["reason"].startswith(NO_TWIN) for s in skipped)  # the skipped rows, not twins
+    but = " but the twins --syn_types leaves out" if args.syn_types else ""  # Table 2's are not skipped
+    common.print0(f"{len(triplets)} triplets ({no_twin} without a twin, trained on L_real alone) and "
+                  f"{len(explanations)} explanations; {rows_out} rows skipped; all listed in "
+                  f"skipped.csv{but}. {total} steps of {args.batch_size} rows = {dist.world_size} processes x {accum} "
+                  f"micro-batches x {args.micro_batch_size}")
+
+
 def micro_step(loss_fn, ddp_model, processor, loaded, step, last, accum, args, dist):
     """One micro-batch's forward (every pair in one call, then loss_fn) and backward of loss / accum.
     loaded: load_videos' (batch, paths, frames); last: the step's last micro-batch, whose backward
@@ -611,7 +758,7 @@ def micro_step(loss_fn, ddp_model, processor, loaded, step, last, accum, args, d
         if not all(torch.isfinite(v) for v in terms.values()):  # stop at once, naming the rows to look at
             raise FloatingPointError(
                 f"step {step + 1}: non-finite loss {({k: v.item() for k, v in terms.items()})} on "
-                f"lines {[(r['kind'], r['line']) for r in batch]} of {args.train_csv} / {args.feedback_csv} "
+                f"lines {[(r['kind'], r['line']) for r in batch]} of {csv_names(args)} / {args.feedback_csv} "
                 f"(videos {paths})")
         (terms["loss"] / accum).backward()  # the step's gradient: the mean over its micro-batches
     return torch.stack([terms[k].detach().float() for k in TERMS])
@@ -634,10 +781,14 @@ def log_step(sums, step, lr, grad_norm, t0, accum, args, dist):
 # ---- out_dir: settings, checkpoints (LoRA weights, optimizer, scheduler, step), the adapter ----
 def checkpoint_settings(args, items):
     """What a checkpoint is made with: every setting that changes the weights (not RUN_ONLY), the
-    CSVs' content (sha256) and the item count. --resume refuses a checkpoint with other settings."""
+    CSVs' content (sha256; one per --train_csv, in order) and the item count. --resume refuses a
+    checkpoint with other settings."""
     # the CSVs by content, not by path: a changed weight column must not resume an older run
-    settings = {**asdict(args), "train_csv": common.file_hash(args.train_csv), "items": len(items),
+    hashes = [common.file_hash(path) for path in args.train_csv]  # another list of CSVs is another run
+    settings = {**asdict(args), "train_csv": hashes[0] if len(hashes) == 1 else hashes, "items": len(items),
                 "feedback_csv": common.file_hash(args.feedback_csv) if args.feedback_csv else ""}
+    if not args.syn_types:  # as a checkpoint written before --syn_types existed records it: absent
+        del settings["syn_types"]
     return {k: v for k, v in settings.items() if k not in RUN_ONLY}
 
 
@@ -648,7 +799,10 @@ def start_out_dir(args, skipped, start, dist):
     if not dist.master:
         return
     os.makedirs(args.out_dir, exist_ok=True)
-    common.save_json(os.path.join(args.out_dir, "args.json"), asdict(args))
+    record = asdict(args)  # Args(**record) gives these settings back
+    if len(args.train_csv) == 1:  # one CSV as a path, as args.json held it before --train_csv took several
+        record["train_csv"] = args.train_csv[0]
+    common.save_json(os.path.join(args.out_dir, "args.json"), record)
     common.write_csv(os.path.join(args.out_dir, "skipped.csv"), skipped, ["file", "line", "videopath", "reason"])
     if not args.resume:
         shutil.rmtree(os.path.join(args.out_dir, "checkpoints"), ignore_errors=True)

@@ -2,6 +2,7 @@
 
 Reads   task files in VideoCon's released layouts, one flag per task (the layouts: read_task)
           --videocon_llm / --videocon_human  entailment: ROC-AUC (Table 3 LLM, Human, Human-Hard)
+          (VideoCon's videocon_human.csv as released, video_url and no videopath: <--video_root>/<URL's file name>)
           --ssv2_temporal / --ssv2_events    text-to-video retrieval: mAP, R@1/5/10
           --atphard                          5-way QA: accuracy, causal (C) / temporal (T)
         --scores FILE instead of a model: FILE (ours or VideoCon's) on the one task given
@@ -63,7 +64,8 @@ class Args:
     videocon_llm: str = ""
     """VideoCon LLM entailment CSV (Table 3 'LLM'); only rows with split == test if it has a split column"""
     videocon_human: str = ""
-    """VideoCon-Human CSV with a `hard` column (Table 3 'Human' and 'Human-Hard')"""
+    """VideoCon-Human CSV with a `hard` column (Table 3 'Human' and 'Human-Hard'); VideoCon's own
+    videocon_human.csv (video_url, no videopath) is read as the clips <--video_root>/<each URL's file name>"""
     ssv2_temporal: str = ""
     """SSv2-Temporal retrieval CSV (eval_ssv2_temporal.csv: videopath, caption, match)"""
     ssv2_events: str = ""
@@ -212,14 +214,22 @@ def read_task(name, path):
     # the layouts: videocon_*  videopath, caption, neg_caption (+ split; + hard for Human)
     #              ssv2_*      videopath, caption, match
     #              atphard     videopath, question, answer, option, caption (a statement)
+    #   and VideoCon's videocon_human.csv as released: video_url, caption, neg_caption, nle, hard
     required = {"atphard": ["question", "answer", "option"], "videocon_human": ["neg_caption", "hard"],
                 "videocon_llm": ["neg_caption"]}.get(name, ["match"])
     # the columns holding a text t to score
     texts = ("caption", "neg_caption") if name.startswith("videocon") else ("caption",)
-    rows = common.read_csv(path, ["videopath", "caption", *required], texts=("videopath", *texts))
+    # the column naming each video: videopath, or for that released Human file its video_url
+    columns = csv_header(path)
+    url_layout = name == "videocon_human" and "video_url" in columns and "videopath" not in columns
+    where = "video_url" if url_layout else "videopath"
+    rows = common.read_csv(path, [where, "caption", *required], texts=(where, *texts))
     # results.json tells how many rows the file had and why any were left out
     report = {"file": path, "rows": len(rows) + sum(map(len, rows.skipped.values())),
               "rows_skipped": {k: len(v) for k, v in rows.skipped.items()}}
+    if where == "video_url":  # each row's videopath: its URL's file name, under --video_root
+        videopaths_from_urls(path, rows)
+        report["videopath"] = "the file name of video_url"
 
     def own_negative(row):  # an entailment row whose negative is its caption: nothing to tell apart
         return len(texts) == 2 and description(row["caption"]) == description(row["neg_caption"])
@@ -237,6 +247,35 @@ def read_task(name, path):
         raise ValueError(f"{path}: every row has match = {rows[0]['match']}; retrieval needs matches and non-matches")
     pairs = {(r["videopath"], description(r[t])) for r in rows for t in texts}  # each (V, t) once
     return rows, report, sorted(pairs)
+
+
+def csv_header(path):
+    """The column names of a CSV file, as a set; empty if it cannot be read (common.read_csv then says why)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return set(next(csv.reader(fh), []))
+    except (OSError, UnicodeDecodeError):
+        return set()
+
+
+def videopaths_from_urls(path, rows):
+    """VideoCon-Human as VideoCon releases it: videocon_human.csv names each ActivityNet clip by its
+    video_url, a download link. A local copy of the clips keeps their file names, so each row's videopath
+    is its URL's file name (the last part of the URL's path, query string and fragment removed), read
+    under --video_root. Two URLs with one file name would be one video: an error naming the lines."""
+    from urllib.parse import urlsplit
+    first = {}  # file name -> (line, URL) of the first row that has it
+    for line, r in zip(rows.lines, rows):
+        url = r["video_url"].strip()
+        r["videopath"] = os.path.basename(urlsplit(url).path)  # https://host/dir/v_x.mp4?sig=1 -> v_x.mp4
+        if not r["videopath"]:
+            raise ValueError(f"{path}:{line}: video_url {url!r} has no file name")
+        if (other := first.setdefault(r["videopath"], (line, url)))[1] != url:
+            raise ValueError(f"{path}: lines {other[0]} and {line}: two video_urls with the file name "
+                             f"{r['videopath']!r} ({other[1]}, {url})")
+    # one line, so that a reader knows where the clips are looked for
+    common.print0(f"{path}: no videopath column: each video_url is read as <--video_root>/<its file name>, "
+                  f"e.g. {rows[0]['video_url'].strip()} -> {rows[0]['videopath']}")
 
 
 # ---- §3 Eq. (1): f(V, t) for every (video, caption) pair of a task ----

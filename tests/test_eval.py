@@ -293,6 +293,74 @@ def test_main_scores_resumes_and_reports_bad_videos(video_llava_dir, tmp_path, c
         ev.main(ev.Args(**{**vars(args), "num_frames": 4}))
 
 
+# ---- VideoCon-Human from VideoCon's own videocon_human.csv (issue 25 item 9): video_url, no videopath --
+HUMAN_URL = "https://storage.googleapis.com/videocon-human/activitynet/{}.mp4"
+HUMAN = [("v_abc", True), ("v_def", False), ("v_ghi", True), ("v_gone", True)]  # (clip, hard); v_gone: no file
+
+
+def write_human_task(tmp_path):
+    """A few rows in videocon_human.csv's layout (video_url, caption, neg_caption, nle, hard), the clips
+    copied locally under their URLs' file names, but for v_gone; one URL carries a query string."""
+    root = tmp_path / "activitynet"
+    rows = []
+    for k, (clip, hard) in enumerate(HUMAN):
+        if clip != "v_gone":
+            common.write_video(str(root / f"{clip}.mp4"), tiny.moving_square(num_frames=8, direction=1 - 2 * (k % 2),
+                                                                              seed=k))
+        url = HUMAN_URL.format(clip) + ("?X-Goog-Signature=ab%2Fc&X-Goog-Expires=600" if clip == "v_def" else "")
+        rows.append({"video_url": url, "caption": CAPTIONS[k % 2], "neg_caption": CAPTIONS[2 + k % 2],
+                     "nle": "the video shows something else", "hard": str(hard)})  # pandas writes True / False
+    common.write_csv(str(tmp_path / "videocon_human.csv"), rows)
+    return str(tmp_path / "videocon_human.csv"), str(root)
+
+
+def test_videocon_human_as_released_reads_each_url_as_a_local_file_with_scores(tmp_path, capsys):
+    task, _ = write_human_task(tmp_path)
+    scores = tmp_path / "scores.csv"  # f(V, t) by the clips' file names; v_gone.mp4 has none
+    f = {"v_abc": (0.9, 0.3), "v_def": (0.4, 0.6), "v_ghi": (0.7, 0.8)}  # (caption, neg_caption)
+    common.write_csv(str(scores), [{"videopath": f"{clip}.mp4", "caption": CAPTIONS[k % 2 + 2 * j], "score": f[clip][j]}
+                                   for k, (clip, _) in enumerate(HUMAN[:3]) for j in (0, 1)])
+    res = ev.main(ev.Args(videocon_human=task, scores=str(scores), out_dir=str(tmp_path / "out")))["videocon_human"]
+    # positives .9 .4 .7 against negatives .3 .6 .8: 3 + 1 + 2 of 9 pairs; hard (v_abc, v_ghi): .9 > .3 .8, .7 > .3
+    assert res["auc"] == pytest.approx(100 * 6 / 9) and res["auc_hard"] == pytest.approx(75.0)
+    assert (res["items"], res["items_without_score"], res["items_hard"], res["pairs"]) == (6, 2, 4, 8)
+    assert res["videopath"] == "the file name of video_url"
+    assert f"{task}: no videopath column: each video_url is read as <--video_root>/<its file name>, " \
+           f"e.g. {HUMAN_URL.format('v_abc')} -> v_abc.mp4" in capsys.readouterr().out
+
+
+def test_videocon_human_as_released_scored_by_a_model_counts_a_missing_clip(video_llava_dir, tmp_path):
+    from sklearn.metrics import roc_auc_score
+    task, root = write_human_task(tmp_path)
+    res = ev.main(ev.Args(model=video_llava_dir, videocon_human=task, video_root=root,
+                          out_dir=str(tmp_path / "out")))["videocon_human"]
+    # v_gone.mp4 is missing: an unreadable video, as in any other layout; its two items have no score
+    assert (res["videos_failed"], res["pairs"], res["pairs_scored"]) == (1, 8, 6)
+    assert os.path.join(root, "v_gone.mp4") in res["failed"][0]
+    assert (res["items"], res["items_without_score"], res["items_hard"]) == (6, 2, 4)
+    got = scores_of(str(tmp_path / "out" / "videocon_human_scores.csv"))
+    assert {v for v, _ in got} == {"v_abc.mp4", "v_def.mp4", "v_ghi.mp4"}  # the query string is not in the name
+    pos = [(f"{clip}.mp4", CAPTIONS[k % 2], CAPTIONS[2 + k % 2], hard) for k, (clip, hard) in enumerate(HUMAN[:3])]
+    auc = roc_auc_score([1] * 3 + [0] * 3, [got[(v, c)] for v, c, _, _ in pos] + [got[(v, n)] for v, _, n, _ in pos])
+    hard = [p for p in pos if p[3]]
+    auc_hard = roc_auc_score([1, 1, 0, 0], [got[(v, c)] for v, c, _, _ in hard] + [got[(v, n)] for v, _, n, _ in hard])
+    assert res["auc"] == pytest.approx(100 * auc) and res["auc_hard"] == pytest.approx(100 * auc_hard)
+
+
+def test_other_layouts_keep_videopath(tmp_path, capsys):
+    task, _ = write_human_task(tmp_path)
+    rows = common.read_csv(task)
+    both = str(tmp_path / "both.csv")  # a videopath column wins: read as before
+    common.write_csv(both, [{"videopath": f"local/{k}.mp4", **r} for k, r in enumerate(rows)])
+    assert [r["videopath"] for r in ev.read_task("videocon_human", both)[0]] == [f"local/{k}.mp4" for k in range(4)]
+    assert "no videopath column" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['videopath'\]"):  # only Human reads video_url
+        ev.read_task("videocon_llm", task)
+    common.write_csv(task, rows + [{**rows[1], "video_url": "https://elsewhere.org/x/v_abc.mp4"}])
+    with pytest.raises(ValueError, match=r"lines 2 and 6: two video_urls with the file name 'v_abc.mp4'"):
+        ev.read_task("videocon_human", task)
+
+
 def test_lora_adapter_loads_and_changes_scores(video_llava_dir, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     model, processor = common.load_video_llm(video_llava_dir)

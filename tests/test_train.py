@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -496,3 +497,200 @@ def test_a_killed_run_leaves_no_dataloader_worker(video_llava_dir, toy, tmp_path
     for w in left:
         os.kill(w, signal.SIGKILL)
     assert not left, f"{len(left)} DataLoader worker(s) outlived the killed run"
+
+
+# ---- Table 2: the twins of some misalignment types only; Table 5's "ALL": one twin per generator ----
+def test_syn_types_keeps_every_real_triplet_and_the_twins_of_its_types(toy, capsys, monkeypatch):
+    """Issue 25 item 4: --syn_types action trains every real triplet on L_real, and the twins of the
+    action rows only (w as in the CSV); the others train without a twin, counted in one line by type,
+    not skipped. A type that no row has is refused, naming the file's types."""
+    rows = common.read_csv(toy[0])
+    kinds = ["action", "attribute", "object", " Action", "count", "action", "attribute", "object"]
+    for r, kind in zip(rows, kinds):
+        r["misalignment"] = kind
+    csv = os.path.join(os.path.dirname(toy[0]), "types.csv")  # syn_video is relative to the CSV's folder
+    common.write_csv(csv, rows)
+    capsys.readouterr()
+    kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action"]))
+    assert [t["line"] for t in kept] == list(range(2, 10)) and skipped == []  # every triplet, none skipped
+    action = [k.strip().lower() == "action" for k in kinds]
+    for t, r, is_action in zip(kept, rows, action):
+        if is_action:  # its twin, weighted as the CSV says
+            assert t["syn"] == os.path.join(os.path.dirname(csv), r["syn_video"]) and t["w"] == float(r["weight"])
+        else:  # a triplet without a twin: L_real alone
+            assert t["syn"] is None and t["w"] == 0.0 and train.twins(t) == []
+    assert sum(t["syn"] is not None for t in kept) == 3
+    printed = capsys.readouterr().out
+    assert ("--syn_types ['action']: 5 twin(s) of other misalignment types left out (attribute: 2, count: 1, "
+            "object: 2); their triplets train on L_real alone (Table 2), not listed in skipped.csv") in printed
+    # the pairs of a left-out twin's triplet are those of a triplet without a twin
+    processor = types.SimpleNamespace(tokenizer=types.SimpleNamespace(eos_token_id=0))  # all pair_specs reads here
+    specs = train.pair_specs(kept[:2], processor, "video_llava", dict(Yes=1, No=2), train.Args())
+    assert [(s.item, s.name) for s in specs] == [(0, "rr"), (0, "rs"), (0, "ss"), (0, "sr"), (0, "r'"), (0, "s'"),
+                                                 (1, "rr"), (1, "rs")]
+    with pytest.raises(ValueError, match=r"--syn_types \['acton'\]: no row of .*types.csv has this misalignment; "
+                                         r"its types: \[' Action', 'action', 'attribute', 'count', 'object'\]"):
+        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action", "acton"]))
+    common.write_csv(csv, [{k: v for k, v in r.items() if k != "misalignment"} for r in rows])
+    with pytest.raises(ValueError, match=r"types.csv: missing column\(s\) \['misalignment'\]"):
+        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action"]))
+    with pytest.raises(ValueError, match="needs --use_syn"):
+        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action"], use_syn=False))
+    # the flags as typed: lists of names; one CSV is the same Args whether given as a str or a list
+    monkeypatch.setitem(sys.modules, "train", train)  # where parse_args reads the fields' --help from
+    args = common.parse_args(train.Args, ["--syn_types", "action", "object", "--train_csv", "a.csv", "b.csv"])
+    assert args.syn_types == ["action", "object"] and args.train_csv == ["a.csv", "b.csv"]
+    assert train.Args(train_csv="a.csv") == train.Args(train_csv=["a.csv"])
+    assert common.parse_args(train.Args, []).train_csv == ["runs/generate/weighted.csv"]
+
+
+@pytest.fixture(scope="module")
+def second_generator(toy):
+    """The toy set's 8 real triplets with another "generator's" twins and weights: the CSV's path."""
+    return tiny_train.write_toy_set(os.path.dirname(os.path.dirname(toy[0])), name="gen2.csv", twin="gen2",
+                                    twin_seed=200, weights=[0.5, 0.25, 0.0, 1.0, 0.75, 0.3, 0.6, 0.9])[0]
+
+
+def test_several_csvs_merge_into_one_triplet_with_a_twin_from_each(toy, second_generator, tmp_path, capsys):
+    """Issue 25 item 5 (Table 5's "ALL"): two CSVs of the same 8 real triplets give 8 triplets with 2
+    twins each, each twin with its own phi; a triplet that only one CSV lists, or whose twin one CSV
+    cannot give, is still one triplet, with the twins that exist."""
+    gen = os.path.dirname(toy[0])
+    capsys.readouterr()
+    kept, skipped = train.load_triplets(train.Args(train_csv=[toy[0], second_generator], video_root=toy[1]))
+    assert [t["line"] for t in kept] == list(range(2, 10)) and skipped == []
+    one, two = common.read_csv(toy[0]), common.read_csv(second_generator)
+    for t, a, b in zip(kept, one, two):
+        assert (t["caption"], t["neg"]) == (a["caption"], a["neg_caption"]) and t["rows"] == 2  # its real part once
+        assert train.twins(t) == [(os.path.join(gen, a["syn_video"]), float(a["weight"])),
+                                  (os.path.join(gen, b["syn_video"]), float(b["weight"]))]
+        assert (t["syn"], t["w"]) == train.twins(t)[0] and "gen2_" in train.twins(t)[1][0]
+    assert "2 --train_csv files merged into 8 triplets; twins per triplet: {2: 8}" in capsys.readouterr().out
+    # (b) CSV a has triplets 0-5, CSV b triplets 2-7, its row of triplet 3 without a usable twin
+    a_csv, b_csv = str(tmp_path / "a.csv"), str(tmp_path / "b.csv")
+    common.write_csv(a_csv, [{**r, "syn_video": os.path.join(gen, r["syn_video"])} for r in one[:6]])
+    common.write_csv(b_csv, [{**r, "syn_video": os.path.join(gen, r["syn_video"])} for r in two[2:]])
+    rows = common.read_csv(b_csv)
+    rows[1]["weight"] = ""  # triplet 3's twin in b: no weight
+    common.write_csv(b_csv, rows)
+    kept, skipped = train.load_triplets(train.Args(train_csv=[a_csv, b_csv], video_root=toy[1]))
+    assert [t["caption"] for t in kept] == [r["caption"] for r in one]  # a's order, then b's new ones
+    assert [t["line"] for t in kept] == [2, 3, 4, 5, 6, 7, 6, 7]  # lines of the first CSV that lists it
+    assert [len(train.twins(t)) for t in kept] == [1, 1, 2, 1, 2, 2, 1, 1]
+    assert "gen2_" in train.twins(kept[6])[0][0] and train.twins(kept[6])[0][1] == 0.6  # b's only
+    assert [(s["file"], s["line"], s["reason"]) for s in skipped] == [
+        (b_csv, 3, train.NO_TWIN + "weight is missing or not a number")]
+    with pytest.raises(ValueError, match="--train_csv: give one CSV, or one per generator"):
+        train.load_triplets(train.Args(train_csv=[], video_root=toy[1]))
+
+
+@torch.no_grad()
+def test_every_twin_is_run_in_the_same_call(video_llava_dir, toy, second_generator):
+    """A triplet with 2 twins runs rr, rs, ss, sr, r', s' and twin 1's ss1, sr1, s'1 (r' once), each
+    equal to its pair scored alone; --answer_loss vocab feeds twin 1's answer tokens too."""
+    model, processor = common.load_video_llm(video_llava_dir)
+    args = train.Args(train_csv=[toy[0], second_generator], video_root=toy[1], answer_loss="vocab")
+    triplets, _ = train.load_triplets(args)
+    batch, paths, frames = train.load_videos(triplets[:1], args)
+    assert len(paths) == 3  # V^r and the two twins
+    pairs = train.micro_batch_pairs(model, processor, batch, paths, frames, args)
+    assert [name for _, name, *_ in pairs] == ["rr", "rs", "ss", "sr", "r'", "s'", "ss1", "sr1", "s'1"]
+    r, (syn1, _) = batch[0], train.twins(batch[0])[1]
+    for name, caption, other in (("ss1", r["neg"], None), ("sr1", r["caption"], None), ("s'1", r["neg"], r["caption"])):
+        (a, tokens), = [(a, t) for _, n, a, t in pairs if n == name]
+        hidden = [common.hidden_word_spans(caption, other) if other else None]
+        alone = tiny.alignment_logits(model, processor, [frames[paths.index(syn1)]], [caption], hidden=hidden)
+        assert a.item() == pytest.approx(alone.item(), abs=1e-5), name
+        assert (tokens is None) == (other is not None)  # t' pairs carry no answer tokens
+
+
+def two_twin_pairs(tokens=False):
+    """Triplet 0 with 2 twins (phi 0.5 and 0.25), triplet 1 with 1 twin (phi 0.8), triplet 2 without,
+    as Pairs of hand-picked scores f; with tokens, every entailment pair's [word, end] tokens, the
+    target word at probability q = 1 - f / 2 and the end token at 0.8 (a 3-word vocabulary)."""
+    f = {0: dict(rr=0.9, rs=0.4, ss=0.6, sr=0.3, **{"r'": 0.5, "s'": 0.5}, ss1=0.7, sr1=0.2, **{"s'1": 0.45}),
+         1: dict(rr=0.8, rs=0.3, ss=0.55, sr=0.35, **{"r'": 0.65, "s'": 0.5}), 2: dict(rr=0.7, rs=0.1)}
+    def answer(name, v):  # [word, end]: word 0 = Yes for rr and ss*, 1 = No for rs and sr*
+        word = 0 if name[:2] in ("rr", "ss") else 1
+        q, rows = 1 - v / 2, [[0.1, 0.1, 0.8], [0.1, 0.1, 0.8]]
+        rows[0] = [q if c == word else (1 - q) / 2 for c in range(3)]
+        return torch.log(torch.tensor(rows)), torch.tensor([word, 2])
+    pairs = [(k, name, torch.tensor(logit(v)), answer(name, v) if tokens and "'" not in name else None)
+             for k, scores in f.items() for name, v in scores.items()]
+    batch = [dict(kind="triplet", syn="a0.mp4", w=0.5, more_twins=[("b0.mp4", 0.25)]),
+             dict(kind="triplet", syn="a1.mp4", w=0.8), dict(kind="triplet", syn=None, w=0.0)]
+    return pairs, batch, f
+
+
+def hinge(own, shared, other):
+    """Eq. (6) on one video, on scores f, gamma = 0.2: max(0, g + f' - f_own) + max(0, g + f_other - f')."""
+    return max(0.0, 0.2 + shared - own) + max(0.0, 0.2 + other - shared)
+
+
+def hinges(f, j=""):
+    """Eq. (6)'s per-triplet sum with twin j ("" = the first): the hinges on V^s_j and on V^r."""
+    return hinge(f["ss" + j], f["s'" + j], f["sr" + j]) + hinge(f["rr"], f["r'"], f["rs"])
+
+
+def real_term(f):
+    """Eq. (2)'s term of one triplet, on scores f."""
+    return -(math.log(f["rr"]) + math.log(1 - f["rs"]))
+
+
+def syn_term(f, j=""):
+    """Eq. (5)'s term of one triplet's twin j, before its weight phi."""
+    return -(math.log(f["ss" + j]) + math.log(1 - f["sr" + j]))
+
+
+def test_objective_by_hand_with_several_twins():
+    """Table 5's "ALL": L_real once per triplet; L_syn^phi and L_scr^phi the mean over a triplet's twins
+    of its per-twin terms (two-way); the released loss counts each twin's tokens and half-triplets."""
+    pairs, batch, f = two_twin_pairs()
+    terms = train.objective(pairs, batch, train.Args(lambda_scr=2.0, gamma=0.2))
+    l_real = (real_term(f[0]) + real_term(f[1]) + real_term(f[2])) / 3  # each triplet once, however many twins
+    l_syn = ((0.5 * syn_term(f[0]) + 0.25 * syn_term(f[0], "1")) / 2 + 0.8 * syn_term(f[1])) / 3  # 0: mean of 2
+    l_scr = ((0.5 * hinges(f[0]) + 0.25 * hinges(f[0], "1")) / 2 + 0.8 * hinges(f[1])) / 3
+    for name, value in dict(l_real=l_real, l_syn=l_syn, l_scr=l_scr, l_nle=0.0).items():
+        assert terms[name].item() == pytest.approx(value, abs=1e-6), name
+    assert terms["loss"].item() == pytest.approx(l_real + l_syn + 2.0 * l_scr, abs=1e-6)
+    # one twin of phi w weighs as much as two twins of phi w each
+    same = [(0, "ss1", pairs[2][2], None), (0, "sr1", pairs[3][2], None), (0, "s'1", pairs[5][2], None)]
+    doubled = train.objective(pairs[:6] + same, [dict(kind="triplet", syn="a.mp4", w=0.5, more_twins=[("b", 0.5)])],
+                              train.Args())
+    alone = train.objective(pairs[:6], [dict(kind="triplet", syn="a.mp4", w=0.5)], train.Args())
+    for name in train.TERMS:
+        assert doubled[name].item() == pytest.approx(alone[name].item(), abs=1e-6), name
+    # --answer_loss vocab: one sum over every token (each twin's 4, weighted by its phi) / N
+    pairs, batch, f = two_twin_pairs(tokens=True)
+    terms = train.released_objective(pairs, batch, train.Args(lambda_scr=2.0, answer_loss="vocab"))
+    ce = {(k, name): -(math.log(1 - v / 2) + math.log(0.8)) for k, s in f.items() for name, v in s.items()}
+    n = 3 * 4 + 3 * 4  # 3 triplets' rr, rs and 3 twins' ss, sr: 2 pairs x 2 tokens each
+    assert terms["l_real"].item() == pytest.approx(sum(ce[k, x] for k in f for x in ("rr", "rs")) / n, abs=1e-6)
+    l_syn = 0.5 * (ce[0, "ss"] + ce[0, "sr"]) + 0.25 * (ce[0, "ss1"] + ce[0, "sr1"]) + 0.8 * (ce[1, "ss"] + ce[1, "sr"])
+    assert terms["l_syn"].item() == pytest.approx(l_syn / n, abs=1e-6)  # each twin's tokens, weighted by its phi
+    # L_scr over the half-triplets with a twin, counted per twin: 3 twins, 6 half-triplets
+    l_scr = (0.5 * hinges(f[0]) + 0.25 * hinges(f[0], "1") + 0.8 * hinges(f[1])) / 6
+    assert terms["l_scr"].item() == pytest.approx(l_scr, abs=1e-6)
+    assert terms["loss"].item() == pytest.approx(terms["l_real"].item() + terms["l_syn"].item() + 2 * l_scr, abs=1e-6)
+
+
+def test_several_csvs_train_and_resume_only_with_the_same_list(video_llava_dir, toy, second_generator, two_steps):
+    """Issue 25 item 5: a run on two CSVs trains every twin; --resume with another list of CSVs (one
+    CSV, or the two in the other order) is refused, naming train_csv, and with the same list goes on."""
+    tmp_path, both = two_steps, [toy[0], second_generator]  # two_steps: a 1-CSV run killed after step 2
+    with pytest.raises(ValueError, match=r"written with other settings \(train_csv: '[0-9a-f]{64}' then, "
+                                         r"\['[0-9a-f]{64}', '[0-9a-f]{64}'\] now"):
+        train.main(make_args(video_llava_dir, both, toy[1], tmp_path, resume=True))
+    out = tmp_path / "all"
+    train.main(make_args(video_llava_dir, both, toy[1], out, max_steps=2, answer_loss="vocab"))
+    with pytest.raises(ValueError, match=r"written with other settings \(train_csv: \['[0-9a-f]{64}', '[0-9a-f]"):
+        train.main(make_args(video_llava_dir, both[::-1], toy[1], out, resume=True, answer_loss="vocab"))
+    train.main(make_args(video_llava_dir, both, toy[1], out, resume=True, answer_loss="vocab"))
+    log = read_log(out)
+    assert [line["step"] for line in log] == [1, 2, 3, 4]
+    assert all(math.isfinite(line[k]) and line[k] > 0 for line in log for k in train.TERMS if k != "l_nle")
+    assert json.load(open(out / "args.json"))["train_csv"] == both
+    assert json.load(open(tmp_path / "args.json"))["train_csv"] == toy[0]  # one CSV: a path, as before
+    # one CSV records its hash as before --train_csv took a list, and no --syn_types: older checkpoints resume
+    settings = train.checkpoint_settings(train.Args(train_csv=toy[0]), [])
+    assert settings["train_csv"] == common.file_hash(toy[0]) and "syn_types" not in settings

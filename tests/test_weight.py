@@ -2,6 +2,7 @@
 a table worked by hand, Fig. 2, bad input, resume, and a two-process torchrun run."""
 import csv
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -308,13 +309,122 @@ def test_fig2_png_and_table_of_means(tmp_path, capsys):
 def test_missing_and_undecodable_videos_are_skipped_and_counted(llava_dir, tmp_path):
     generated = make_generated(str(tmp_path), n=3, missing=(1,), corrupt=(2,))
     out = read(run(generated, [llava_dir]))
-    assert [r["syn_video"] for r in out] == ["videos/0.mp4"]
+    # issue 25 item 7: the two rows stay, without a weight (they used to be dropped from weighted.csv)
+    assert [(r["syn_video"], r["weight"] != "") for r in out] == [("videos/0.mp4", True), ("videos/1.mp4", False),
+                                                                 ("videos/2.mp4", False)]
     skipped = read(str(tmp_path / "weighted_skipped.csv"))
     assert [r["syn_video"] for r in skipped] == ["videos/1.mp4", "videos/2.mp4"]
     assert "not found" in skipped[0]["skip_reason"] and "cannot decode" in skipped[1]["skip_reason"]
-    assert json.loads((tmp_path / "weighted.json").read_text())["skipped"] == 2
+    assert json.loads((tmp_path / "weighted.json").read_text())["kept_without_weight"] == 2
     with pytest.raises(ValueError, match=r"generated.csv:3 \(videos/1.mp4\).*not found"):  # the file's line
         run(generated, [llava_dir], out_csv=str(tmp_path / "strict.csv"), strict=True)
+
+
+def test_a_video_that_cannot_be_scored_keeps_its_real_triplet(llava_dir, tmp_path, capsys):
+    """Issue 25 item 7: a row whose V^s is missing or undecodable stays in weighted.csv with empty score
+    and weight cells, is listed in weighted_skipped.csv and counted once (the same number printed, in
+    weighted.json and in the skip list); 03_train.py's loader then trains those triplets on L_real alone."""
+    generated = make_generated(str(tmp_path), n=4, missing=(1,), corrupt=(3,))
+    for i in range(4):  # the real videos V^r, which 03 needs
+        common.write_video(str(tmp_path / "real" / f"{i}.mp4"), tiny.moving_square(8, 32, seed=10 + i))
+    out = read(run(generated, [llava_dir]))
+    assert [r["videopath"] for r in out] == [f"real/{i}.mp4" for i in range(4)]  # every row, in order
+    columns = [c for c in out[0] if c.startswith(("vqascore_", "score_")) or c == "weight"]
+    assert len(columns) == 5
+    for i, r in enumerate(out):
+        if i in (1, 3):  # missing, undecodable: every score cell and the weight empty
+            assert all(r[c] == "" for c in columns), r
+        else:
+            assert all(0 <= float(r[c]) <= 1 for c in columns), r
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'weighted.csv'}: 2 rows weighted; 2 kept without a weight" in printed
+    assert len(read(str(tmp_path / "weighted_skipped.csv"))) == 2
+    summary = json.loads((tmp_path / "weighted.json").read_text())
+    assert (summary["weighted"], summary["kept_without_weight"]) == (2, 2)
+    assert sum(s["n"] for s in summary["fig2"].values()) == 2  # Fig. 2: the scored rows only
+    # 03_train.py's loader: all four triplets train; rows 1 and 3 without their twin (L_real alone)
+    spec = importlib.util.spec_from_file_location("train03", os.path.join(ROOT, "03_train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    kept, skipped = train.load_triplets(train.Args(train_csv=str(tmp_path / "weighted.csv"), video_root=str(tmp_path)))
+    assert [t["syn"] is not None for t in kept] == [True, False, True, False]
+    assert [(s["line"], s["reason"].split(":")[0]) for s in skipped] == [(3, "trained without a twin"),
+                                                                         (5, "trained without a twin")]
+
+
+# ---- §4 Fig. 2 over several runs (issue 25 item 6): the paper's pools three generators --------------
+def scored_row(kind, target, real):
+    """A weighted.csv row with what Fig. 2 reads: its type, fbar(V^s,t^s), fbar(V^s,t^r) (and a weight)."""
+    return {"videopath": "v.mp4", "caption": f"t {kind} {target}", "neg_caption": "n", "misalignment": kind,
+            "syn_video": "s.mp4", "score_syn_target": target, "score_syn_real": real,
+            "weight": max(0.0, target - real) if isinstance(target, float) else ""}
+
+
+def test_fig2_only_pools_several_runs_without_a_model(tmp_path, capsys, monkeypatch):
+    a = hand_made_run(str(tmp_path / "a"), "difference")  # 02's own output: object +0.35, flip -0.35, action 0
+    b, c = str(tmp_path / "b" / "weighted.csv"), str(tmp_path / "c" / "weighted.csv")
+    common.write_csv(b, [scored_row("flip", 0.2, 0.5), scored_row("object", 0.9, 0.1),
+                         scored_row("hallucination", 0.3, 0.4)])
+    common.write_csv(c, [scored_row("flip", 0.6, 0.4), scored_row("action", "", "")])  # the second: no scores
+    monkeypatch.setattr(weight, "load_member", lambda *a, **k: pytest.fail("--fig2_only loaded a model"))
+    capsys.readouterr()
+    out = weight.main(weight.Args(fig2_only=[a, b, c], out_csv=str(tmp_path / "all" / "weighted.csv")))
+    assert out == str(tmp_path / "all" / "weighted.json")
+    # the table by hand from the CSVs' score columns: every scored row of every file
+    diffs = {}
+    for path in (a, b, c):
+        for r in read(path):
+            if r["score_syn_target"]:
+                difference = float(r["score_syn_target"]) - float(r["score_syn_real"])  # fbar(Vs,ts) - fbar(Vs,tr)
+                diffs.setdefault(r["misalignment"], []).append(difference)
+    summary = json.loads((tmp_path / "all" / "weighted.json").read_text())
+    assert sorted(summary["fig2"]) == sorted(diffs) == ["action", "flip", "hallucination", "object"]
+    for kind, d in diffs.items():
+        assert summary["fig2"][kind] == {"n": len(d), "mean": pytest.approx(np.mean(d)),
+                                         "std": pytest.approx(np.std(d))}
+    assert summary["fig2"]["flip"]["mean"] == pytest.approx((-0.35 - 0.3 + 0.2) / 3)  # one row of each run
+    assert summary["fig2"]["object"] == {"n": 2, "mean": pytest.approx((0.35 + 0.8) / 2), "std": pytest.approx(0.225)}
+    assert summary["weighted"] == 7 and summary["files"][c] == {"rows": 2, "without_scores": 1}
+    png = tmp_path / "all" / "weighted_fig2.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    printed = capsys.readouterr().out
+    flip = next(line for line in printed.splitlines() if line.startswith("flip "))
+    assert flip.split() == ["flip", "3", "-0.150", f"{np.std([-0.35, -0.3, 0.2]):.3f}", "-0.03"]  # ours, the paper's
+    assert f"{c}: 2 rows, 1 without scores (left out of Fig. 2)" in printed
+    assert "files" not in json.loads((tmp_path / "a" / "weighted.json").read_text())  # run a's own JSON untouched
+
+
+def test_fig2_only_bad_input_names_the_file(tmp_path):
+    good = str(tmp_path / "good.csv")
+    common.write_csv(good, [scored_row("flip", 0.2, 0.5)])
+    generated = make_generated(str(tmp_path / "gen"), n=1)  # 01's CSV: no score columns
+    with pytest.raises(ValueError, match=rf"{generated}: missing column\(s\) \['score_syn_target', 'score_syn_real'\]"):
+        weight.main(weight.Args(fig2_only=[good, generated], out_csv=str(tmp_path / "all.csv")))
+    bad = str(tmp_path / "bad.csv")
+    common.write_csv(bad, [scored_row("flip", 0.2, 0.5), scored_row("object", "n/a", 0.5)])
+    with pytest.raises(ValueError, match=rf"{bad}:3: score_syn_target 'n/a', score_syn_real '0.5': not two numbers"):
+        weight.main(weight.Args(fig2_only=[good, bad], out_csv=str(tmp_path / "all.csv")))
+    with pytest.raises(ValueError, match="needs --out_csv"):
+        weight.main(weight.Args(fig2_only=[good]))
+    with pytest.raises(ValueError, match="would be overwritten"):  # a run's own figure and JSON
+        weight.main(weight.Args(fig2_only=[good], out_csv=good))
+    common.write_csv(bad, [scored_row("flip", "", "")])
+    with pytest.raises(ValueError, match="no row has scores"):
+        weight.main(weight.Args(fig2_only=[bad], out_csv=str(tmp_path / "all.csv")))
+
+
+def test_fig2_only_from_the_command_line(tmp_path):
+    runs = []
+    for k in range(3):  # one weighted.csv per generator
+        runs.append(str(tmp_path / f"gen{k}" / "weighted.csv"))
+        common.write_csv(runs[-1], [scored_row("flip", 0.1 * k, 0.5), scored_row("object", 0.9, 0.1 * k)])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "02_weight.py"), "--fig2_only", *runs,
+                           "--out_csv", str(tmp_path / "all" / "weighted.csv")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "all" / "weighted.json").read_text())
+    assert summary["fig2"]["flip"] == {"n": 3, "mean": pytest.approx(0.1 - 0.5),
+                                       "std": pytest.approx(np.std([0, .1, .2]))}
+    assert (tmp_path / "all" / "weighted_fig2.png").exists() and not (tmp_path / "all" / "weighted.csv").exists()
 
 
 # ---- resume and torchrun ----------------------------------------------------------------------------

@@ -17,30 +17,32 @@ def side(direction):
     return "right" if direction > 0 else "left"
 
 
-def toy_rows(n=8):
-    """n rows: colour x direction; t^s flips the direction (VideoCon's "action" misalignment)."""
+def toy_rows(n=8, twin="syn"):
+    """n rows: colour x direction; t^s flips the direction (VideoCon's "action" misalignment).
+    twin: the name of the synthetic videos (videos/<twin>_K.mp4), one per "generator"."""
     rows = []
     for k in range(n):
         name, direction = list(COLOURS)[k % 4], 1 if (k // 4) % 2 == 0 else -1
         fr = round(0.1 * (k % 5), 2)  # fbar(V^s, t^r); fbar(V^s, t^s) = 0.8 -> Eq. 4 gives 0.8 - fr
         rows.append(dict(videopath=f"real_{k}.mp4", caption=f"a {name} square moves to the {side(direction)}",
                          neg_caption=f"a {name} square moves to the {side(-direction)}", misalignment="action",
-                         syn_video=f"videos/syn_{k}.mp4", score_syn_target=0.8, score_syn_real=fr,
+                         syn_video=f"videos/{twin}_{k}.mp4", score_syn_target=0.8, score_syn_real=fr,
                          weight=round(0.8 - fr, 2), colour=name, direction=direction))
     return rows
 
 
-def write_toy_set(root, n=8, weights=None, name="weighted.csv"):
+def write_toy_set(root, n=8, weights=None, name="weighted.csv", twin="syn", twin_seed=100):
     """Write the videos and <root>/gen/<name>; returns (csv path, video root).
-    weights: optional list overriding the `weight` column."""
-    rows = toy_rows(n)
+    weights: optional list overriding the `weight` column. twin, twin_seed: another "generator's"
+    synthetic videos (videos/<twin>_K.mp4, drawn with seed twin_seed + K) for the same real triplets."""
+    rows = toy_rows(n, twin)
     for k, r in enumerate(rows):
         colour, direction = COLOURS[r.pop("colour")], r.pop("direction")
         real, syn = os.path.join(root, "videos", r["videopath"]), os.path.join(root, "gen", r["syn_video"])
         if not os.path.exists(real):
             common.write_video(real, tiny.moving_square(color=colour, direction=direction, seed=k))
-            # the "generated" twin shows t^s: same square, the other way, another background
-            common.write_video(syn, tiny.moving_square(color=colour, direction=-direction, seed=100 + k))
+        if not os.path.exists(syn):  # the "generated" twin shows t^s: same square, the other way, another background
+            common.write_video(syn, tiny.moving_square(color=colour, direction=-direction, seed=twin_seed + k))
         if weights is not None:
             r["weight"] = weights[k]
     csv_path = os.path.join(root, "gen", name)
