@@ -309,6 +309,8 @@ def test_paired_differences_mark_only_what_the_seeds_can_tell():
     assert "|  +2.00 ± 1.00   |" in lines["| SynViTA (Eq. 4 + L_scr)", "SynViTA without L_scr"]  # 1, 2, 3
     assert "|  -4.00 ± 1.00 ✗ |" in lines["| T4.2 target + L_scr", "fixed + L_scr"]
     assert raw["SynViTA (Eq. 4 + L_scr) - SynViTA without L_scr | auc"] == [1, 2, 3]
+    t2 = tr.comparisons(["VideoCon (Eq. 2)", "fixed + L_scr", "T2 action twins only"])  # Table 2: vs VideoCon
+    assert [(a, b) for a, b, _ in t2] == [("T2 action twins only", "VideoCon (Eq. 2)")]
     mean, sd, (low, high) = report.interval([3, 4, 5])
     assert (mean, sd) == (4, 1) and low == pytest.approx(4 - 4.302653 / 3 ** 0.5, abs=1e-5)
 

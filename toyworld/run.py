@@ -12,6 +12,7 @@ Launch (the biased world, the default rows, seeds 0 1 2; then the unbiased contr
     python -m toyworld.run --out_dir runs/toy
     python -m toyworld.run --out_dir runs/toy-control --no-bias
     python -m toyworld.run --out_dir runs/toy --all_rows        # + the other Table 4 weightings
+    python -m toyworld.run --out_dir runs/toy --table2_rows     # + Table 2: one misalignment type's twins
 Exercise: add a weighting to common.WEIGHTINGS (the EXERCISE: dict) and a row for it to ROWS below,
 then rerun the same command: only the new row is trained and evaluated.
 """
@@ -43,10 +44,14 @@ TABLE4_ROWS = {  # the other weightings of Table 4, with L_scr (--all_rows)
     "T4.3 target_x_inv_real + L_scr": ["--weighting", "target_x_inv_real"],
     "T4.4 indicator + L_scr": ["--weighting", "indicator"],
 }
-METHODS = {**ROWS, **TABLE4_ROWS}
+TABLE2_ROWS = {  # Table 2: every real triplet, the synthetic twins of one misalignment type (--table2_rows)
+    f"T2 {kind} twins only": ["--weighting", "difference", "--syn_types", kind]
+    for kind in ("action", "attribute", "flip")
+}
+METHODS = {**ROWS, **TABLE4_ROWS, **TABLE2_ROWS}
 # What the paper's claims rest on, as (row, reference row, what the difference tests), reported as
 # paired per-seed differences (report.paired_table); each weighting row with L_scr (Table 4's, the
-# exercise's) is also compared with the fixed weight (comparisons below).
+# exercise's) is also compared with the fixed weight, each Table 2 row with VideoCon (comparisons below).
 CLAIMS = [
     ("SynViTA (Eq. 4 + L_scr)", "VideoCon (Eq. 2)", "Table 3: SynViTA vs VideoCon"),
     ("unweighted synthetic (Eq. 3)", "VideoCon (Eq. 2)", "Eq. 3: synthetic videos, unweighted"),
@@ -55,11 +60,15 @@ CLAIMS = [
 
 
 def comparisons(methods):
-    """CLAIMS whose two rows this run has, then every other weighting with L_scr vs "fixed + L_scr"."""
+    """CLAIMS whose two rows this run has, then every other weighting with L_scr vs "fixed + L_scr",
+    then every Table 2 row (one type's twins) vs VideoCon."""
+    one_type = [(m, "VideoCon (Eq. 2)", "Table 2: one type's twins vs VideoCon") for m in methods
+                if METHODS[m] and "--syn_types" in METHODS[m]]
     weighted = [(m, "fixed + L_scr", "Table 4: this weighting vs fixed") for m in methods
                 if METHODS[m] and "--weighting" in METHODS[m] and "--no-use_scr" not in METHODS[m]
+                and "--syn_types" not in METHODS[m]
                 and m != "fixed + L_scr"]
-    return [c for c in CLAIMS + weighted if c[0] in methods and c[1] in methods]
+    return [c for c in CLAIMS + weighted + one_type if c[0] in methods and c[1] in methods]
 
 
 @dataclass
@@ -76,8 +85,10 @@ class Args:
     those directions (--no-bias: the control world, training clips move in all four directions)"""
     all_rows: bool = False
     """also the other Table 4 weightings (TABLE4_ROWS)"""
+    table2_rows: bool = False
+    """also Table 2's rows: every real triplet, one misalignment type's twins (TABLE2_ROWS)"""
     rows: list = field(default_factory=list)
-    """only these rows (keys of ROWS / TABLE4_ROWS); empty = the default rows (+ --all_rows)"""
+    """only these rows (keys of ROWS / TABLE4_ROWS / TABLE2_ROWS); empty = the default rows (+ the flags above)"""
     n_train: int = 400
     """real training triplets per seed (VideoCon layout, one negative each)"""
     n_test: int = 300
@@ -322,7 +333,7 @@ def ensure_models(args, workers):
                                                   os.path.join(logs, f"{name}.log")), missing))
 
 
-RUN_ONLY = ("seeds", "rows", "all_rows", "jobs")  # the flags that may change between runs into one out_dir
+RUN_ONLY = ("seeds", "rows", "all_rows", "table2_rows", "jobs")  # the flags that may change between runs into one out_dir
 
 
 def check_settings(args):
@@ -346,7 +357,8 @@ def check_settings(args):
 def main(args):
     from concurrent.futures import ThreadPoolExecutor
     from toyworld import report
-    methods = args.rows or [*ROWS, *(TABLE4_ROWS if args.all_rows else [])]
+    methods = args.rows or [*ROWS, *(TABLE4_ROWS if args.all_rows else []),
+                            *(TABLE2_ROWS if args.table2_rows else [])]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown --rows {unknown}; choose from {list(METHODS)}")
