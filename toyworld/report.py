@@ -66,6 +66,12 @@ def mean_std(values):
     return (float(np.mean(v)), float(np.std(v))) if v else (float("nan"), float("nan"))
 
 
+def nan_mean(values):
+    """The mean of the values that are not NaN (NaN if none is: e.g. no failed V^s of a faithful G)."""
+    kept = [v for v in values if not np.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
 def tables(methods, per_seed, fig2s, differences=""):
     """The Table 3/4-style table (mean ± std over seeds), then `differences` (paired_table's), the
     AUC by type, and the Fig. 2-style table."""
@@ -85,7 +91,7 @@ def tables(methods, per_seed, fig2s, differences=""):
     for kind in TYPES:
         stats = [f[kind] for f in fig2s if kind in f]
         if stats:
-            m = {k: np.nanmean([s[k] for s in stats]) for k in stats[0]}
+            m = {k: nan_mean([s[k] for s in stats]) for k in stats[0]}
             paper = f"{PAPER_FIG2_MEANS[kind]:+.2f}" if kind in PAPER_FIG2_MEANS else "-"
             lines.append(f"| {kind} | {m['n']:.0f} | {m['faithful']:.2f} | {m['diff']:+.3f} | {paper} | {m['w']:.3f} | "
                          f"{m['w_faithful']:.3f} | {m['w_failed']:.3f} |")
