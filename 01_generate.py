@@ -25,12 +25,13 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 
-from common import (check_resume, example_seed, file_hash, must_exist, parse_args, print0, progress, read_csv,
-                    save_json, setup_distributed, shard, wait_for_files, write_csv, write_video)
+from common import (check_resume, example_seed, file_hash, parse_args, print0, progress, read_csv,
+                    resolve_model, run_stage, save_json, setup_distributed, shard, wait_for_files, write_csv, write_video)
 
 REQUIRED = ("videopath", "caption", "neg_caption", "misalignment")
 TEXTS = ("videopath", "caption", "neg_caption")  # must not be empty
@@ -92,7 +93,7 @@ class Args:
     triplet: generate all types, then train with 03_train.py --syn_types"""
     limit: int = 0
     """generate only the first N selected rows (0 = all)"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """torch dtype of G: auto = bfloat16 on GPU, float32 on CPU; float16 for CogVideoX-2b"""
     cpu_offload: bool = False
     """GPU only: keep G's parts on the CPU and move each to the GPU when it runs (diffusers model offload)"""
@@ -106,9 +107,9 @@ def resolve_settings(args):
     """Steps, guidance, size, frames and fps: each flag if given (non-zero), else the default of the
     pipeline class named in the checkpoint's model_index.json (read without loading any weights)."""
     from diffusers import DiffusionPipeline
-    # cls: None for a hub id or a folder, and a folder that does not exist is named (must_exist)
-    cls = python_class(args.pipeline) or must_exist(args.pipeline, "--pipeline")
-    name = cls.__name__ if cls else DiffusionPipeline.load_config(args.pipeline)["_class_name"]
+    # cls: None for a hub id or a folder; a typo, a missing folder or no network stop here, in seconds
+    cls = python_class(args.pipeline)
+    name = cls.__name__ if cls else DiffusionPipeline.load_config(resolve_model(args.pipeline, "--pipeline"))["_class_name"]
     # a module:Class brings its own defaults; a flag left at 0 takes the default
     defaults = PIPELINE_DEFAULTS.get(name, getattr(cls, "defaults", {}))
     settings = {k: getattr(args, k) or defaults.get(k) for k in SETTINGS}
@@ -129,9 +130,10 @@ def load_generator(args, dist, settings):
     # auto: bfloat16 on GPU (CogVideoX-5b's training precision), float32 on CPU
     on_gpu = dist.device.startswith("cuda")
     dtype = (torch.bfloat16 if on_gpu else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
-    if DiffusionPipeline.load_config(args.pipeline)["_class_name"] == "WanPipeline":
+    path = resolve_model(args.pipeline, "--pipeline")  # a hub id with no network: its cached folder
+    if DiffusionPipeline.load_config(path)["_class_name"] == "WanPipeline":
         dtype = {"vae": torch.float32, "default": dtype}  # Wan 2.1's model card keeps its VAE in float32
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=dtype, **kwargs)
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **kwargs)
     # the VAE keeps frame 0, then 1 latent per `stride` frames (LTX-Video: vae_temporal_compression_ratio)
     stride = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", 1)
     if (settings["num_frames"] - 1) % stride:
@@ -303,4 +305,4 @@ def on_disk(row, out_dir):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run_stage(main, Args)  # a user's mistake: `error: ...`, exit 2

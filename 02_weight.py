@@ -25,13 +25,14 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 
 from common import (WEIGHTINGS, answer_token_ids, check_resume, file_hash, keep_split, load_video_llm, parse_args,
-                    print0, progress, read_csv, read_video, save_json, setup_distributed, shard, wait_for_files,
-                    write_csv)
+                    print0, progress, read_csv, read_video, run_stage, save_json, setup_distributed, shard,
+                    wait_for_files, write_csv)
 
 VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # VQAScore's question
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -70,10 +71,10 @@ class Args:
     or of CLIP-FlanT5 checkpoints (BLIP-2, e.g. Salesforce/blip2-flan-t5-xl, works too)"""
     num_frames: int = 4
     """frames of V^s sampled uniformly; fbar averages the VQAScore over them"""
-    vqascore: str = "first_token"
+    vqascore: Literal["first_token", "t2v_metrics"] = "first_token"
     """first_token: P(first answer token), VQAScore as its paper writes it; t2v_metrics:
     exp(-mean cross-entropy) over the answer's tokens + end token, as VQAScore's code computes it"""
-    weighting: str = "target_x_inv_real"
+    weighting: Literal[tuple(WEIGHTINGS)] = "target_x_inv_real"
     """phi, a key of common.WEIGHTINGS (Table 4): "target_x_inv_real" = row 3, fbar(Vs,ts) (1 - fbar(Vs,tr)),
     which §6.2 used for Video-LLaVA, the default model; "difference" = Eq. (4), used for mPLUG-Owl"""
     split: str = "train"
@@ -596,4 +597,4 @@ def all_ranks_finished(cache, dist):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run_stage(main, Args)  # a user's mistake: `error: ...`, exit 2

@@ -30,7 +30,7 @@ import sys
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -83,7 +83,7 @@ class Args:
     # ---- the model f(V, t) ----
     model: str = common.DEFAULT_MODEL
     """the video LLM f(V, t): a hub id or a local directory"""
-    prompt: str = "llava_v1"
+    prompt: Literal[tuple(common.PROMPT_FORMATS)] = "llava_v1"
     """Video-LLaVA's prompt (common.PROMPT_FORMATS): 'llava_v1' = the released code's, with LLaVA's
     system sentence; 'card' = the transformers model card's; other families use their chat template"""
     # ---- §5: the terms of Eq. (7) and their weights ----
@@ -91,11 +91,11 @@ class Args:
     """train on the synthetic twins V^s (Eqs. 5, 6); --no-use_syn is the VideoCon baseline, L = L_real"""
     use_scr: bool = True
     """add lambda_scr * L_scr^phi (Eq. 6); --no-use_scr is the ablation of Fig. 4"""
-    answer_loss: str = "two_way"
+    answer_loss: Literal["two_way", "vocab"] = "two_way"
     """'two_way': Eqs. (1)-(2) as written, each term a mean over its own pairs; 'vocab': the released
     code's full-vocabulary cross-entropy on every answer token (Yes/No and the end token, every
     explanation token), weighted by phi on synthetic pairs, divided by the micro-batch's answer tokens"""
-    weighting: str = "csv"
+    weighting: Literal[("csv", *WEIGHTINGS)] = "csv"
     """phi: 'csv' reads the `weight` column of 02_weight.py; a WEIGHTINGS name recomputes it from
     score_syn_target / score_syn_real ('fixed' = unweighted Eq. 3, 'difference' = Eq. 4; the paper's
     Video-LLaVA run used 'target_x_inv_real', Table 4)"""
@@ -129,7 +129,7 @@ class Args:
     """rows per process per forward pass (the released per-GPU batch); at least 2 (one triplet)"""
     num_frames: int = 8
     """frames per video"""
-    frame_sampling: str = "uniform"
+    frame_sampling: Literal["uniform", "middle"] = "uniform"
     """'uniform' (np.linspace, Video-LLaVA) or 'middle' (VideoCon / mPLUG-Owl)"""
     # ---- the run: precision, memory, workers, checkpoints ----
     bf16: bool = True
@@ -861,4 +861,4 @@ def save_adapter(args, model, dist):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    common.run_stage(main, Args)  # a user's mistake: `error: ...`, exit 2

@@ -25,6 +25,7 @@ import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ SCORE_COLUMNS = ["videopath", "caption", "score", "logit"]
 class Args:
     model: str = common.DEFAULT_MODEL
     """the base video LLM f: hub id or local directory"""
-    prompt: str = "llava_v1"
+    prompt: Literal[tuple(common.PROMPT_FORMATS)] = "llava_v1"
     """Video-LLaVA's prompt (common.PROMPT_FORMATS): 'llava_v1' = the released code's, with LLaVA's
     system sentence; 'card' = the transformers model card's; other families use their chat template"""
     adapter: str = ""
@@ -76,7 +77,7 @@ class Args:
     """NExT-QA rows with the question `type`, for the C / T split (default: nextqa-atphard.csv beside --atphard)"""
     candidates: int = 0
     """videos per retrieval query; queries with another count are dropped (0: 216 Temporal, 588 Events)"""
-    ties: str = "videocon"
+    ties: Literal["videocon", "stable"] = "videocon"
     """order of equal retrieval scores: 'videocon' (np.argsort, as released) or 'stable' (by videopath)"""
     scores: str = ""
     """a score CSV to evaluate with no model (needs exactly one task)"""
@@ -86,7 +87,7 @@ class Args:
     """removed from the start of every videopath before joining --video_root (e.g. /local2/hbansal/nextqa/)"""
     num_frames: int = 8
     """frames per video (Video-LLaVA: 8)"""
-    sampling: str = "uniform"
+    sampling: Literal["uniform", "middle"] = "uniform"
     """frame sampling: 'uniform' (Video-LLaVA) or 'middle' (VideoCon / mPLUG-Owl)"""
     batch_size: int = 64
     """captions packed after one copy of their video's prompt prefix in a row of a forward pass
@@ -479,4 +480,4 @@ def decoded_videos(paths, args):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    common.run_stage(main, Args)  # a user's mistake: `error: ...`, exit 2

@@ -9,6 +9,7 @@ Part 3, plumbing: torchrun, seeds, printing, flags, CSV files, resume, and video
 """
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import os
@@ -196,7 +197,7 @@ def entailment_prompt(processor, model_type, caption, prompt="llava_v1", questio
     asked = question.format(caption=caption)  # e.g. Does this video entail the description: "<t>"?
     if model_type == "video_llava":  # no chat template on the hub: the released conversation format
         if prompt not in PROMPT_FORMATS:
-            raise ValueError(f"--prompt {prompt!r}: use one of {sorted(PROMPT_FORMATS)}")
+            raise UserError(f"--prompt {prompt!r}: use one of {sorted(PROMPT_FORMATS)}")
         text = PROMPT_FORMATS[prompt].format(question=asked)
     else:  # the family's own chat template, the video first, as its model card asks
         conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": asked}]}]
@@ -213,7 +214,7 @@ def answer_ids(tokenizer, prompt, answer):
     # "ASSISTANT:" is followed by a space, a template's final newline by nothing
     full = tokenizer(prompt + ("" if prompt[-1].isspace() else " ") + answer, add_special_tokens=False)["input_ids"]
     if full[: len(base)] != base or len(full) == len(base):  # the answer must start a token of its own
-        raise ValueError(f"the tokenizer merges the prompt's end {prompt[-20:]!r} with the answer {answer[:20]!r}")
+        raise UserError(f"the tokenizer merges the prompt's end {prompt[-20:]!r} with the answer {answer[:20]!r}")
     return full[len(base):]
 
 
@@ -221,7 +222,7 @@ def answer_token_ids(tokenizer, prompt):
     """Ids of the first token of the answers "Yes" and "No" as they follow `prompt`."""
     ids = [answer_ids(tokenizer, prompt, answer)[0] for answer in ("Yes", "No")]
     if ids[0] == ids[1]:
-        raise ValueError(f"'Yes' and 'No' start with the same token {ids[0]} after {prompt[-20:]!r}")
+        raise UserError(f"'Yes' and 'No' start with the same token {ids[0]} after {prompt[-20:]!r}")
     return ids
 
 
@@ -236,12 +237,38 @@ def prompt_tokens(processor, model_type, caption, hidden=None, prompt="llava_v1"
 
 
 # ---- the model: loaded by hub id or folder, an optional LoRA adapter on it ------------------------
-def must_exist(name_or_path, flag):
-    """Stop with a clear message when a model argument names a folder that does not exist (hub ids
-    are 'org/name': an absolute path, ./, ../, ~ or a second '/' marks a folder)."""
-    looks_local = name_or_path.startswith((os.sep, ".", "~")) or name_or_path.count("/") > 1
-    if not os.path.exists(name_or_path) and looks_local:
-        raise FileNotFoundError(f"{flag} {name_or_path}: no such folder (a hub id has the form org/name)")
+def resolve_model(name_or_path, flag="--model"):
+    """What to load for a model flag, found in seconds or refused in one line (UserError).
+
+    A folder that exists is loaded as it is. A value that names a folder (an absolute path, ./, ../,
+    ~, a second '/', or a first part that is a folder here, as in runs/tiny-model) but does not exist
+    is refused. A hub id ('org/name') is looked up once, with a short timeout: a mistyped id is
+    refused; with no network, or with HF_HUB_OFFLINE=1, it loads from the Hugging Face cache, or is
+    refused with what to do. (transformers alone retries an unreachable hub for ~2.5 minutes.)"""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    first = name_or_path.split("/")[0]
+    if name_or_path.startswith((os.sep, ".", "~")) or name_or_path.count("/") > 1 or os.path.isdir(first):
+        raise UserError(f"{flag} {name_or_path}: no such folder (a hub id has the form org/name)")
+    import huggingface_hub
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    reason = "HF_HUB_OFFLINE=1 is set"
+    if not HF_HUB_OFFLINE:
+        try:  # one request, no retries: a typo or a missing network shows in seconds
+            huggingface_hub.model_info(name_or_path, timeout=10)
+            return name_or_path  # on the hub: transformers / diffusers download or use their cache
+        except RepositoryNotFoundError:
+            raise UserError(f"{flag} {name_or_path}: no such folder here and no such model on the hub "
+                            f"(a typo? a private model needs `hf auth login`)") from None
+        except Exception as e:  # no network, a proxy, a hub outage: try the cache
+            reason = f"the hub cannot be reached ({type(e).__name__}: {str(e)[:80]})"
+    try:  # a complete earlier download: load its folder, so that nothing asks the network again
+        return huggingface_hub.snapshot_download(name_or_path, local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise UserError(f"{flag} {name_or_path}: not a folder here, not in the Hugging Face cache, and "
+                        f"{reason}: download it where there is a network (`hf download {name_or_path}`) "
+                        f"or give its local folder") from None
 
 
 def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
@@ -252,7 +279,7 @@ def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
     from transformers.masking_utils import sdpa_mask
     AttentionInterface.register("sdpa_shared_prefix", shared_prefix_attention)
     AttentionMaskInterface.register("sdpa_shared_prefix", sdpa_mask)  # 2-D masks become sdpa's masks
-    must_exist(name_or_path, "--model")  # a mistyped folder fails here, not as a hub lookup
+    name_or_path = resolve_model(name_or_path, "--model")  # a typo or no network: seconds, one line
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)  # bf16 as in §6
     processor = AutoProcessor.from_pretrained(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype,
@@ -273,7 +300,7 @@ def load_adapter(model, path, base=""):
     ours = {re.sub(r"\.default(?=\.)", "", k, count=1): v for k, v in model.state_dict().items() if "lora_" in k}
     bad = sorted(set(saved) ^ set(ours)) or [k for k in saved if not torch.equal(saved[k], ours[k].cpu())]
     if bad:
-        raise ValueError(f"--adapter {path}: {len(bad)} LoRA tensor(s) do not fit the base model {base} (e.g. "
+        raise UserError(f"--adapter {path}: {len(bad)} LoRA tensor(s) do not fit the base model {base} (e.g. "
                          f"{bad[0]}); was it trained on another one?")
     return model
 
@@ -542,6 +569,23 @@ def shared_prefix_attention(module, query, key, value, attention_mask, suffix_wi
 # Part 3: plumbing (a first reader may skip it): torchrun, seeds, printing, flags, files, videos
 # =================================================================================================
 
+# ---- a user's mistake: one line and exit status 2, no traceback ---------------------------------
+class UserError(ValueError):
+    """A mistake in what the user gave (a flag, a file, a row, a full disk): the stage stops with
+    `error: <file>:<line>: <problem>` on stderr and exit status 2 (argparse's convention). Bugs keep
+    their tracebacks."""
+
+
+def run_stage(main, args_class):
+    """A stage's entry point: parse the flags (choices checked before any work), run main(args), and
+    turn a UserError into one line on stderr and exit status 2."""
+    try:
+        main(parse_args(args_class))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 # ---- torchrun, seeds, printing, flags -----------------------------------------------------------
 @dataclass
 class Dist:
@@ -625,12 +669,15 @@ def wait_for_files(paths, every=2.0):
 
 def parse_args(cls, argv=None):
     """Command-line flags from an `Args` dataclass: one `--field` per field, its type from the
-    annotation, its --help from the docstring written under the field (as in CleanRL)."""
+    annotation, its --help from the docstring written under the field (as in CleanRL). A field typed
+    Literal[...] (or list[Literal[...]]) takes only those values: argparse refuses any other before
+    the stage does any work, and --help lists them."""
     import argparse
     import ast
     import dataclasses
     import inspect
     import textwrap
+    import typing
     # the string under each field of the dataclass is its --help (the AST sees it; Python drops it)
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
@@ -639,14 +686,19 @@ def parse_args(cls, argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = f.type if isinstance(f.type, type) else type(default) if default is not None else str
-        kw = dict(default=default, help=f"{docs.get(f.name, '')} (default: {default})")
+        many = isinstance(default, (list, tuple))  # --flag a b c
+        shown = " ".join(map(str, default)) if many else default
+        kw = dict(default=default, help=docs.get(f.name, "") + (f" (default: {shown})" if shown != "" else ""))
+        kind = typing.get_args(f.type)[0] if many and typing.get_args(f.type) else f.type  # list[X]: X
+        if typing.get_origin(kind) is typing.Literal:  # the values it takes, checked by argparse
+            kw["choices"] = typing.get_args(kind)
+            kind = type(kw["choices"][0])
+        elif not isinstance(kind, type) or many:
+            kind = type(default[0]) if many and default else str
         if kind is bool:  # --flag / --no-flag
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(default, (list, tuple)):  # --flag a b c
-            parser.add_argument(f"--{f.name}", nargs="*", type=type(default[0]) if default else str, **kw)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, **kw)
+            parser.add_argument(f"--{f.name}", type=kind, **({"nargs": "*"} if many else {}), **kw)
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -668,18 +720,18 @@ def read_csv(path, required=(), texts=()):
     Lines are the file's physical lines, so a quoted caption that spans lines moves the next row's
     number as an editor shows it. Blank lines are ignored."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such CSV file")
+        raise UserError(f"{path}: no such CSV file")
     data = open(path, "rb").read()
     try:
         text = data.decode("utf-8-sig")  # a BOM (a spreadsheet's export) is not part of the header
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1  # the physical line of the first bad byte
-        raise ValueError(f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8; save the file as UTF-8") from None
+        raise UserError(f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8; save the file as UTF-8") from None
     reader = csv.reader(io.StringIO(text, newline=""))  # newline="": quoted captions may span lines
     header = next(reader, None)
     missing = [c for c in required if c not in (header or [])]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {header}")
+        raise UserError(f"{path}: missing column(s) {missing}; found {header}")
     rows, seen, skipped = Rows(), {}, {}
     rows.lines, rows.skipped = [], skipped
     start = reader.line_num + 1  # the physical line where the next record starts
@@ -704,7 +756,7 @@ def read_csv(path, required=(), texts=()):
         print0(f"{path}: {len(lines)} row(s) skipped, {kind}: line(s) {', '.join(map(str, lines[:20]))}"
                + (", ..." if len(lines) > 20 else ""))
     if not rows:
-        raise ValueError(f"{path}: no usable row" + (f" ({sum(map(len, skipped.values()))} skipped)" if skipped else
+        raise UserError(f"{path}: no usable row" + (f" ({sum(map(len, skipped.values()))} skipped)" if skipped else
                                                      " (only a header)" if header else " (empty file)"))
     return rows
 
@@ -722,21 +774,33 @@ def keep_split(rows, split, path):
     kept.lines, kept.skipped = [line for line, r in zip(rows.lines, rows) if wanted(r)], rows.skipped
     splits = sorted({r.get("split", "") for r in rows})
     if not kept:
-        raise ValueError(f"{path}: no row of --split {split!r}; its splits: {splits}")
+        raise UserError(f"{path}: no row of --split {split!r}; its splits: {splits}")
     print0(f"{path}: {len(rows) - len(kept)} row(s) of other splits left out (--split {split!r}; its splits: {splits})")
     return kept
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary name next to `path`; rename it to `path` only if the block succeeds, so
-    a killed run never leaves a truncated file under the final name."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    a killed run never leaves a truncated file under the final name. A write that fails (a full
+    disk, a read-only folder) stops with a UserError naming the file, which write() itself does not."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{ext}"  # keep the extension: writers pick the format by it
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        raise UserError(f"{path}: cannot write it: {e.strerror}") from e
+    except RuntimeError as e:  # torch.save's zip writer on a full disk: "[enforce fail at inline_container.cc]"
+        if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+            raise
+        raise UserError(f"{path}: cannot write it (is the disk full?)") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -784,7 +848,7 @@ def check_resume(path, record, dist=None):
         with open(path, encoding="utf-8") as fh:
             old = json.load(fh)
         if differ := settings_diff(old, record):
-            raise ValueError(f"{path}: the work here was made with other settings ({differ}); "
+            raise UserError(f"{path}: the work here was made with other settings ({differ}); "
                              f"rerun with the same settings to resume, or pass another output folder "
                              f"(or delete this one) to start again")
     elif dist is None or dist.master:  # the first run records what its work is made of
@@ -801,7 +865,7 @@ def frame_indices(num_total, num_frames, sampling="uniform"):
     if sampling == "middle":
         edges = np.linspace(0, num_total, num_frames + 1)
         return np.minimum(((edges[:-1] + edges[1:]) / 2).astype(int), num_total - 1)
-    raise ValueError(f"unknown frame sampling {sampling!r}: use 'uniform' or 'middle'")
+    raise UserError(f"unknown frame sampling {sampling!r}: use 'uniform' or 'middle'")
 
 
 def read_video(path, num_frames=8, sampling="uniform"):

@@ -259,7 +259,7 @@ def assert_same_bytes(dir_a, dir_b, rows):
 
 
 def test_settings_come_from_the_flags_or_the_pipeline_defaults(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"--pipeline {tmp_path}/no-such-model: no such folder"):
+    with pytest.raises(common.UserError, match=f"--pipeline {tmp_path}/no-such-model: no such folder"):
         gen.resolve_settings(gen.Args(pipeline=str(tmp_path / "no-such-model"), **TINY))  # issue 14 item 16
     (tmp_path / "model_index.json").write_text('{"_class_name": "SomeNewVideoPipeline"}')
     with pytest.raises(ValueError, match="no defaults for SomeNewVideoPipeline .*; pass --guidance_scale --fps$"):

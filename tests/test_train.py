@@ -449,7 +449,7 @@ def test_a_new_run_deletes_nothing_before_model_and_data_load(toy, two_steps):
     args.json are still there."""
     tmp_path = two_steps
     kept = (os.listdir(tmp_path / "checkpoints"), open(tmp_path / "args.json").read())
-    with pytest.raises(FileNotFoundError, match=f"--model {tmp_path}/no-such-model: no such folder"):
+    with pytest.raises(common.UserError, match=f"--model {tmp_path}/no-such-model: no such folder"):
         train.main(make_args(str(tmp_path / "no-such-model"), *toy, tmp_path))
     assert (os.listdir(tmp_path / "checkpoints"), open(tmp_path / "args.json").read()) == kept
 

@@ -187,3 +187,23 @@ def running(pid):
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def run_cli(script, *argv, timeout=600, env=None, cwd=None):
+    """`python <script> argv...` as a user runs it (a stage of the repo): the CompletedProcess, with
+    stdout and stderr as text. HF_HUB_OFFLINE stays as the test session set it."""
+    import subprocess
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def assert_user_error(done, *needles):
+    """A user's mistake, as every stage reports it: exit status 2, no traceback, and one last line
+    on stderr `error: ...` that contains each of `needles`."""
+    last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert last.startswith("error: "), done.stderr[-3000:]
+    for needle in needles:
+        assert needle in last, (needle, last)
+    return last

@@ -1,0 +1,118 @@
+"""What every stage does with a user's mistake on its command line: a choice flag refused before any
+work, a model that is not there named in seconds, and `error: ...` with exit status 2, no traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import common
+import tiny
+from tiny import ROOT, assert_user_error, run_cli
+
+STAGES = ("01_generate.py", "02_weight.py", "03_train.py", "04_eval.py")
+
+
+@pytest.mark.parametrize("script", STAGES)
+def test_help_lists_each_choice_and_no_empty_default(script):
+    done = run_cli(script, "--help")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(default: )" not in done.stdout and "(default: [])" not in done.stdout
+    choices = {"01_generate.py": "{auto,bfloat16,float16,float32}", "02_weight.py": "{first_token,t2v_metrics}",
+               "03_train.py": "{llava_v1,card}", "04_eval.py": "{videocon,stable}"}[script]
+    assert choices in done.stdout
+
+
+@pytest.mark.parametrize("script, flag, value", [
+    ("01_generate.py", "--dtype", "bf16"), ("02_weight.py", "--vqascore", "firsttoken"),
+    ("02_weight.py", "--weighting", "Difference"), ("03_train.py", "--prompt", "Card"),
+    ("03_train.py", "--answer_loss", "twoway"), ("04_eval.py", "--ties", "Stable"),
+    ("04_eval.py", "--sampling", "mid")])
+def test_a_bad_choice_is_refused_before_any_work(script, flag, value, tmp_path):
+    out = tmp_path / "out"
+    argv = [flag, value, "--out_dir" if script != "02_weight.py" else "--out_csv", out]
+    done = run_cli(script, *argv, cwd=tmp_path)
+    assert done.returncode == 2 and f"argument {flag}: invalid choice: '{value}'" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists() and os.listdir(tmp_path) == []  # nothing written, not even settings
+
+
+def test_a_folder_given_relatively_is_not_taken_for_a_hub_id(tmp_path):
+    (tmp_path / "runs").mkdir()
+    done = run_cli("04_eval.py", "--model", "runs/tiny-video-lava", "--videocon_llm", "x.csv", cwd=tmp_path,
+                   env={"HF_HUB_OFFLINE": "0"}, timeout=60)  # no hub lookup: no retries to wait for
+    assert_user_error(done, "--model runs/tiny-video-lava: no such folder")
+
+
+def resolve_in_a_fresh_process(name, tmp_path, **env):
+    """common.resolve_model(name) in a new interpreter (huggingface_hub reads HF_HUB_OFFLINE, HF_HOME
+    and HF_ENDPOINT when imported): what it returns, or its error's message."""
+    script = ("import common\ntry:\n    print(common.resolve_model(%r))\nexcept common.UserError as e:\n"
+              "    print('UserError', e)\n" % name)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), **env}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)  # transformers' own retries would take ~150 s
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_a_hub_id_with_no_network_is_refused_with_what_to_do(tmp_path):
+    offline = resolve_in_a_fresh_process("org/not-downloaded", tmp_path, HF_HUB_OFFLINE="1")
+    assert offline.startswith("UserError --model org/not-downloaded: not a folder here, not in the Hugging Face "
+                              "cache, and HF_HUB_OFFLINE=1 is set: download it")
+    assert "`hf download org/not-downloaded`" in offline
+    # a hub that cannot be reached (a closed local port stands for it): one try, then the same advice
+    unreachable = resolve_in_a_fresh_process("org/not-downloaded", tmp_path, HF_HUB_OFFLINE="0",
+                                             HF_ENDPOINT="http://127.0.0.1:9")
+    assert "the hub cannot be reached" in unreachable and "`hf download org/not-downloaded`" in unreachable
+
+
+def test_a_cached_hub_id_loads_from_its_folder_with_no_network(tmp_path):
+    snapshot = tmp_path / "hf" / "hub" / "models--org--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    for env in ({"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}):
+        assert resolve_in_a_fresh_process("org/cached", tmp_path, **env) == str(snapshot)
+
+
+def test_an_existing_folder_is_loaded_as_it_is(tmp_path):
+    assert common.resolve_model(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(common.UserError, match=r"--pipeline \./nowhere: no such folder"):
+        common.resolve_model("./nowhere", "--pipeline")
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
+    import errno
+    import json
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(json, "dump", full)
+    with pytest.raises(common.UserError, match=rf"{tmp_path}/out/args.json: cannot write it: No space left on device"):
+        common.save_json(str(tmp_path / "out" / "args.json"), {"a": 1})
+    assert os.listdir(tmp_path / "out") == []  # no temporary file left behind
+
+
+def test_torch_save_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    import torch
+
+    def full(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(common.UserError, match=r"state.pt: cannot write it \(is the disk full\?\)"):
+        with common.atomic_path(str(tmp_path / "state.pt")) as tmp:
+            torch.save({}, tmp)
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    # run_stage turns only UserError into one line: any other exception is a bug and shows where
+    script = ("import common, dataclasses\n@dataclasses.dataclass\nclass Args:\n    x: int = 1\n"
+              "def main(args):\n    raise KeyError('bug')\ncommon.run_stage(main, Args)\n")
+    path = tmp_path / "stage.py"
+    path.write_text(script)
+    done = subprocess.run([sys.executable, str(path)], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "KeyError: 'bug'" in done.stderr
+    assert tiny.ROOT == ROOT
