@@ -339,6 +339,24 @@ def yes_no_logits(model, processor, videos, captions, video_index=None, hidden=N
     return answer_logits(model, torch.stack([s[0] for s in states]), answer_token_ids(processor.tokenizer, text))
 
 
+def max_positions(model):
+    """The most positions the model's LLM was trained on (its text config's max_position_embeddings;
+    Video-LLaVA-7B: 4,096). A longer prompt still runs, on positions the model never saw: its scores
+    would be silently wrong, so the stages leave such a pair out and name it (prompt_lengths)."""
+    config = unwrap(model).config
+    return getattr(getattr(config, "text_config", config), "max_position_embeddings", None) or float("inf")
+
+
+def prompt_lengths(model, processor, video, captions, prompt="llava_v1", answers=None):
+    """The positions each caption's prompt takes with `video` (frames as the stage reads them): the
+    prompt prefix with the video's tokens, then the caption, the answer cue and any teacher-forced
+    answer tokens. One encoding of `video`; compare with max_positions(model)."""
+    hf = unwrap(model)
+    head, head_text, tails, _, _ = prompt_suffixes(processor, hf, captions, None, prompt, None, answers)
+    _, _, starts, _ = video_prefixes(model, processor, [video], head, head_text)
+    return [starts[0] + len(tail) for tail in tails]  # the last position used + 1
+
+
 def answer_logits(model, states, token_ids):
     """The LM head's rows `token_ids` applied in float32 to final hidden states (k, hidden): (k, len).
     NOTE: not read from the bf16 logits: a bf16 logit near 20 is rounded to a multiple of 1/8, which

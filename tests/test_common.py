@@ -465,3 +465,12 @@ def test_no_gloo_thread_outlives_destroy_process_group(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("['python']") == 2, done.stdout  # no gloo_tcp_loop / pt_gloo_runloop thread
+
+
+def test_prompt_lengths_count_the_video_tokens_and_the_caption(video_llava_dir):
+    model, processor = common.load_video_llm(video_llava_dir)
+    video = tiny.moving_square()
+    short, long = common.prompt_lengths(model, processor, video, ["a red square", "a red square " * 400])
+    prefix = common.video_prefixes(model, processor, [video], *common.prompt_suffixes(
+        processor, model, ["x"], None, "llava_v1", None, None)[:2])[2][0]  # where the text after the video starts
+    assert prefix < short < common.max_positions(model) == 1024 < long
