@@ -12,6 +12,7 @@ import csv
 import errno
 import hashlib
 import io
+import logging
 import os
 import re
 import sys
@@ -281,6 +282,11 @@ def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
     AttentionMaskInterface.register("sdpa_shared_prefix", sdpa_mask)  # 2-D masks become sdpa's masks
     name_or_path = resolve_model(name_or_path, "--model")  # a typo or no network: seconds, one line
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)  # bf16 as in §6
+    # transformers 5 says "Requested torchvision backend is not available. Falling back to pil" for a
+    # model whose image processor only exists for PIL (Video-LLaVA) although torchvision is there: no
+    # backend is missing (its video processors need torchvision anyway), so that one line is dropped
+    logging.getLogger("transformers.models.auto.image_processing_auto").addFilter(
+        lambda record: "Falling back to pil backend" not in record.getMessage())
     processor = AutoProcessor.from_pretrained(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype,
                                                         attn_implementation="sdpa_shared_prefix")

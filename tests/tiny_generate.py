@@ -22,7 +22,7 @@ def t5_tokenizer(vocab_size=300):
     from transformers import T5Tokenizer
     import tiny
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>")
+                                      unk_token="<unk>", show_progress=False)
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.train_from_iterator(tiny.corpus(), trainer)
