@@ -272,6 +272,13 @@ def resolve_model(name_or_path, flag="--model"):
                         f"or give its local folder") from None
 
 
+def not_a_missing_backend(record):
+    """A logging filter: transformers 5 says "Requested torchvision backend is not available. Falling
+    back to pil backend" for a model whose image processor exists only for PIL (Video-LLaVA), although
+    torchvision is installed (its video processors need it anyway): nothing is missing, so that line goes."""
+    return "Falling back to pil backend" not in record.getMessage()
+
+
 def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
     """A transformers video LLM and its processor, from a hub id or a local directory, with
     shared_prefix_attention (plain sdpa wherever answer_states does not ask for it).
@@ -282,11 +289,7 @@ def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
     AttentionMaskInterface.register("sdpa_shared_prefix", sdpa_mask)  # 2-D masks become sdpa's masks
     name_or_path = resolve_model(name_or_path, "--model")  # a typo or no network: seconds, one line
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)  # bf16 as in §6
-    # transformers 5 says "Requested torchvision backend is not available. Falling back to pil" for a
-    # model whose image processor only exists for PIL (Video-LLaVA) although torchvision is there: no
-    # backend is missing (its video processors need torchvision anyway), so that one line is dropped
-    logging.getLogger("transformers.models.auto.image_processing_auto").addFilter(
-        lambda record: "Falling back to pil backend" not in record.getMessage())
+    logging.getLogger("transformers.models.auto.image_processing_auto").addFilter(not_a_missing_backend)
     processor = AutoProcessor.from_pretrained(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype,
                                                         attn_implementation="sdpa_shared_prefix")
