@@ -3,6 +3,7 @@ against the per-pair path, resuming, bad input, a LoRA adapter, and two torchrun
 import csv
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -52,8 +53,12 @@ def test_read_scores_both_layouts_duplicates_and_a_truncated_line(tmp_path):
     assert scores == {("v1", "a cat"): 0.75} and report["malformed"] == 1
     assert rows == [["v1", "a cat", "0.75", "1.0986"]]
     ours.write_text("v1,a cat,0.75\nv1,a cat,0.5\n")
-    with pytest.raises(ValueError, match=r"ours.csv: row 2 scores \('v1', 'a cat'\) as 0.5"):
+    with pytest.raises(common.UserError, match=r"ours.csv: lines 1 and 2 score \('v1', 'a cat'\) as 0.75 and 0.5"):
         ev.read_scores(str(ours))
+    # issue 26: a BOM and no header: the first key is v1, not \ufeffv1; a score that is no f in [0, 1] is named
+    ours.write_bytes("v1,a cat,0.75\r\nv2,a dog,1.5\r\n".encode("utf-8-sig"))
+    scores, _, report = ev.read_scores(str(ours))
+    assert scores == {("v1", "a cat"): 0.75} and report["malformed"] == 1
 
 
 # ---- metrics by hand ----------------------------------------------------------------------------
@@ -104,11 +109,11 @@ def test_bad_task_input_is_named_or_counted(tmp_path):
     common.write_csv(task, rows + rows[:1])  # an exact duplicate row: dropped and counted
     rows_read, report, pairs = ev.read_task("ssv2_events", task)
     assert report["rows_skipped"] == {"exact duplicate of an earlier row": 1} and len(rows_read) == 2
-    assert pairs == [("a", "q"), ("b", "q")]
+    assert pairs == {("a", "q"): 2, ("b", "q"): 6}  # each pair and the line of its first row (a prompt: 4 lines)
     common.write_csv(task, rows + [{**rows[1], "match": 1}])  # b is both a match and a non-match for q
-    with pytest.raises(ValueError, match="b, 'q': listed as a match and as a non-match"):
-        ev.retrieval(ev.read_task("ssv2_events", task)[0], {}, candidates=2)
-    with pytest.raises(ValueError, match="exactly one with --scores"):
+    with pytest.raises(common.UserError, match=r"t.csv: lines 6 and 7 conflict: \('b', 'q'\) is 0 on one, 1 on"):
+        ev.read_task("ssv2_events", task)  # before any scoring, not after it
+    with pytest.raises(common.UserError, match="--scores is the scores of one task; 2 task files were given"):
         ev.main(ev.Args(ssv2_events=task, atphard=task, scores=task, out_dir=str(tmp_path)))
 
 
@@ -137,8 +142,8 @@ def test_degenerate_and_broken_task_files_are_named(tmp_path, capsys):
 
 def test_entailment_auc_against_sklearn_and_by_hand():
     from sklearn.metrics import roc_auc_score
-    rows = [{"videopath": "v1", "caption": "p1", "neg_caption": "n1", "hard": "True"},
-            {"videopath": "v2", "caption": prompt("p2"), "neg_caption": "n2", "hard": "False"}]
+    rows = [{"videopath": "v1", "caption": "p1", "neg_caption": "n1", "hard": True},  # as read_task reads them
+            {"videopath": "v2", "caption": prompt("p2"), "neg_caption": "n2", "hard": False}]
     scores = {("v1", "p1"): 0.9, ("v1", "n1"): 0.4, ("v2", "p2"): 0.4, ("v2", "n2"): 0.1}
     # positive-negative pairs: .9>.4, .9>.1, .4=.4 (counts 1/2), .4>.1 -> 3.5 / 4
     assert ev.entailment_auc(rows, scores)["auc"] == pytest.approx(87.5)
@@ -276,17 +281,22 @@ def test_main_scores_resumes_and_reports_bad_videos(video_llava_dir, tmp_path, c
     frames = common.read_video(os.path.join(root, "1.mp4"))
     a = tiny.alignment_logits(model, processor, [frames], [CAPTIONS[0]])
     assert first[("1.mp4", CAPTIONS[0])] == pytest.approx(torch.sigmoid(a).item(), abs=1e-5)
-    # resume: drop two scored rows, leave a torn record behind as a killed run would (it parses: a
-    # score cut after two digits, no line end); they are rescored, the torn one is not counted done
+    # summary and skip file agree: gone.mp4 is one unreadable video, named with its task line
+    skipped = list(csv.DictReader(open(tmp_path / "out" / "ssv2_events_skipped.csv", newline="")))
+    assert res["skipped"] == len(skipped) == 1 and skipped[0]["videopath"] == "gone.mp4"
+    assert skipped[0]["line"] == "14" and "unreadable video" in skipped[0]["reason"]
+    # resume: drop two scored rows, leave a torn record behind as a killed run would (a record
+    # without its line end); they are rescored, the torn one is not counted done
     lines = open(final, newline="").read().split("\r\n")
     open(final, "w", newline="").write("\r\n".join(lines[:-3]) + "\r\n")
-    torn = f"videopath,caption,score,logit\r\n{lines[-3].split(',')[0]},{lines[-3].split(',')[1]},0.1"
-    open(str(tmp_path / "out" / "ssv2_events_scores.rank0.csv"), "w", newline="").write(torn)
+    torn = '["' + '", "'.join(lines[-3].split(",")[:2]) + '", "0.1", "1.5"]'
+    open(str(tmp_path / "out" / "ssv2_events_scores.rank0.jsonl"), "w", newline="").write(torn)
     capsys.readouterr()
     res = ev.main(args)["ssv2_events"]
     assert "4 of 8 pairs already scored; 2 videos to run" in capsys.readouterr().out  # 2.mp4 again, gone.mp4
     assert scores_of(final) == pytest.approx(first, abs=1e-6) and res["pairs_scored"] == 6
-    assert sorted(os.listdir(tmp_path / "out")) == ["results.json", "ssv2_events_scores.csv", "ssv2_events_settings.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["results.json", "ssv2_events_scores.csv", "ssv2_events_settings.json",
+                                                    "ssv2_events_skipped.csv"]
     # settings-checked resume: scores of 8 frames are not reused for 4 frames (nor another task file)
     with pytest.raises(ValueError, match=r"ssv2_events_settings.json: the work here was made with other settings "
                                          r"\(num_frames: 8 then, 4 now\)"):
@@ -423,3 +433,148 @@ def test_ranks_end_through_files_not_collectives(video_llava_dir, tmp_path, monk
         final, bad = ev.score_task("ssv2_events", pairs, model, processor, args, common.Dist(rank, rank, 2, "cpu", rank == 0))
     assert len(scores_of(final)) == 6 and len(bad) == 1 and "gone.mp4" in bad[0]  # gone.mp4 is rank 1's
     assert sorted(os.listdir(tmp_path / "out")) == ["ssv2_events_scores.csv", "ssv2_events_settings.json"]
+
+
+# ---- issue 26: bad input, round 2 ---------------------------------------------------------------
+@pytest.mark.parametrize("value,read", [(" 1 ", 1), ("1", 1), ("1.0", 1), ("+0", 0), ("0.", 0)] +
+                         [(v, None) for v in ("inf", "nan", "1e400", "1.5", "True", "", "2", "-1", "1_0", "0x1")])
+def test_match_cells_that_mean_the_same_are_read_the_same(tmp_path, value, read):
+    task = tmp_path / "t.csv"
+    task.write_text(f"videopath,caption,match\na,q,0\n b ,q,{value}\nc,q,1\n")
+    if read is None:  # refused on reading, before any scoring, naming file:line and column
+        with pytest.raises(common.UserError, match=rf"t.csv:3: column match: {re.escape(repr(value))} is not 0 or 1"):
+            ev.read_task("ssv2_events", str(task))
+        return
+    rows, _, pairs = ev.read_task("ssv2_events", str(task))
+    assert rows[1]["match"] == read and ("b", "q") in pairs  # the id stripped, the cell an integer
+
+
+def test_atphard_cells_types_and_conflicts(tmp_path):
+    task, types = tmp_path / "atp.csv", tmp_path / "types.csv"
+    rows = [{"videopath": " /x/1.mp4", "question": "why ", "answer": " 2", "option": f"{k}.0", "caption": f"s{k}"}
+            for k in range(5)]
+    common.write_csv(str(task), rows)
+    types.write_text("video,question,type\n1 , why,cw\n")  # an id and a question with spaces, a type in lower case
+    args = ev.Args(atphard=str(task), atphard_types=str(types))
+    read, _, pairs = ev.read_task("atphard", str(task))
+    scores = {p: 0.9 if p[1] == "s2" else 0.1 for p in pairs}
+    out = ev.task_metrics("atphard", read, scores, args, ev.question_types(args))
+    assert (out["accuracy"], out["accuracy_C"], out["questions_without_type"]) == (100.0, 100.0, 0)
+    common.write_csv(str(task), rows[:4] + [{**rows[4], "answer": "3"}])  # one question, two correct answers
+    with pytest.raises(common.UserError, match=r"atp.csv: lines 2 and 6 conflict: /x/1.mp4, question 'why': "
+                                               r"answer 2 and answer 3"):
+        ev.read_task("atphard", str(task))
+    common.write_csv(str(task), rows[:4] + [{**rows[4], "option": "1"}])  # option 1 twice
+    with pytest.raises(common.UserError, match=r"atp.csv: lines 3 and 6 conflict: .*: option 1 twice"):
+        ev.read_task("atphard", str(task))
+    common.write_csv(str(task), rows[:4] + [{**rows[4], "option": "5"}])
+    with pytest.raises(common.UserError, match=r"atp.csv:6: column option: '5' is not an integer from 0 to 4"):
+        ev.read_task("atphard", str(task))
+
+
+def test_entailment_duplicates_counted_conflicts_refused_split_and_hard_read_as_meant(tmp_path, capsys):
+    task = tmp_path / "llm.csv"
+    common.write_csv(str(task), [{"videopath": v, "caption": c, "neg_caption": n, "split": split} for v, c, n, split in
+                                 [("v1", "a dog", "a cat", " Test"), ("v1", prompt("a dog"), "a cat", "test"),
+                                  ("v2", "a dog", "a cat", "train"), ("v3", "a fox", "a cow", "TEST")]])
+    rows, report, pairs = ev.read_task("videocon_llm", str(task))
+    assert [r["videopath"] for r in rows] == ["v1", "v3"] and report["rows_in_split_test"] == 2
+    assert report["rows_skipped"] == {"of another split than test": 1, "the same item as an earlier row": 1}
+    printed = capsys.readouterr().out
+    assert "1 row(s) skipped, the same item as an earlier row: line(s) 3" in printed  # the prompt is the same caption
+    assert "1 row(s) skipped, of another split than test: line(s) 7" in printed  # the prompt spans lines 3-6
+    task.write_text("videopath,caption,neg_caption\nv1,a dog,a cat\nv1,a cat,a cow\n")  # a cat: match 0 and 1
+    with pytest.raises(common.UserError, match=r"llm.csv: lines 2 and 3 conflict: \('v1', 'a cat'\) is neg_caption"):
+        ev.read_task("videocon_llm", str(task))
+    task.write_text("videopath,caption,neg_caption,hard\nv1,a dog,a cat, TRUE \nv2,a dog,a cat,0\nv3,a dog,a cat,Yes\n"
+                    "v4,a dog,a cat,maybe\n")
+    with pytest.raises(common.UserError, match=r"llm.csv:5: column hard: 'maybe' is not True or False"):
+        ev.read_task("videocon_human", str(task))
+
+
+def fake_yes_no_logits(model, processor, videos, captions, index, prompt="", per_row=0):
+    """A stand-in for f's logits (no model): logit_Yes from the caption's length and the video."""
+    return torch.tensor([[len(c) / 7 - 2 * i, 0.0] for c, i in zip(captions, index)], dtype=torch.float32)
+
+
+def test_resume_after_a_cut_at_every_byte_of_the_last_records(tmp_path, monkeypatch):
+    """Issue 26: a part file cut anywhere (after a CRLF inside a caption, inside a UTF-8 character,
+    before the line end of a record that parses) resumes to the scores and AUC of an uninterrupted run."""
+    monkeypatch.setattr(common, "yes_no_logits", fake_yes_no_logits)
+    root = tmp_path / "videos"
+    for k in range(3):
+        common.write_video(str(root / f"{k}.mp4"), tiny.moving_square(num_frames=8, seed=k))
+    task = str(tmp_path / "llm.csv")
+    common.write_csv(task, [{"videopath": "0.mp4", "caption": "a dog\r\nruns", "neg_caption": "a cat"},
+                            {"videopath": "1.mp4", "caption": "un café", "neg_caption": "a dog\r\nruns"},
+                            {"videopath": "2.mp4", "caption": "a fox", "neg_caption": "deux cafés\r\n"}])
+    rows, _, pairs = ev.read_task("videocon_llm", task)
+    dist = common.Dist()
+
+    def run(out):  # score_task's merged scores and the entailment AUC over them
+        args = ev.Args(videocon_llm=task, video_root=str(root), out_dir=str(out), video_batch=1)
+        scores = ev.read_scores(ev.score_task("videocon_llm", pairs, None, None, args, dist)[0])[0]
+        return scores, ev.entailment_auc(rows, scores)["auc"]
+    whole = run(tmp_path / "whole")
+    merge = ev.merge_parts  # the part file as a run leaves it just before the merge
+    monkeypatch.setattr(ev, "merge_parts", lambda *a: (None, []))
+    ev.score_task("videocon_llm", pairs, None, None, ev.Args(videocon_llm=task, video_root=str(root),
+                                                             out_dir=str(tmp_path / "cut"), video_batch=1), dist)
+    monkeypatch.setattr(ev, "merge_parts", merge)
+    part = tmp_path / "cut" / "videocon_llm_scores.rank0.jsonl"
+    data = part.read_bytes()
+    assert data.count(b"\n") == 6 and b"caf\\u00e9" in data  # one record a line
+    last_two = data.rstrip(b"\n").rfind(b"\n", 0, data.rstrip(b"\n").rfind(b"\n")) + 1
+    for cut in range(last_two, len(data) + 1):  # every byte offset of the last two records
+        part.write_bytes(data[:cut])
+        if os.path.exists(final := tmp_path / "cut" / "videocon_llm_scores.csv"):
+            os.remove(final)
+        assert run(tmp_path / "cut") == whole, cut
+
+
+def write_long_task(tmp_path, captions):
+    root = tmp_path / "videos"
+    for k in range(2):
+        common.write_video(str(root / f"{k}.mp4"), tiny.moving_square(num_frames=8, seed=k))
+    common.write_csv(str(tmp_path / "events.csv"), [{"videopath": f"{k}.mp4", "caption": c, "match": int(j == k)}
+                                                    for j, c in enumerate(captions) for k in range(2)])
+    return str(tmp_path / "events.csv"), str(root)
+
+
+def test_a_prompt_past_the_models_positions_is_left_out_named_and_counted(video_llava_dir, tmp_path, capsys):
+    long = " ".join(["square"] * 1500)  # the tiny model has 1,024 positions
+    task, root = write_long_task(tmp_path, [CAPTIONS[0], long])
+    res = ev.main(ev.Args(model=video_llava_dir, ssv2_events=task, candidates=2, video_root=root,
+                          out_dir=str(tmp_path / "out")))["ssv2_events"]
+    assert (res["pairs"], res["pairs_scored"], res["pairs_too_long"], res["skipped"]) == (4, 2, 2, 2)
+    assert f"{task}: 2 pair(s) left out, their prompt runs past the model's 1024 positions: line(s) 4, 5" \
+        in capsys.readouterr().out
+    skipped = list(csv.DictReader(open(tmp_path / "out" / "ssv2_events_skipped.csv", newline="")))
+    assert [(s["line"], s["videopath"]) for s in skipped] == [("4", "0.mp4"), ("5", "1.mp4")]
+    assert "past the model's 1024" in skipped[0]["reason"]
+    task, root = write_long_task(tmp_path / "all", [long, long + " again"])  # a task left with no pair
+    with pytest.raises(common.UserError, match="ssv2_events: no pair of .* was scored: every prompt runs past"):
+        ev.main(ev.Args(model=video_llava_dir, ssv2_events=task, candidates=2, video_root=root,
+                        out_dir=str(tmp_path / "all" / "out")))
+
+
+def test_a_wrong_video_root_stops_naming_the_task_and_an_example(video_llava_dir, tmp_path, capsys):
+    task, _ = write_toy_task(tmp_path)
+    done = tiny.run_cli("04_eval.py", "--model", video_llava_dir, "--ssv2_events", task, "--video_root",
+                        tmp_path / "wrong", "--out_dir", tmp_path / "out", env={"OMP_NUM_THREADS": "1"})
+    tiny.assert_user_error(done, "ssv2_events: no pair of", "4 of 4 videos could not be read",
+                           os.path.join(str(tmp_path / "wrong"), "0.mp4"), "check --video_root")
+    # a score file whose keys match nothing of the task: the same one line, not "pairs_scored 0"
+    scores = tmp_path / "scores.csv"
+    scores.write_text("other/0.mp4,q,0.5\n")
+    with pytest.raises(common.UserError, match=r"ssv2_events: no pair of .*events.csv was scored: .*scores.csv has no "
+                                               r"score for any of its pairs"):
+        ev.main(ev.Args(ssv2_events=task, scores=str(scores), out_dir=str(tmp_path / "out2")))
+    assert f"{scores}: 1 score(s) match no pair of {task}, e.g. ('other/0.mp4', 'q')" in capsys.readouterr().out
+
+
+def test_help_shows_the_atphard_types_default_once(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args(ev.Args, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert text.count("(default: nextqa-atphard.csv beside --atphard)") == 1 and "(default: )" not in text
