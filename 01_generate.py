@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common import (check_resume, example_seed, file_hash, parse_args, print0, progress, read_csv,
+from common import (UserError, check_resume, example_seed, file_hash, keep_split, print0, progress, read_csv,
                     resolve_model, run_stage, save_json, setup_distributed, shard, wait_for_files, write_csv, write_video)
 
 REQUIRED = ("videopath", "caption", "neg_caption", "misalignment")
@@ -115,8 +115,8 @@ def resolve_settings(args):
     settings = {k: getattr(args, k) or defaults.get(k) for k in SETTINGS}
     missing = [f"--{k}" for k, v in settings.items() if v is None]
     if missing:
-        raise ValueError(f"{args.pipeline}: no defaults for {name} (known: {sorted(PIPELINE_DEFAULTS)}); "
-                         f"pass {' '.join(missing)}")
+        raise UserError(f"{args.pipeline}: no defaults for {name} (known: {sorted(PIPELINE_DEFAULTS)}); "
+                        f"pass {' '.join(missing)}")
     return name, settings
 
 
@@ -124,9 +124,12 @@ def load_generator(args, dist, settings):
     """G as a diffusers pipeline on this rank's device, with the chosen memory savers (or an instance
     of a module:Class generator, built from --pipeline_kwargs)."""
     from diffusers import DiffusionPipeline
-    kwargs = json.loads(args.pipeline_kwargs or "{}")
+    kwargs = json.loads(args.pipeline_kwargs or "{}")  # valid JSON: check_flags
     if cls := python_class(args.pipeline):  # a stand-in G: no weights, device or memory savers
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # a keyword the class does not take
+            raise UserError(f"--pipeline_kwargs {args.pipeline_kwargs}: {args.pipeline}: {e}") from None
     # auto: bfloat16 on GPU (CogVideoX-5b's training precision), float32 on CPU
     on_gpu = dist.device.startswith("cuda")
     dtype = (torch.bfloat16 if on_gpu else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -137,8 +140,8 @@ def load_generator(args, dist, settings):
     # the VAE keeps frame 0, then 1 latent per `stride` frames (LTX-Video: vae_temporal_compression_ratio)
     stride = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", 1)
     if (settings["num_frames"] - 1) % stride:
-        raise ValueError(f"--num_frames {settings['num_frames']}: {type(pipe).__name__} renders 1 + a multiple of "
-                         f"{stride} frames, e.g. {(settings['num_frames'] - 1) // stride * stride + 1}")
+        raise UserError(f"--num_frames {settings['num_frames']}: {type(pipe).__name__} renders 1 + a multiple of "
+                        f"{stride} frames, e.g. {(settings['num_frames'] - 1) // stride * stride + 1}")
     if args.cpu_offload:  # only the running part of G sits on the GPU
         pipe.enable_model_cpu_offload(gpu_id=dist.local_rank)
     else:
@@ -165,8 +168,8 @@ def generate(pipe, prompt, seed, settings):
     frames = pipe(**call).frames[0]  # (T, H, W, 3) floats in [0, 1]
     expected = (settings["num_frames"], settings["height"], settings["width"], 3)
     if frames.shape != expected:  # refused: generate_args.json would record another size
-        raise ValueError(f"{type(pipe).__name__} returned frames of shape {frames.shape}, not {expected}: "
-                         f"choose --height/--width/--num_frames that it supports")
+        raise UserError(f"{type(pipe).__name__} returned frames of shape {frames.shape}, not {expected}: "
+                        f"choose --height/--width/--num_frames that it supports")
     return (frames * 255).round().clip(0, 255).astype(np.uint8)  # [0, 1] -> uint8, rounded
 
 
@@ -189,11 +192,12 @@ def render(rows, pipe, settings, out_dir):
 def main(args):
     # ---- §4's input: the triplets (V^r, t^r = caption, t^s = neg_caption), bad rows skipped ----
     dist = setup_distributed()
-    if not args.input_csv:
-        raise ValueError("pass --input_csv, a CSV with columns " + ", ".join(REQUIRED))
+    check_flags(args)  # before any work: nothing is read, loaded or written for a flag that is wrong
     # a missing column, a non-UTF-8 byte or a header-only file stops the run, naming the file
-    rows = read_csv(args.input_csv, required=REQUIRED, texts=TEXTS)  # bad rows named by line, counted
-    todo, skipped = select_rows(rows, args)
+    every = read_csv(args.input_csv, required=REQUIRED, texts=TEXTS)  # bad rows named by line, counted
+    rows = keep_split(every, args.split, args.input_csv)  # `Train`, ` train`: train; the others counted
+    todo, lines, counts = select_rows(rows, args)
+    counts["other_splits"] = len(every) - len(rows)
     for row in todo:  # the two output columns, both functions of the row's identity only
         row["syn_video"] = os.path.join("videos", video_name(row))  # relative to out_dir, the CSV's folder
         # the seed of the row's noise: the same row gets the same frames whatever the number of
@@ -201,64 +205,84 @@ def main(args):
         row["seed"] = example_seed(row["videopath"], row["neg_caption"], base=args.seed)
     # ---- §4: G's settings, the paper's for CogVideoX unless a flag says otherwise ----
     name, settings = resolve_settings(args)
-    print0(f"{len(todo)} rows to render with {args.pipeline} ({name}, {settings}); {skipped} bad rows skipped")
+    counts["truncated"] = truncated_rows(args, name, todo, lines)  # t^s past G's text encoder: named
+    print0(f"{plural(len(todo), 'row')} to render with {args.pipeline} ({name}, {settings}); {summary(counts)}")
     # settings-checked resume: the videos on disk were made from this input with these settings
-    check_resume(os.path.join(args.out_dir, "resume.json"), {
-        "input_csv": file_hash(args.input_csv), "split": args.split, "misalignment": sorted(args.misalignment),
-        "seed": args.seed, "pipeline": args.pipeline, "pipeline_kwargs": args.pipeline_kwargs,
-        "dtype": args.dtype, **settings}, dist)
+    resume = os.path.join(args.out_dir, "resume.json")
+    record = {"input_csv": file_hash(args.input_csv), "split": args.split, "misalignment": sorted(args.misalignment),
+              "seed": args.seed, "pipeline": args.pipeline, "pipeline_kwargs": args.pipeline_kwargs,
+              "dtype": args.dtype, **settings}
 
     # ---- §4: V^s = G(t^s, noise) for this rank's rows, skipping those already on disk ----
     # Each rank takes every world_size-th row of the same list; names and seeds come from the rows,
     # so a rerun with any number of GPUs finds what an earlier run finished.
     share = shard(todo, dist)
     mine = [row for row in share if not on_disk(row, args.out_dir)]
-    print0(f"rank 0: {len(mine)} of its {len(share)} rows to render, the others are on disk already")
-    if mine:  # G is loaded only when there is something to render
-        pipe = load_generator(args, dist, settings)
+    done = len(share) - len(mine)
+    print0(f"rank 0: {len(mine)} of its {plural(len(share), 'row')} to render" + (f", {done} on disk already" if done else ""))
+    if os.path.exists(resume):  # a rerun with other settings stops here, before G loads
+        check_resume(resume, record, dist)
+    pipe = load_generator(args, dist, settings) if mine else None  # G only when there is something to render
+    check_resume(resume, record, dist)  # written once G has loaded: a frame count it refused leaves no record
+    if mine:
         start = time.time()
         render(mine, pipe, settings, args.out_dir)
         seconds = time.time() - start
-        print0(f"rank 0: {len(mine)} videos in {seconds:.1f} s ({seconds / len(mine):.2f} s per video)")
+        print0(f"rank 0: {plural(len(mine), 'video')} in {seconds:.1f} s ({seconds / len(mine):.2f} s per video)")
     if not dist.master:  # the other ranks are done: rank 0 alone writes the outputs
         return
 
     # ---- rank 0 writes the CSV once every row's video is on disk (common.wait_for_files) ----
     pending = [row for row in todo if not on_disk(row, args.out_dir)]
     if pending:
-        print0(f"waiting for {len(pending)} videos from the other ranks")
+        print0(f"waiting for {plural(len(pending), 'video')} from the other ranks")
     # polled every 5 s with no timeout: not a collective, so ranks may finish far apart
     wait_for_files([os.path.join(args.out_dir, row["syn_video"]) for row in pending], every=5)
     # generated.csv, 02_weight.py's input: the selected rows in file order, the input's columns in
     # its order, then ours (syn_video, seed)
     columns = [c for c in dict.fromkeys([*(rows[0] if rows else REQUIRED), "syn_video", "seed"]) if c is not None]
     write_csv(os.path.join(args.out_dir, "generated.csv"), todo, fieldnames=columns)
+    # the counts printed: bad rows skipped, rows of other splits or not selected, t^s truncated (file:line)
     save_json(os.path.join(args.out_dir, "generate_args.json"),
-              {**asdict(args), "pipeline_class": name, "resolved": settings, "rows": len(todo), "skipped": skipped})
-    print0(f"wrote {os.path.join(args.out_dir, 'generated.csv')}: {len(todo)} rows, {skipped} bad rows skipped")
+              {**asdict(args), "pipeline_class": name, "resolved": settings, "rows": len(todo), **counts})
+    print0(f"wrote {os.path.join(args.out_dir, 'generated.csv')}: {plural(len(todo), 'row')}; {summary(counts)}")
 
 
 # =================================================================================================
 # Plumbing: which rows to render, their file names and whether they are done, "module:Class"
 # generators. A first reader may skip it.
 # =================================================================================================
+def check_flags(args):
+    """The flags that argparse cannot check, before any work: a UserError (`error: ...`, exit 2) names each."""
+    if not args.input_csv:
+        raise UserError("pass --input_csv, a CSV with columns " + ", ".join(REQUIRED))
+    if args.limit < 0:
+        raise UserError(f"--limit {args.limit}: give a number of rows, or 0 for all")
+    try:
+        json.loads(args.pipeline_kwargs or "{}")
+    except json.JSONDecodeError as e:
+        raise UserError(f"--pipeline_kwargs {args.pipeline_kwargs!r}: not JSON ({e})") from None
+
+
 def select_rows(rows, args):
-    """The rows to generate, in file order, and how many bad rows were skipped.
+    """The rows to generate, in file order, their lines in the file, and what was left out:
+    {skipped: bad rows, not_selected: rows of other --misalignment types or past --limit}.
 
     rows: common.read_csv's, which already skipped (named by line, counted) rows with a wrong
-    number of fields, an empty videopath / caption / neg_caption, and exact duplicates. Here a row
-    with the same (videopath, neg_caption) as an earlier one (same identity = same seed = same
-    video) is skipped too. A --split / --misalignment that selects no row is an error."""
-    keep, first_line, duplicates = [], {}, []  # first_line: (videopath, neg_caption) -> its line
+    number of fields, an empty videopath / caption / neg_caption, and exact duplicates, and kept
+    those of --split (common.keep_split). Here a row with the same (videopath, neg_caption) as an
+    earlier one (same identity = same seed = same video) is skipped too. A --misalignment that
+    selects no row is an error."""
+    keep, lines, first_line, duplicates = [], [], {}, []  # first_line: (videopath, neg_caption) -> its line
     for line, row in zip(rows.lines, rows):
-        if (args.split and row.get("split", args.split) != args.split
-                or args.misalignment and row["misalignment"] not in args.misalignment):
+        if args.misalignment and row["misalignment"] not in args.misalignment:
             continue  # not asked for
         if (row["videopath"], row["neg_caption"]) in first_line:
             duplicates.append(line)
             continue
         first_line[row["videopath"], row["neg_caption"]] = line
         keep.append(row)
+        lines.append(line)
     if duplicates:
         print0(f"{args.input_csv}: {len(duplicates)} row(s) skipped, same videopath and neg_caption as an earlier "
                f"row: line(s) {', '.join(map(str, duplicates))}")
@@ -267,11 +291,55 @@ def select_rows(rows, args):
     for kind in sorted(set(args.misalignment) - {r["misalignment"] for r in keep}):
         print0(f"--misalignment {kind!r}: no usable row of this type in {args.input_csv}; its types: {types}")
     if not keep:
-        raise ValueError(f"{args.input_csv}: no usable row with --split {args.split!r}"
-                         + (f" and --misalignment {args.misalignment}" if args.misalignment else "")
-                         + f"; its splits: {sorted({r.get('split', '') for r in rows})}, its types: {types}")
+        raise UserError(f"{args.input_csv}: no usable row with --split {args.split!r} and --misalignment "
+                        f"{args.misalignment}; its types: {types}")
     # --limit comes after the filters: the first N rows of what was asked for
-    return keep[: args.limit or None], sum(map(len, rows.skipped.values())) + len(duplicates)
+    n = args.limit or len(keep)
+    bad = sum(map(len, rows.skipped.values())) + len(duplicates)
+    return keep[:n], lines[:n], {"skipped": bad, "not_selected": len(rows) - len(duplicates) - len(keep[:n])}
+
+
+def truncated_rows(args, name, todo, lines):
+    """The rows (file:line) whose t^s is longer than G's text encoder takes: G renders them from the
+    prompt's first tokens (diffusers truncates with a warning that names no row), so they are named
+    here, in one printed line, and counted. A module:Class G has no tokenizer: none."""
+    import diffusers
+    from transformers import AutoTokenizer
+    if python_class(args.pipeline):  # a stand-in G reads the whole caption
+        return []
+    path = resolve_model(args.pipeline, "--pipeline")
+    if "tokenizer" not in diffusers.DiffusionPipeline.load_config(path) or not hasattr(diffusers, name):
+        return []  # no text tokenizer of its own to count with
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")  # the tokenizer alone, no weights
+    # the most tokens G encodes: its pipeline's max_sequence_length (CogVideoX: 226), else its tokenizer's
+    default = inspect.signature(getattr(diffusers, name).__call__).parameters.get("max_sequence_length")
+    limit = default.default if default and isinstance(default.default, int) else tokenizer.model_max_length
+    # truncated, not skipped: the paper's G (diffusers' CogVideoX) renders the first tokens too; the
+    # count is of the tokens as G's tokenizer makes them, its end token included
+    long = [f"{args.input_csv}:{line}" for row, line in zip(todo, lines)
+            if len(tokenizer(row["neg_caption"])["input_ids"]) > limit]
+    if long:
+        print0(f"{args.input_csv}: {len(long)} neg_caption(s) longer than the {limit} tokens {name}'s text encoder "
+               f"takes, rendered from their first {limit} tokens: line(s) "
+               + ", ".join(x.rsplit(":", 1)[1] for x in long))
+    return long
+
+
+def plural(n, noun):
+    """"1 row", "2 rows": a count and its noun."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def summary(counts):
+    """What was left out or changed, in one clause: the run's summary lines and generate_args.json agree."""
+    parts = [f"{plural(counts['skipped'], 'bad row')} skipped"]
+    if counts["other_splits"]:
+        parts.append(f"{plural(counts['other_splits'], 'row')} of other splits left out (--split)")
+    if counts["not_selected"]:
+        parts.append(f"{plural(counts['not_selected'], 'row')} not selected (--misalignment, --limit)")
+    if counts["truncated"]:
+        parts.append(f"{plural(len(counts['truncated']), 'neg_caption')} truncated to G's text encoder")
+    return ", ".join(parts)
 
 
 def video_name(row):
@@ -295,7 +363,10 @@ def python_class(spec):
         return None
     import importlib
     module, name = spec.split(":")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:  # a typo in the module or the class
+        raise UserError(f"--pipeline {spec}: {e}") from None
 
 
 def on_disk(row, out_dir):

@@ -11,7 +11,7 @@ Reads   <dir>/generated.csv        01_generate.py's: input columns + syn_video (
 Writes  <dir>/weighted.csv         the same + vqascore_{target,real}_<member>, score_syn_target = fbar(V^s,t^s),
                                    score_syn_real = fbar(V^s,t^r), weight (all empty if V^s could not be scored)
         <dir>/weighted_fig2.png    Fig. 2 (--fig2_only: over several runs' weighted.csv); <dir>/weighted.json
-        <dir>/weighted_skipped.csv the rows kept without a weight, and why (only if there are any)
+        <dir>/weighted_skipped.csv the rows kept without a weight or left out as bad: line, why (if any)
         <dir>/weighted_cache/      per-frame scores per member and rank: a killed or repeated run resumes
 
 Launch (one GPU holds one model at a time; more GPUs split the videos):
@@ -19,20 +19,24 @@ Launch (one GPU holds one model at a time; more GPUs split the videos):
     torchrun --standalone --nproc_per_node 4 02_weight.py --generated_csv out/generated.csv
 A CPU-sized run (tiny random members, built offline): README, "A CPU-sized chain".
 """
+import contextlib
 import gc
 import glob
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
 
-from common import (WEIGHTINGS, answer_token_ids, check_resume, file_hash, keep_split, load_video_llm, parse_args,
-                    print0, progress, read_csv, read_video, run_stage, save_json, setup_distributed, shard,
-                    wait_for_files, write_csv)
+from tqdm import tqdm
+
+from common import (WEIGHTINGS, WRITE_ERRORS, UserError, answer_token_ids, atomic_path, check_resume, file_hash,
+                    keep_split, load_video_llm, max_positions, print0, progress, read_csv, read_video, resolve_model,
+                    run_stage, save_json, setup_distributed, shard, wait_for_files, write_csv)
 
 VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # VQAScore's question
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -100,7 +104,7 @@ def vqa_prompt(processor, model_type, caption):
     if getattr(processor, "chat_template", None):
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False), "Yes"
-    raise ValueError(f"model type {model_type!r}: its processor has no chat template; add its prompt to VQA_FORMATS")
+    raise UserError(f"model type {model_type!r}: its processor has no chat template; add its prompt to VQA_FORMATS")
 
 
 def answer_ids(tokenizer, prompt, answer, encoder_decoder, vqascore):
@@ -142,8 +146,8 @@ def vqa_scores(model, processor, images, captions, pairs_per_forward=8, vqascore
     # text alone) or fails obscurely (InstructBLIP)
     queries, theirs = getattr(model.config, "num_query_tokens", None), getattr(processor, "num_query_tokens", None)
     if queries and theirs != queries:
-        raise ValueError(f"{model_type}: processor's num_query_tokens {theirs}, the model's {queries}: "
-                         "set it in processor_config.json")
+        raise UserError(f"{model_type}: processor's num_query_tokens {theirs}, the model's {queries}: "
+                        "set it in processor_config.json")
     # NOTE (deviation): InstructBLIP's hub processor squashes a frame to 224x224, where t2v_metrics
     # resizes its short side and crops the centre; CLIP-FlanT5 and LLaVA pad to a square as t2v_metrics.
     if model_type in PAD_TO_SQUARE:
@@ -158,8 +162,8 @@ def vqa_scores(model, processor, images, captions, pairs_per_forward=8, vqascore
         inputs = processor(images=list(images[s:s + n]), text=chunk, padding=True, return_tensors="pt", **pad)
         inputs = inputs.to(model.device, model.dtype)  # floats (pixels) to the model's dtype, ids stay ints
         if queries and ((inputs["input_ids"] == model.config.image_token_id).sum(1) != queries).any():
-            raise ValueError(f"{model_type}: the prompts do not hold {queries} image tokens "
-                             f"(id {model.config.image_token_id}) each: the tokenizer's <image> is another id")
+            raise UserError(f"{model_type}: the prompts do not hold {queries} image tokens "
+                            f"(id {model.config.image_token_id}) each: the tokenizer's <image> is another id")
         given = answer[:-1].expand(n, k - 1)  # a_1..a_{k-1}, the model's input while it predicts a_2..a_k
         if enc_dec:  # the decoder reads its start token, then a_1..a_{k-1}
             start = torch.full((n, 1), model.config.get_text_config().decoder_start_token_id, device=model.device)
@@ -175,11 +179,47 @@ def vqa_scores(model, processor, images, captions, pairs_per_forward=8, vqascore
     return torch.cat(scores)
 
 
+def past_context(model, processor, frame, captions, vqascore="first_token"):
+    """Which of `captions` ({column: text}) makes a VQAScore prompt longer than the member takes, as a
+    message naming the column, its length and the limit; None if every prompt fits.
+
+    Decoder-only (LLaVA): every position, the image's tokens and the answer tokens fed back included,
+    against the LLM's max_position_embeddings (common.max_positions), where a longer prompt would still
+    run, silently wrong. Encoder-decoder (T5: relative positions): the prompt's text tokens against the
+    tokenizer's model_max_length (Flan-T5: 512). InstructBLIP's Q-Former also reads the question, on
+    its own positions (512), where transformers would stop the whole run with a RuntimeError."""
+    config = model.config
+    enc_dec, model_type = config.get_text_config().is_encoder_decoder, config.model_type
+    prompts = {column: vqa_prompt(processor, model_type, text)[0] for column, text in captions.items()}
+    inputs = processor(images=[frame] * len(prompts), text=list(prompts.values()), padding=True, return_tensors="pt")
+    mask = inputs["attention_mask"].bool()  # (2, L): the tokens each prompt uses
+    checks = []  # (tokens each prompt uses (2,), the most the model takes, what they are)
+    if "qformer_attention_mask" in inputs:  # InstructBLIP: the question in the Q-Former, checked first (it would crash)
+        checks.append((inputs["qformer_attention_mask"].sum(1), config.qformer_config.max_position_embeddings,
+                       "Q-Former positions"))
+    if enc_dec:  # the text tokens: the image's slots (BLIP's query tokens, CLIP-FlanT5's patches) apart
+        image = IMAGE if model_type == "clip_t5" else getattr(config, "image_token_id", None)
+        used = (mask & (inputs["input_ids"] != image)).sum(1)
+        checks.append((used, processor.tokenizer.model_max_length, "text tokens"))
+    else:  # every position the LLM reads: the prompt, the image's tokens, a_1..a_{k-1}
+        k = len(answer_ids(processor.tokenizer, *vqa_prompt(processor, model_type, "x"), False, vqascore))
+        checks.append((mask.sum(1) + k - 1, max_positions(model), "positions"))
+    for used, limit, what in checks:
+        for column, n in zip(prompts, used.tolist()):
+            if n > limit:
+                return f"its {column} makes a prompt of {n} {what}, past the model's {limit}: not scored"
+    return None
+
+
 # ---- §4: the per-frame VQAScores of one synthetic video V^s, against t^s and t^r --------------------
 def score_video(model, processor, frames, t_s, t_r, pairs_per_forward=8, vqascore="first_token"):
     """Per-frame VQAScores of (V^s, t^s) and (V^s, t^r): T frames x 2 captions = 2T pairs, by
     default one forward. frames: uint8 (T, H, W, 3). Returns two lists of T floats."""
     T = len(frames)  # --num_frames, 4 in the paper
+    # a caption past the member's context is not scored (its scores would be silently wrong): the row is
+    # kept without a weight, named and counted, like an undecodable V^s
+    if overflow := past_context(model, processor, frames[0], {"neg_caption": t_s, "caption": t_r}, vqascore):
+        raise ValueError(overflow)
     # pairs in the order (frame 0..T-1, t^s), then (frame 0..T-1, t^r): row 0 is t^s, row 1 t^r
     p = vqa_scores(model, processor, [f for _ in range(2) for f in frames], [t_s] * T + [t_r] * T,
                    pairs_per_forward, vqascore).view(2, T)  # (2, T)
@@ -191,7 +231,7 @@ def score_video(model, processor, frames, t_s, t_r, pairs_per_forward=8, vqascor
 
 def score_row(args, model, processor, rows, i, key, root, name, dist):
     """Row i's cache record for one member: {key, target: T VQAScores of (V^s, t^s), real: T of (V^s, t^r)},
-    or {key, error} when its video cannot be scored (--strict: a ValueError naming the CSV's line)."""
+    or {key, error} when its video cannot be scored (--strict: a UserError naming the CSV's line)."""
     row = rows[i]
     # t^s is the negative caption V^s was generated from, t^r the real video's caption
     try:
@@ -200,26 +240,27 @@ def score_row(args, model, processor, rows, i, key, root, name, dist):
         target, real = score_video(model, processor, frames, row["neg_caption"], row["caption"],
                                    args.pairs_per_forward, args.vqascore)
         return {"key": key, "target": target, "real": real}
-    except (FileNotFoundError, ValueError) as e:  # missing / undecodable video, NaN score
+    except (FileNotFoundError, ValueError) as e:  # missing / undecodable video, caption too long, NaN score
         message = f"{args.generated_csv}:{rows.lines[i]} ({row['syn_video']}), model {name}: {e}"
         if args.strict:
-            raise ValueError(message) from e
-        print(f"[rank {dist.rank}] skipping {message}", flush=True)
+            raise UserError(message) from e
+        tqdm.write(f"[rank {dist.rank}] skipping {message}")  # above the progress bar, not through it
         # the error is cached too, for the skip list; the next run scores the row again
         return {"key": key, "error": str(e)}
 
 
-def score_ensemble(args, rows, keys, names, todo, root, cache, dist):
+def score_ensemble(args, rows, keys, names, found, todo, root, cache, dist):
     """§4: every member's per-frame VQAScores of the rows it has not scored yet (todo: row indices per
     member), this rank's share of them, each video's record appended to the member's cache at once."""
     # one model at a time: the whole ensemble never shares a GPU
-    for model_id, name, rows_todo in zip(args.models, names, todo):
+    for model_id, name, where, rows_todo in zip(args.models, names, found, todo):
         mine = shard(rows_todo, dist)  # the work left is split evenly, however much was cached
         if not mine:
             continue  # nothing left for this member on this rank: it is never loaded
-        model, processor = load_member(model_id, device=dist.device)
+        model, processor = load_member(model_id, device=dist.device, found=where)
         print0(f"{name}: prompt {vqa_prompt(processor, model.config.model_type, '<t>')[0]!r}")
-        with open_part(os.path.join(cache, name, f"rank{dist.rank}.jsonl")) as part:
+        path = os.path.join(cache, name, f"rank{dist.rank}.jsonl")
+        with naming_write_errors(path), open_part(path) as part:  # a full disk names this file
             for i in progress(mine, desc=f"VQAScore {name}"):
                 record = score_row(args, model, processor, rows, i, keys[i], root, name, dist)  # scores or error
                 part.write(json.dumps(record) + "\n")
@@ -251,7 +292,7 @@ def weigh(rows, keys, names, caches, weighting):
     with its scores and weight, or none where a member could not score its V^s; those rows again, each
     with a skip_reason naming each member's error)."""
     out, skipped = [], []
-    for row, key in zip(rows, keys):
+    for line, row, key in zip(rows.lines, rows, keys):
         # a row lacks fbar if any member failed on it (or, after a kill, never got to it)
         missing = [(n, failed.get(key, "not scored")) for n, (done, failed) in zip(names, caches) if key not in done]
         if missing:
@@ -259,7 +300,7 @@ def weigh(rows, keys, names, caches, weighting):
             # on L_real alone ("trained without a twin"); dropped, the real triplet would be lost too
             out.append(dict(row))
             why = "; ".join(f"{n}: {e}" for n, e in missing)  # each member's error
-            skipped.append({**row, "skip_reason": f"kept without a weight: {why}"})
+            skipped.append({"line": line, **row, "skip_reason": f"kept without a weight: {why}"})
             continue
         out.append(with_fbar(row, key, names, caches))
     scored = [r for r in out if "score_syn_target" in r]  # the rows with fbar, which get a weight
@@ -277,17 +318,22 @@ def weigh(rows, keys, names, caches, weighting):
 
 def write_weighted(out_csv, stem, rows, names, weighted, skipped):
     """weighted.csv (generated.csv's columns + each member's scores + fbar twice + weight; a row without
-    scores has those cells empty) and the skip list of those rows."""
+    scores has those cells empty) and the skip list: those rows, then the bad rows common.read_csv left
+    out (rows.skipped: a wrong field count, an empty text, an exact duplicate), each with its line."""
     columns = list(rows[0]) if rows else list(REQUIRED)  # generated.csv's own columns (REQUIRED if no row)
-    columns += [f"vqascore_{s}_{n}" for n in names for s in ("target", "real")]
-    write_csv(out_csv, weighted, columns + ["score_syn_target", "score_syn_real", "weight"])  # missing keys: ""
-    if skipped:
-        write_csv(stem + "_skipped.csv", skipped)
+    scores = [f"vqascore_{s}_{n}" for n in names for s in ("target", "real")]
+    write_csv(out_csv, weighted, columns + scores + ["score_syn_target", "score_syn_real", "weight"])  # missing: ""
+    bad = [{"line": line, "skip_reason": f"left out: {kind}"} for kind, lines in rows.skipped.items() for line in lines]
+    listed = sorted(skipped + bad, key=lambda r: r["line"])  # in file order, each row once
+    if listed:
+        write_csv(stem + "_skipped.csv", listed, ["line", *columns, "skip_reason"])
     elif os.path.exists(stem + "_skipped.csv"):  # an earlier run's list, now scored
         os.remove(stem + "_skipped.csv")
-    # one count of the rows without a weight: this line, <stem>.json's kept_without_weight, the skip list's rows
-    print0(f"wrote {out_csv}: {len(weighted) - len(skipped)} rows weighted; {len(skipped)} kept without a weight"
-           + (f" (their V^s could not be scored; listed with the reason in {stem}_skipped.csv)" if skipped else ""))
+    # one count of each: this line, <stem>.json's kept_without_weight and bad_rows_skipped, the skip list's rows
+    print0(f"wrote {out_csv}: {len(weighted) - len(skipped)} rows weighted; {len(skipped)} kept without a weight "
+           f"(their V^s could not be scored); {len(bad)} bad rows skipped"
+           + (f"; each listed with the reason in {stem}_skipped.csv" if listed else ""))
+    return len(bad)
 
 
 # ---- §4 Fig. 2: distribution of fbar(V^s,t^s) - fbar(V^s,t^r) per misalignment type ---------------
@@ -320,7 +366,8 @@ def plot_fig2(rows, path):
                ylabel="synthetic videos")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # a full disk names the figure
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -354,8 +401,8 @@ def fig2_scores(path, line, row):
     except ValueError:
         ft = fr = float("nan")  # caught just below, with the cells named
     if not (0 <= ft <= 1 and 0 <= fr <= 1):  # fbar is a mean of probabilities; NaN fails too
-        raise ValueError(f"{path}:{line}: score_syn_target {cells[0]!r}, score_syn_real {cells[1]!r}: "
-                         "not two numbers in [0, 1]")
+        raise UserError(f"{path}:{line}: score_syn_target {cells[0]!r}, score_syn_real {cells[1]!r}: "
+                        "not two numbers in [0, 1]")
     return {"misalignment": row["misalignment"], "score_syn_target": ft, "score_syn_real": fr}
 
 
@@ -364,12 +411,12 @@ def fig2_of_runs(args):
     generator), each row with its own run's scores, the means over every scored row of every file;
     rows without scores are left out and counted. Writes <--out_csv stem>_fig2.png and .json."""
     if not args.out_csv or args.generated_csv:
-        raise ValueError("--fig2_only needs --out_csv (the figure and JSON go beside it) and no --generated_csv")
+        raise UserError("--fig2_only needs --out_csv (the figure and JSON go beside it) and no --generated_csv")
     stem = os.path.splitext(args.out_csv)[0]
     # a run's own weighted_fig2.png and weighted.json are never overwritten by the pooled ones
     if any(os.path.abspath(os.path.splitext(p)[0]) == os.path.abspath(stem) for p in args.fig2_only):
-        raise ValueError(f"--out_csv {args.out_csv}: a file of --fig2_only; its run's figure and JSON would be "
-                         "overwritten: pass another --out_csv")
+        raise UserError(f"--out_csv {args.out_csv}: a file of --fig2_only; its run's figure and JSON would be "
+                        "overwritten: pass another --out_csv")
     scored, files = [], {}
     for path in args.fig2_only:
         rows = read_csv(path, required=FIG2_COLUMNS)  # a file without the score columns: an error naming it
@@ -378,7 +425,7 @@ def fig2_of_runs(args):
         files[path] = {"rows": len(rows), "without_scores": mine.count(None)}
         print0(f"{path}: {len(rows)} rows, {mine.count(None)} without scores (left out of Fig. 2)")
     if not scored:
-        raise ValueError(f"--fig2_only {args.fig2_only}: no row has scores")
+        raise UserError(f"--fig2_only {args.fig2_only}: no row has scores")
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)  # e.g. a new folder for the pooled figure
     report_fig2(args, scored, stem, {"weighted": len(scored), "files": files})
     return stem + ".json"
@@ -390,13 +437,9 @@ def main(args):
     if args.fig2_only:  # Fig. 2 over several runs (the paper's three generators): read, not scored
         return fig2_of_runs(args)
     dist = setup_distributed()
-    if args.weighting not in WEIGHTINGS:
-        raise ValueError(f"--weighting {args.weighting!r} is not in common.WEIGHTINGS {sorted(WEIGHTINGS)}")
-    if not args.generated_csv:
-        raise ValueError("--generated_csv is required: the generated.csv that 01_generate.py wrote")
-    names = [member_name(m) for m in args.models]  # each member's score columns and cache folder
-    if len(set(names)) != len(names):
-        raise ValueError(f"two ensemble members share a name {names}: their score columns would collide")
+    # ---- the flags, the members and the input, all checked before anything is read or written ----
+    names = check_flags(args)  # each member's score columns and cache folder
+    found = [find_member(m) for m in args.models]  # every member found (seconds) before any loads
     # one row per V^s (syn_video), with t^s (neg_caption) and t^r (caption)
     rows = read_csv(args.generated_csv, required=REQUIRED, texts=("caption", "neg_caption", "syn_video"))
     rows = keep_split(rows, args.split, args.generated_csv)  # never the rows 04 evaluates on
@@ -415,22 +458,84 @@ def main(args):
            + ", ".join(f"{n} {len(t)}" for n, t in zip(names, todo)))
 
     # ---- §4: per-frame VQAScores of (V^s, t^s) and (V^s, t^r), every member, sharded over ranks ----
-    score_ensemble(args, rows, keys, names, todo, root, cache, dist)
+    score_ensemble(args, rows, keys, names, found, todo, root, cache, dist)
     if not all_ranks_finished(cache, dist):
         return None  # rank 0 alone merges
 
     # ---- §5 Eq. (4): fbar and phi, from every rank's cache ----
     caches = [read_cache(os.path.join(cache, name)) for name in names]
     weighted, skipped = weigh(rows, keys, names, caches, args.weighting)  # every row; those without a weight
-    write_weighted(out_csv, stem, rows, names, weighted, skipped)
+    if len(skipped) == len(weighted):  # nothing usable: an error, and no record that refuses the rerun
+        refuse_empty_run(args, names, cache, caches, skipped)
+    bad = write_weighted(out_csv, stem, rows, names, weighted, skipped)
 
     # ---- §4 Fig. 2 and its table of means, over the rows with scores ----
     report_fig2(args, [r for r in weighted if "weight" in r], stem,
-                {"weighted": len(weighted) - len(skipped), "kept_without_weight": len(skipped)})
+                {"weighted": len(weighted) - len(skipped), "kept_without_weight": len(skipped), "bad_rows_skipped": bad})
     return out_csv
 
 
-# ===== Plumbing: CLIP-FlanT5 loading, the score cache, resume. A first reader may skip it. ==========
+# ===== Plumbing: checks, CLIP-FlanT5 loading, the score cache, resume. A first reader may skip it. ====
+
+# ---- what a user gave, checked before any work: flags, members, and a run that weighed nothing --------
+def check_flags(args):
+    """The flags argparse cannot check (its Literal types refuse a wrong --vqascore or --weighting):
+    a UserError names each. Returns each member's name (member_name)."""
+    if not args.generated_csv:
+        raise UserError("--generated_csv is required: the generated.csv that 01_generate.py wrote")
+    if args.num_frames < 1 or args.pairs_per_forward < 1:
+        raise UserError(f"--num_frames {args.num_frames}, --pairs_per_forward {args.pairs_per_forward}: each at least 1")
+    names = [member_name(m) for m in args.models]  # each member's score columns and cache folder
+    if len(set(names)) != len(names):
+        raise UserError(f"two ensemble members share a name {names}: their score columns would collide")
+    return names
+
+
+def find_member(model_id):
+    """Where a member of --models loads from, found in seconds (common.resolve_model: a typo, a missing
+    folder, no network) before any member is loaded or any video read: {"path"}, and for CLIP-FlanT5 the
+    two models its checkpoint names, {"tower": its CLIP vision tower, "tokenizer": Flan-T5's if it has none}."""
+    from transformers import PretrainedConfig
+    from transformers.utils import cached_file
+    path = resolve_model(model_id, "--models")
+    try:
+        config = PretrainedConfig.get_config_dict(path)[0]
+    except OSError as e:  # a folder that holds no model
+        raise UserError(f"--models {model_id}: not a transformers model ({str(e).splitlines()[0]})") from None
+    if config.get("model_type") != "clip_t5":
+        return {"path": path}
+    # t2v_metrics reads google/flan-t5-xxl's tokenizer (the same for -xl) unless the checkpoint has one
+    own = cached_file(path, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False)
+    return {"path": path, "tower": resolve_model(config["mm_vision_tower"], f"--models {model_id}: its mm_vision_tower"),
+            "tokenizer": path if own else resolve_model("google/flan-t5-xxl", f"--models {model_id}: its tokenizer")}
+
+
+def refuse_empty_run(args, names, cache, caches, skipped):
+    """A run that weighed no row stops with the first row's reason (its file:line and video path). A
+    member's cache that holds no score is removed with its settings record: a corrected rerun (another
+    CSV, folder or model) then starts afresh instead of being refused as made with other settings."""
+    for name, (done, _) in zip(names, caches):
+        if not done:  # only errors: nothing to resume
+            shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(cache, f"{name}.json"))
+    first, reason = skipped[0], skipped[0]["skip_reason"].removeprefix("kept without a weight: ")
+    hint = "; syn_video is read relative to the CSV's folder" if "not found" in reason else ""
+    raise UserError(f"{args.generated_csv}: none of its {len(skipped)} rows could be weighed, e.g. "
+                    f"{args.generated_csv}:{first['line']} ({first['syn_video']}): {reason}{hint}")
+
+
+@contextlib.contextmanager
+def naming_write_errors(path):
+    """A write to `path` that fails (a full disk, a read-only folder) stops with a UserError naming the
+    file, as common.atomic_path does for the files written whole (the cache is appended to)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        raise UserError(f"{path}: cannot write it: {e.strerror}") from e
+
 
 # ---- CLIP-FlanT5 (Lin et al. 2024): FlanT5 whose encoder reads a CLIP image --------------------
 # The released checkpoint's layout (t2v_metrics' CLIPT5ForConditionalGeneration): T5's own weights +
@@ -453,7 +558,7 @@ def clip_t5_classes():
             super().__init__(config)
             kind = getattr(config, "mm_projector_type", "linear"), getattr(config, "mm_vision_select_feature", "patch")
             if kind != ("mlp2x_gelu", "patch"):
-                raise ValueError("CLIP-FlanT5: only the released mlp2x_gelu projector of patch features is built")
+                raise UserError("CLIP-FlanT5: only the released mlp2x_gelu projector of patch features is built")
             self.vision_tower = torch.nn.Module()  # t2v_metrics' wrapper around the CLIP vision model
             self.vision_tower.vision_tower = CLIPVisionModel(CLIPVisionConfig.from_pretrained(config.mm_vision_tower))
             width = self.vision_tower.vision_tower.config.hidden_size
@@ -489,25 +594,25 @@ def clip_t5_classes():
     return CLIPFlanT5, CLIPFlanT5Processor
 
 
-def load_member(model_id, device="cpu"):
+def load_member(model_id, device="cpu", found=None):
     """An ensemble member and its processor: every model by transformers' Auto classes (common.
     load_video_llm) but CLIP-FlanT5 (model_type "clip_t5"), from its released checkpoint. That may lack
-    the frozen vision tower's weights: they come from mm_vision_tower then, as in t2v_metrics."""
-    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel, PretrainedConfig
-    from transformers.utils import cached_file
-    if PretrainedConfig.get_config_dict(model_id)[0].get("model_type") != "clip_t5":
-        return load_video_llm(model_id, device=device)
+    the frozen vision tower's weights: they come from mm_vision_tower then, as in t2v_metrics.
+    found: find_member's answer (where the member and its parts load from), looked up if not given."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel
+    found = found or find_member(model_id)
+    if "tower" not in found:
+        return load_video_llm(found["path"], device=device)
     model_class, processor_class = clip_t5_classes()
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # bfloat16: ~25 GB for an XXL
-    model, info = model_class.from_pretrained(model_id, dtype=dtype, output_loading_info=True)
-    tower, missing = model.config.mm_vision_tower, info["missing_keys"]
+    tower = found["tower"]  # mm_vision_tower as found: a hub id with no network is its cached folder
+    model, info = model_class.from_pretrained(found["path"], dtype=dtype, output_loading_info=True, mm_vision_tower=tower)
+    missing = info["missing_keys"]
     if any(k.startswith("vision_tower.") for k in missing):
         model.vision_tower.vision_tower = CLIPVisionModel.from_pretrained(tower, dtype=dtype)
     if any(not k.startswith("vision_tower.") for k in missing):
-        raise ValueError(f"{model_id}: not a CLIP-FlanT5 checkpoint, it lacks {sorted(missing)[:5]}")
-    # t2v_metrics reads google/flan-t5-xxl's tokenizer (the same for -xl) unless the checkpoint has one
-    own = cached_file(model_id, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_id if own else "google/flan-t5-xxl", config=model.config)
+        raise UserError(f"--models {model_id}: not a CLIP-FlanT5 checkpoint, it lacks {sorted(missing)[:5]}")
+    tokenizer = AutoTokenizer.from_pretrained(found["tokenizer"], config=model.config)  # its own, or Flan-T5's
     model.resize_token_embeddings(len(tokenizer))  # as t2v_metrics: T5's 32128 padded rows -> the 32100 tokens
     vision = model.vision_tower.vision_tower.config
     processor = processor_class(tokenizer, CLIPImageProcessorPil.from_pretrained(tower),
@@ -585,8 +690,10 @@ def resume(args, names, cache, first, dist):
 def all_ranks_finished(cache, dist):
     """Mark this rank done and leave the process group. True on rank 0, once every rank is done
     (the merge is its alone); False on the other ranks at once."""
-    os.makedirs(cache, exist_ok=True)
-    open(os.path.join(cache, f"finished.rank{dist.rank}"), "w").close()
+    marker = os.path.join(cache, f"finished.rank{dist.rank}")
+    with naming_write_errors(marker):  # a read-only folder or a full disk names it
+        os.makedirs(cache, exist_ok=True)
+        open(marker, "w").close()
     if dist.world_size > 1:
         torch.distributed.destroy_process_group()
     if not dist.master:

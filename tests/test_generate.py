@@ -4,6 +4,7 @@ import csv
 import glob
 import importlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 
 import common
 import tiny_generate
+from tiny import assert_user_error, run_cli
 
 gen = importlib.import_module("01_generate")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +105,7 @@ def test_bad_rows_are_named_skipped_and_counted(first_run):
     assert f"{args.input_csv}: 1 row(s) skipped, empty caption: line(s) 9" in printed
     assert f"{args.input_csv}: 1 row(s) skipped, not 5 fields as in the header: line(s) 10" in printed
     assert "3 rows to render" in printed and "5 bad rows skipped" in printed  # split test: not asked for, not bad
+    assert "5 bad rows skipped, 1 row of other splits left out (--split)" in printed  # counted, apart from the bad
 
 
 def test_a_rerun_with_another_selection_or_settings_stops_and_keeps_the_csv(first_run, tiny_pipe):
@@ -273,9 +276,13 @@ def test_settings_come_from_the_flags_or_the_pipeline_defaults(tmp_path):
 
 def test_a_frame_count_the_vae_cannot_make_is_refused(tmp_path, tiny_pipe):
     path = write_rows(tmp_path / "in.csv", GOOD[:1])
-    with pytest.raises(ValueError, match="--num_frames 10: CogVideoXPipeline renders 1 \\+ a multiple of 4 frames, e.g. 9"):
+    with pytest.raises(common.UserError, match="--num_frames 10: CogVideoXPipeline renders 1 \\+ a multiple of 4 frames, e.g. 9"):
         gen.main(args_for(path, tmp_path / "out", tiny_pipe, num_frames=10))
     assert final_mp4s(tmp_path / "out") == []
+    # issue 26: no settings record was left to refuse the corrected rerun as "made with other settings"
+    assert not (tmp_path / "out" / "resume.json").exists()
+    run(args_for(path, tmp_path / "out", tiny_pipe, num_frames=9))
+    assert len(final_mp4s(tmp_path / "out")) == 1
 
 
 def test_ltx_videos_frame_count_is_checked_too(tmp_path):
@@ -293,3 +300,55 @@ def test_wan_keeps_its_vae_in_float32_and_renders(tmp_path):
     pipe = gen.load_generator(args, common.setup_distributed(), settings)
     assert (pipe.vae.dtype, pipe.transformer.dtype, pipe.text_encoder.dtype) == (torch.float32,) + (torch.bfloat16,) * 2
     assert gen.generate(pipe, "A dog runs to the left.", 0, settings).shape == (9, 32, 32, 3)
+
+
+# ---- issue 26: cells that mean the same, captions G cannot read whole, counts that say what happened ----
+def paint(monkeypatch):
+    """G replaced by a stand-in that paints a constant video (the tests below are about rows, not frames)."""
+    monkeypatch.setattr(gen, "generate", lambda pipe, prompt, seed, settings: np.full((9, 32, 64, 3), 9, np.uint8))
+
+
+def test_split_cells_are_read_without_case_or_spaces_and_the_others_counted(tmp_path, tiny_pipe, monkeypatch):
+    paint(monkeypatch)
+    rows = [GOOD[0][:4] + ["Train"], GOOD[1][:4] + [" train"], GOOD[2][:4] + ["test"], GOOD[3][:4] + ["val"]]
+    path, out = write_rows(tmp_path / "in.csv", rows), tmp_path / "out"
+    printed = run(args_for(path, out, tiny_pipe))
+    assert [r["videopath"] for r in read_out(out)] == ["act/v1.mp4", "act/v2.mp4"]  # Train and ' train' are train
+    assert f"{path}: 2 row(s) of other splits left out (--split 'train'" in printed
+    assert "2 rows to render" in printed and "0 bad rows skipped, 2 rows of other splits left out (--split)" in printed
+    assert "rank 0: 2 of its 2 rows to render\n" in printed  # none is on disk: nothing says otherwise
+    assert printed.rstrip().endswith("generated.csv: 2 rows; 0 bad rows skipped, 2 rows of other splits left out (--split)")
+    record = json.loads((out / "generate_args.json").read_text())
+    assert (record["rows"], record["skipped"], record["other_splits"], record["truncated"]) == (2, 0, 2, [])
+    assert "rank 0: 0 of its 2 rows to render, 2 on disk already" in run(args_for(path, out, tiny_pipe))
+
+
+def test_a_neg_caption_past_the_text_encoder_is_truncated_named_and_counted(tmp_path, tiny_pipe):
+    """CogVideoX's T5 encoder takes 226 tokens (the pipeline's max_sequence_length): a longer t^s is
+    rendered from its first 226 tokens, as diffusers does, and the row is named by file:line, counted
+    in the summary and in generate_args.json (diffusers' own warning names no row)."""
+    long = "A woman rides a brown horse along the beach. " * 40  # ~400 tokens of the tiny T5 tokenizer
+    assert len(tiny_generate.t5_tokenizer()(long)["input_ids"]) > 226
+    path, out = write_rows(tmp_path / "in.csv", [GOOD[0], [*GOOD[1][:2], long, "action", "train"]]), tmp_path / "out"
+    printed = run(args_for(path, out, tiny_pipe))
+    assert (f"{path}: 1 neg_caption(s) longer than the 226 tokens CogVideoXPipeline's text encoder takes, rendered "
+            f"from their first 226 tokens: line(s) 3") in printed
+    assert printed.count("1 neg_caption truncated to G's text encoder") == 2  # the plan and the summary
+    assert json.loads((out / "generate_args.json").read_text())["truncated"] == [f"{path}:3"]
+    assert len(final_mp4s(out)) == 2  # rendered, not skipped
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--limit", "-1"], ["--limit -1"]),
+    (["--pipeline_kwargs", "{noise: 0}"], ["--pipeline_kwargs '{noise: 0}': not JSON"]),
+    (["--pipeline", "toyworld.nowhere:Generator"], ["--pipeline toyworld.nowhere:Generator", "toyworld.nowhere"]),
+    (["--misalignment", "acton"], ["in.csv: no usable row with --split 'train' and --misalignment ['acton']"]),
+])
+def test_a_users_mistake_is_one_line_and_writes_nothing(argv, needles, tmp_path):
+    """Every error of 01 that is the user's (a flag, a file) is `error: ...` with exit status 2, no
+    traceback, and the output folder is not created."""
+    path = write_rows(tmp_path / "in.csv", GOOD[:2])
+    pipeline = [] if "--pipeline" in argv else ["--pipeline", "toyworld.generator:ToyGenerator"]
+    done = run_cli("01_generate.py", "--input_csv", path, "--out_dir", tmp_path / "out", *pipeline, *argv)
+    assert_user_error(done, *needles)
+    assert not (tmp_path / "out").exists()

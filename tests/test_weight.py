@@ -3,9 +3,11 @@ a table worked by hand, Fig. 2, bad input, resume, and a two-process torchrun ru
 import csv
 import importlib
 import importlib.util
+import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -222,7 +224,7 @@ def test_help_lists_the_papers_three_members():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "02_weight.py"), "--help"], capture_output=True,
                          text=True, check=True, env={**os.environ, "COLUMNS": "500"}).stdout  # one line a flag
     members = ["Salesforce/instructblip-flan-t5-xxl", "zhiqiulin/clip-flant5-xxl", "llava-hf/llava-1.5-13b-hf"]
-    assert f"(default: {members})" in out
+    assert f"(default: {' '.join(members)})" in out  # as typed on the command line
 
 
 def test_a_nan_score_is_an_error_not_a_weight(llava_dir, frames, monkeypatch):
@@ -244,7 +246,12 @@ EXPECTED = {"fixed": [1.0, 1.0, 1.0], "target": [0.6, 0.25, 0.4],
 
 
 def hand_made_run(folder, weighting, extra=()):
-    """generated.csv (+ extra rows) and a complete cache written by hand: main() loads no model, it only merges."""
+    """generated.csv (+ extra rows) and a complete cache written by hand: main() loads no model, it only merges.
+    The members m1 and m2 are folders with a config.json only: 02 finds every member before it starts."""
+    for member in ("org/m1", "m2"):
+        os.makedirs(os.path.join(folder, "members", member))
+        with open(os.path.join(folder, "members", member, "config.json"), "w") as fh:
+            json.dump({"model_type": "llava"}, fh)
     generated = make_generated(folder, n=3, missing=(0, 1, 2))
     rows = common.read_csv(generated)
     common.write_csv(generated, rows + [{**rows[i], **change} for i, change in extra])
@@ -253,7 +260,7 @@ def hand_made_run(folder, weighting, extra=()):
         with open(os.path.join(folder, "weighted_cache", name, "rank0.jsonl"), "w") as fh:
             for row, (t, r) in zip(rows, scores):
                 fh.write(json.dumps({"key": weight.row_key(row), "target": t, "real": r}) + "\n")
-    return run(generated, ["org/m1", "m2"], weighting=weighting)
+    return run(generated, [os.path.join(folder, "members", m) for m in ("org/m1", "m2")], weighting=weighting)
 
 
 @pytest.mark.parametrize("name", sorted(WEIGHTINGS))
@@ -270,17 +277,18 @@ def test_every_weighting_on_a_hand_made_table(name, tmp_path):
 
 
 def test_duplicate_and_empty_rows_are_named_and_not_weighted(tmp_path, capsys):
-    """Issue 14 items 7 and 8: an exact duplicate and an empty neg_caption are named by line, not weighted."""
+    """Issue 14 items 7 and 8: an exact duplicate and an empty neg_caption are named by line, not weighted.
+    Issue 26: they are counted in the summary and in weighted.json, and listed in the skip file, once each."""
     out = read(hand_made_run(str(tmp_path), "difference", extra=[(0, {}), (1, {"neg_caption": " "})]))
     assert [float(r["weight"]) for r in out] == pytest.approx(EXPECTED["difference"])
     printed = capsys.readouterr().out
     assert "generated.csv: 1 row(s) skipped, exact duplicate of an earlier row: line(s) 5" in printed
     assert "generated.csv: 1 row(s) skipped, empty neg_caption: line(s) 6" in printed
-
-
-def test_unknown_weighting_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="not in common.WEIGHTINGS"):
-        run(make_generated(str(tmp_path), n=1), ["m"], weighting="nope")
+    assert "3 rows weighted; 0 kept without a weight (their V^s could not be scored); 2 bad rows skipped; each " \
+           f"listed with the reason in {tmp_path / 'weighted'}_skipped.csv" in printed
+    assert [(r["line"], r["skip_reason"]) for r in read(str(tmp_path / "weighted_skipped.csv"))] == [
+        ("5", "left out: exact duplicate of an earlier row"), ("6", "left out: empty neg_caption")]
+    assert json.loads((tmp_path / "weighted.json").read_text())["bad_rows_skipped"] == 2
 
 
 def test_a_non_finite_weight_stops_the_run(tmp_path, monkeypatch):
@@ -471,3 +479,94 @@ def test_resume_and_two_ranks_give_the_same_csv(llava_dir, instructblip_dir, tmp
     parts = os.listdir(os.path.join(tmp_path, "two", "weighted_cache", os.path.basename(llava_dir)))
     assert sorted(parts) == ["rank0.jsonl", "rank1.jsonl"]  # both ranks did work
     assert_same_csv(one, two)
+
+
+# ---- issue 26: found in seconds, nothing written for a run that cannot start, long captions, full disks ----
+def test_every_member_is_found_before_any_is_loaded_or_any_video_read(llava_dir, clip_flant5_dir, tmp_path, monkeypatch):
+    """A member that is not there (the second, or CLIP-FlanT5's vision tower) stops the run before the
+    first member loads or a video is read, and before anything is written."""
+    generated = make_generated(str(tmp_path), n=1)
+    monkeypatch.setattr(weight, "load_member", lambda *a, **k: pytest.fail("a member was loaded"))
+    monkeypatch.setattr(weight, "read_video", lambda *a, **k: pytest.fail("a video was read"))
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(common.UserError, match=rf"--models {tmp_path}/no-such-member: no such folder"):
+        run(generated, [llava_dir, str(tmp_path / "no-such-member")])
+    towerless = shutil.copytree(clip_flant5_dir, tmp_path / "clip-flant5-elsewhere")
+    config = json.loads((towerless / "config.json").read_text())
+    config["mm_vision_tower"] = str(tmp_path / "no-such-tower")
+    (towerless / "config.json").write_text(json.dumps(config))
+    with pytest.raises(common.UserError, match=rf"--models {towerless}: its mm_vision_tower {tmp_path}/no-such-tower"):
+        run(generated, [llava_dir, str(towerless)])
+    with pytest.raises(common.UserError, match="--num_frames 0, --pairs_per_forward 8: each at least 1"):
+        run(generated, [llava_dir], num_frames=0)
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["clip-flant5-elsewhere"])  # no cache, no settings record
+
+
+def test_a_run_that_weighed_nothing_stops_and_its_corrected_rerun_runs(llava_dir, tmp_path):
+    """Every V^s unreadable (here: generated.csv moved away from its videos): exit 2 naming the cause and
+    an example path; no weighted.csv, and no settings record that would refuse the corrected rerun."""
+    make_generated(str(tmp_path), n=2)
+    moved = tmp_path / "elsewhere" / "generated.csv"
+    moved.parent.mkdir()
+    shutil.move(str(tmp_path / "generated.csv"), moved)
+    with pytest.raises(common.UserError, match=rf"{moved}: none of its 2 rows could be weighed, e.g. {moved}:2 "
+                                               rf"\(videos/0.mp4\): .*{moved.parent}/videos/0.mp4: video file not found"):
+        run(str(moved), [llava_dir])
+    assert sorted(os.listdir(moved.parent)) == ["generated.csv", "weighted_cache"]
+    assert os.listdir(moved.parent / "weighted_cache") == ["finished.rank0"]  # no member's record or errors
+    rows = common.read_csv(str(moved))  # the fix: syn_video made to point at the videos
+    common.write_csv(str(moved), [{**r, "syn_video": "../" + r["syn_video"]} for r in rows])
+    assert all(r["weight"] != "" for r in read(run(str(moved), [llava_dir])))
+
+
+def test_a_caption_past_a_members_context_is_left_unscored_named_and_counted(
+        llava_dir, instructblip_dir, clip_flant5_dir, frames, tmp_path, capsys, monkeypatch):
+    """A t^s longer than a member takes (LLaVA: its LLM's 1,024 positions; InstructBLIP: its Q-Former's
+    512; CLIP-FlanT5: Flan-T5's 512 text tokens) is not scored (LLaVA would score it silently wrong,
+    InstructBLIP stop the run): the row is kept without a weight like an undecodable V^s, named by
+    file:line by each member, and counted once. The skip lines go above the progress bar (tqdm.write)."""
+    long = "a red square moves to the right and then " * 150
+    models = [llava_dir, instructblip_dir, clip_flant5_dir]
+    for member in models:
+        model, processor = weight.load_member(member)
+        assert weight.past_context(model, processor, frames[0], {"neg_caption": NEG, "caption": CAPTION}) is None
+        message = weight.past_context(model, processor, frames[0], {"neg_caption": long, "caption": CAPTION})
+        assert message.startswith("its neg_caption makes a prompt of ") and message.endswith(": not scored"), message
+    generated = make_generated(str(tmp_path), n=2)
+    rows = common.read_csv(generated)
+    rows[1]["neg_caption"] = long
+    common.write_csv(generated, rows)
+    written = []
+    monkeypatch.setattr(weight.tqdm, "write", lambda line, *a, **k: written.append(line))
+    out = read(run(generated, models))
+    assert [r["weight"] != "" for r in out] == [True, False]
+    for member, limit in zip(models, ["1024 positions", "512 Q-Former positions", "512 text tokens"]):
+        name = os.path.basename(member)
+        line = next(w for w in written if f"model {name}:" in w)  # one line a member
+        assert line.startswith(f"[rank 0] skipping {generated}:3 (videos/1.mp4), model {name}: its neg_caption")
+        n, what = limit.split(" ", 1)
+        assert re.search(rf"makes a prompt of \d+ {what}, past the model's {n}: not scored$", line), line
+    skipped = read(str(tmp_path / "weighted_skipped.csv"))
+    assert [r["line"] for r in skipped] == ["3"] and skipped[0]["skip_reason"].count("not scored") == 3
+    assert json.loads((tmp_path / "weighted.json").read_text())["kept_without_weight"] == 1
+    assert "1 rows weighted; 1 kept without a weight" in capsys.readouterr().out
+
+
+def test_a_full_disk_names_the_cache_file_and_the_figure(llava_dir, tmp_path, monkeypatch):
+    import errno
+    import matplotlib.figure
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as patch:
+        patch.setattr(matplotlib.figure.Figure, "savefig", full)
+        with pytest.raises(common.UserError, match=rf"{tmp_path}/a/weighted_fig2.png: cannot write it: No space left"):
+            hand_made_run(str(tmp_path / "a"), "difference")
+
+    class FullDisk(io.StringIO):
+        write = full
+    monkeypatch.setattr(weight, "open_part", lambda path: FullDisk())
+    generated = make_generated(str(tmp_path / "b"), n=1)
+    part = tmp_path / "b" / "weighted_cache" / os.path.basename(llava_dir) / "rank0.jsonl"
+    with pytest.raises(common.UserError, match=rf"{part}: cannot write it: No space left on device"):
+        run(generated, [llava_dir])

@@ -30,17 +30,19 @@ def tiny_llava(path, frame_size=32, patch=8, seed=0):
 
 def t5_tokenizer(vocab_size=700):
     """A T5-like tokenizer: sentencepiece-style '▁' words, </s> appended, <pad> = id 0 (T5's
-    decoder start token), "▁yes" a single token as in Flan-T5."""
+    decoder start token), "▁yes" a single token as in Flan-T5, and Flan-T5's model_max_length of 512."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     special = ["<pad>", "</s>", "<unk>", "<image>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(tiny.corpus() + VQA_LINES, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special))
+    tok.train_from_iterator(tiny.corpus() + VQA_LINES, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                                                  show_progress=False))
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     # no `image_token` attribute: InstructBlipProcessor then registers "<image>" itself, as for the hub's
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                   model_max_length=512)
 
 
 def bert_tokenizer(vocab_size=500):
@@ -53,7 +55,7 @@ def bert_tokenizer(vocab_size=500):
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
     tok.train_from_iterator(tiny.corpus() + VQA_LINES, trainer)
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
