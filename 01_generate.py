@@ -30,8 +30,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common import (UserError, check_resume, example_seed, file_hash, keep_split, print0, progress, read_csv,
-                    resolve_model, run_stage, save_json, setup_distributed, shard, wait_for_files, write_csv, write_video)
+from common import (UserError, check_resume, example_seed, file_hash, keep_split, plural, print0, progress,
+                    read_csv, resolve_model, run_stage, save_json, setup_distributed, shard, wait_for_files, write_csv, write_video)
 
 REQUIRED = ("videopath", "caption", "neg_caption", "misalignment")
 TEXTS = ("videopath", "caption", "neg_caption")  # must not be empty
@@ -323,11 +323,6 @@ def truncated_rows(args, name, todo, lines):
                f"takes, rendered from their first {limit} tokens: line(s) "
                + ", ".join(x.rsplit(":", 1)[1] for x in long))
     return long
-
-
-def plural(n, noun):
-    """"1 row", "2 rows": a count and its noun."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def summary(counts):

@@ -34,9 +34,9 @@ import torch
 
 from tqdm import tqdm
 
-from common import (WEIGHTINGS, WRITE_ERRORS, UserError, answer_token_ids, atomic_path, check_resume, file_hash,
-                    keep_split, load_video_llm, max_positions, print0, progress, read_csv, read_video, resolve_model,
-                    run_stage, save_json, setup_distributed, shard, wait_for_files, write_csv)
+from common import (WEIGHTINGS, UserError, answer_token_ids, atomic_path, check_resume, file_hash, keep_split,
+                    load_video_llm, max_positions, naming_write_errors, print0, progress, read_csv, read_video,
+                    resolve_model, run_stage, save_json, setup_distributed, shard, wait_for_files, write_csv)
 
 VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # VQAScore's question
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -523,18 +523,6 @@ def refuse_empty_run(args, names, cache, caches, skipped):
     hint = "; syn_video is read relative to the CSV's folder" if "not found" in reason else ""
     raise UserError(f"{args.generated_csv}: none of its {len(skipped)} rows could be weighed, e.g. "
                     f"{args.generated_csv}:{first['line']} ({first['syn_video']}): {reason}{hint}")
-
-
-@contextlib.contextmanager
-def naming_write_errors(path):
-    """A write to `path` that fails (a full disk, a read-only folder) stops with a UserError naming the
-    file, as common.atomic_path does for the files written whole (the cache is appended to)."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno not in WRITE_ERRORS:
-            raise
-        raise UserError(f"{path}: cannot write it: {e.strerror}") from e
 
 
 # ---- CLIP-FlanT5 (Lin et al. 2024): FlanT5 whose encoder reads a CLIP image --------------------

@@ -24,13 +24,13 @@ import glob
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
+import warnings
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
-from typing import Literal, NamedTuple
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal, NamedTuple, get_args, get_origin
 
 import numpy as np
 import torch
@@ -145,7 +145,8 @@ class Args:
     save_every: int = 100
     """write a checkpoint every this many optimizer steps"""
     resume: bool = False
-    """continue from the latest checkpoint in out_dir/checkpoints"""
+    """continue the run in out_dir from its latest checkpoint (a folder that holds a run, its adapter/,
+    log.jsonl or a checkpoint, takes no new run without it)"""
     max_steps: int = 0
     """stop after this optimizer step, as if killed there (0 = run to the end); the schedule still spans the full run"""
     seed: int = 0
@@ -186,7 +187,8 @@ def load_triplets(args):
     to skipped.csv with the reason. A video that exists but cannot be decoded stops the run.
     Several --train_csv files (Table 5's "ALL", one per generator) are merged by the real triplet
     (videopath, caption, neg_caption; the n-th such row of one CSV with the n-th of another): it is
-    ONE triplet, in the order the CSVs first list it, with a twin from each CSV that has a usable one.
+    ONE triplet, in the order the CSVs first list it, with a twin from each CSV that has a usable one. The reader's skipped
+    rows (an exact duplicate, a wrong field count, an empty caption) are listed in skipped.csv too.
     --syn_types (Table 2) leaves out the twins of rows of other `misalignment` types: their triplets
     train as triplets without a twin, counted in one printed line, not in skipped.csv.
     Columns: videopath (relative to --video_root), caption, neg_caption and, with --use_syn,
@@ -197,6 +199,7 @@ def load_triplets(args):
     keep, skipped, by_key, left_out, types = [], [], {}, Counter(), set()
     for path in args.train_csv:
         rows, w = read_train_csv(path, scores, args)  # the --split rows, w: (rows,) phi, NaN where missing
+        skipped += reader_skips(rows, path)  # the reader's bad rows, each once
         seen = Counter()  # the rows of each real triplet met so far in this CSV
         for i, r in enumerate(rows):
             where = dict(file=path, line=rows.lines[i], videopath=r["videopath"])  # a skipped row's place
@@ -204,7 +207,7 @@ def load_triplets(args):
             seen[triplet] += 1
             key = (*triplet, seen[triplet])  # its n-th row here pairs with its n-th row in the other CSVs
             if key not in by_key:  # the first CSV that lists it: its real part, once
-                by_key[key] = new_triplet(r, rows.lines[i], args)  # None: V^r is missing
+                by_key[key] = new_triplet(r, path, rows.lines[i], args)  # None: V^r is missing
                 keep += [by_key[key]] if by_key[key] else []
             types.add(r.get("misalignment", ""))  # the file's types, for an unknown --syn_types
             if by_key[key] is None:  # no V^r: nothing of the triplet can be trained
@@ -217,11 +220,11 @@ def load_triplets(args):
                 skipped.append({**where, "reason": NO_TWIN + no_twin})
     known = {t.strip().lower() for t in types}
     if unknown := [t for t in args.syn_types if t.strip().lower() not in known]:  # a typo would train no twin
-        raise ValueError(f"--syn_types {unknown}: no row of {csv_names(args)} has this misalignment; "
-                         f"its types: {sorted(types)}")
+        raise common.UserError(f"--syn_types {unknown}: no row of {csv_names(args)} has this misalignment; "
+                               f"its types: {sorted(types)}")
     if not keep:
-        raise ValueError(f"{csv_names(args)}: no row can be trained on "
-                         f"({len(skipped)} skipped: {skipped[0]['reason']})")
+        raise common.UserError(f"{csv_names(args)}: no row can be trained on "
+                               f"({len(skipped)} skipped: {skipped[0]['reason']})")
     if left_out:  # one line: the twins --syn_types leaves out, by type
         common.print0(f"--syn_types {args.syn_types}: {sum(left_out.values())} twin(s) of other misalignment types "
                       f"left out ({', '.join(f'{k}: {n}' for k, n in sorted(left_out.items()))}); their triplets "
@@ -233,34 +236,46 @@ def load_triplets(args):
 
 
 def check_data_flags(args):
-    """Refuse --weighting, --train_csv and --syn_types values that cannot work; returns the columns that
-    phi is read from: 02_weight.py's `weight`, none for w = 1, or the two VQAScores it is computed from."""
-    if args.weighting != "csv" and args.weighting not in WEIGHTINGS:
-        raise ValueError(f"--weighting {args.weighting!r}: use 'csv' or one of {sorted(WEIGHTINGS)}")
+    """Refuse flag values that cannot work (every choice flag: argparse refuses them on the command
+    line, this check when main(args) is called from Python), before anything is loaded or written;
+    returns the columns that phi is read from: 02_weight.py's `weight`, none for w = 1, or the two
+    VQAScores it is computed from."""
+    for f in fields(Args):  # --prompt, --answer_loss, --weighting, --frame_sampling
+        if get_origin(f.type) is Literal and getattr(args, f.name) not in get_args(f.type):
+            raise common.UserError(f"--{f.name} {getattr(args, f.name)!r}: use one of {list(get_args(f.type))}")
     if not args.train_csv:  # `--train_csv` with no file after it
-        raise ValueError("--train_csv: give one CSV, or one per generator (Table 5's \"ALL\")")
+        raise common.UserError("--train_csv: give one CSV, or one per generator (Table 5's \"ALL\")")
     if args.syn_types and not args.use_syn:  # the VideoCon baseline has no twin to pick
-        raise ValueError(f"--syn_types {args.syn_types} picks synthetic twins: it needs --use_syn")
+        raise common.UserError(f"--syn_types {args.syn_types} picks synthetic twins: it needs --use_syn")
     scores = {"csv": ["weight"], "fixed": []}.get(args.weighting, ["score_syn_target", "score_syn_real"])
     return scores if args.use_syn else []  # the VideoCon baseline reads no twin and no weight
 
 
 def read_train_csv(path, scores, args):
     """One --train_csv's rows of --split (the other splits are counted and left out) and their
-    weights w = phi (phi_weights): (rows, (rows,) array, NaN where a cell is missing)."""
+    weights w = phi (phi_weights): (rows, (rows,) array, NaN where a cell is missing). A triplet on
+    two rows that differ elsewhere is no conflict (the same caption and negative twice for one clip,
+    as MSR-VTT's repeated captions give): each row trains, as in the released code."""
     texts = ["videopath", "caption", "neg_caption"]  # an empty syn_video is a triplet without a twin
     columns = texts + (["syn_video"] + scores if args.use_syn else []) + (["misalignment"] if args.syn_types else [])
     rows = common.keep_split(common.read_csv(path, columns, texts=texts), args.split, path)
     return rows, phi_weights(rows, scores, args, path)
 
 
-def new_triplet(r, line, args):
-    """CSV row r as a triplet item, its twin not yet added (None if its real video V^r is missing)."""
+def reader_skips(rows, path):
+    """common.read_csv's skipped rows (Rows.skipped: {problem: [lines]}) as skipped.csv's entries."""
+    return [dict(file=path, line=line, videopath="", reason=problem)  # the reader keeps no cell of a bad row
+            for problem, lines in rows.skipped.items() for line in lines]
+
+
+def new_triplet(r, path, line, args):
+    """CSV row r (line `line` of `path`) as a triplet item, its twin not yet added (None if its real
+    video V^r is missing)."""
     real = os.path.join(args.video_root, r["videopath"])
     if not os.path.isfile(real):
         return None
-    return dict(kind="triplet", line=line, real=real, caption=r["caption"], neg=r["neg_caption"], syn=None, w=0.0,
-                rows=2)
+    return dict(kind="triplet", file=path, line=line, real=real, caption=r["caption"], neg=r["neg_caption"],
+                syn=None, w=0.0, rows=2)
 
 
 def add_twin(t, r, w, path):
@@ -296,9 +311,10 @@ def phi_weights(rows, scores, args, path):
     column = {c: np.array([number(r[c]) for r in rows]) for c in scores}  # (rows,) each
     for c in scores:  # VQAScores lie in [0, 1], phi <= 1 (a NaN is a counted skip in load_triplets)
         low = 0 if c.startswith("score") else -math.inf  # a negative weight is clamped at 0 below
-        if bad := [f"{line} ({r[c]})" for line, r, v in zip(rows.lines, rows, column[c])
-                   if not low <= v <= 1 and not math.isnan(v)]:
-            raise ValueError(f"{path}: {c} outside [{low}, 1] on line(s) {', '.join(bad[:10])}")
+        if bad := [(line, r[c]) for line, r, v in zip(rows.lines, rows, column[c])
+                   if not low <= v <= 1 and not math.isnan(v)]:  # the first named, the others counted
+            raise common.UserError(f"{path}:{bad[0][0]}: {c} {bad[0][1]} outside [{low}, 1]"
+                                   + (f" (and {len(bad) - 1} more row(s))" if len(bad) > 1 else ""))
     if not args.use_syn or args.weighting == "fixed":
         w = np.ones(len(rows))  # Eq. (3), unweighted
     elif args.weighting == "csv":
@@ -331,10 +347,10 @@ def load_explanations(args):
         return [], []
     texts = ["videopath", "neg_caption", "nle"]  # an empty one is a bad row of the reader, named and counted
     rows = common.keep_split(common.read_csv(args.feedback_csv, texts, texts=texts), args.split, args.feedback_csv)
-    keep, skipped = [], []
+    keep, skipped = [], reader_skips(rows, args.feedback_csv)
     for line, r in zip(rows.lines, rows):
-        e = dict(kind="nle", line=line, real=os.path.join(args.video_root, r["videopath"]), neg=r["neg_caption"],
-                 nle=r["nle"].strip(), rows=1)
+        e = dict(kind="nle", file=args.feedback_csv, line=line, real=os.path.join(args.video_root, r["videopath"]),
+                 neg=r["neg_caption"], nle=r["nle"].strip(), rows=1)
         if os.path.isfile(e["real"]):
             keep.append(e)
         else:
@@ -427,6 +443,52 @@ def micro_batch_pairs(model, processor, batch, paths, frames, args):
     a = common.alignment_logit(yes_no[:, 0], yes_no[:, 1])  # (n,) Eq. (1)
     return [Pair(s.item, s.name, a[i], (z, torch.tensor(s.answer, device=z.device)) if s.answer else None)
             for i, (s, z) in enumerate(zip(specs, logits))]
+
+
+def drop_long_prompts(model, processor, items, skipped, args):
+    """Leave out every triplet or explanation one of whose prompts runs past the LLM's positions
+    (common.max_positions): past them f(V, t) runs on positions the model never saw, and its scores and
+    gradients are silently wrong. Each is named (file:line) in one printed line, listed in skipped.csv
+    and counted in the summary. Returns (items, skipped)."""
+    limit = common.max_positions(model)
+    if not math.isfinite(limit):  # a config that states no limit
+        return items, skipped
+    longest = prompt_positions(model, processor, items, args)  # (items,)
+    over = [(it, n) for it, n in zip(items, longest) if n > limit]
+    if over:  # one line, as common.read_csv names its skipped rows
+        common.print0(f"{len(over)} row(s) skipped, prompt too long (past the model's {limit} positions): "
+                      + ", ".join(f"{it['file']}:{it['line']}" for it, _ in over[:20])
+                      + (", ..." if len(over) > 20 else ""))
+    skipped = skipped + [dict(file=it["file"], line=it["line"], videopath=os.path.relpath(it["real"], args.video_root),
+                              reason=f"prompt too long: {n} positions, the model has {limit}")
+                         for it, n in over]
+    return [it for it, n in zip(items, longest) if n <= limit], skipped
+
+
+def prompt_positions(model, processor, items, args):
+    """The positions the longest pair of each item takes, as micro_batch_pairs runs it (pair_specs: t^r,
+    t^s and t' (hidden words still take their positions), the answer tokens teacher-forced under
+    --answer_loss vocab; an explanation's question and answer): (items,) ints. One real video, read
+    once, gives the video's tokens (one count for every video of a LLaVA family; Qwen-VL's follows
+    the video's size). As common.prompt_lengths, but with each pair's question (an explanation asks
+    another one than VideoCon's entailment question)."""
+    hf = common.unwrap(model)
+    text, _ = common.entailment_prompt(processor, hf.config.model_type, "", args.prompt)
+    word = dict(zip(("Yes", "No"), common.answer_token_ids(processor.tokenizer, text)))  # as micro_batch_pairs
+    specs = pair_specs(items, processor, hf.config.model_type, word, args)
+    # a prompt's length follows from its caption, its question and how many answer tokens it feeds
+    keys = [(s.caption, s.question or common.QUESTION, len(s.answer or [])) for s in specs]
+    unique = list(dict.fromkeys(keys))  # each measured once (t' and the twins' pairs repeat captions)
+    captions, questions, fed = zip(*unique)  # fed: only the count of answer tokens matters here
+    head, head_text, tails, _, _ = common.prompt_suffixes(processor, hf, captions, None, args.prompt, questions,
+                                                          [[0] * n for n in fed])
+    video = decode(items[0]["real"], items[0], args)
+    _, _, starts, _ = common.video_prefixes(model, processor, [video], head, head_text)
+    length = {key: starts[0] + len(tail) for key, tail in zip(unique, tails)}  # the last position used + 1
+    longest = [0] * len(items)
+    for s, key in zip(specs, keys):
+        longest[s.item] = max(longest[s.item], length[key])
+    return longest
 
 
 # =================================================================================================
@@ -574,24 +636,28 @@ def main(args):
     dist = common.setup_distributed()  # torchrun's rank and world size; one process without torchrun
     cuda = dist.device.startswith("cuda")
     # ---- §6 data: the triplets with their twins and weights, and the explanations, in global batches ----
-    if args.answer_loss not in ("two_way", "vocab"):
-        raise ValueError(f"--answer_loss {args.answer_loss!r}: use 'two_way' or 'vocab'")
-    triplets, skipped = load_triplets(args)
+    triplets, skipped = load_triplets(args)  # every flag and input is checked before out_dir is touched
     explanations, skipped_nle = load_explanations(args)
     items, skipped = triplets + explanations, skipped + skipped_nle
-    plan, accum, total = micro_batch_plan(items, args, dist)  # the same global batches for any process count
-    stop = min(total, args.max_steps) if args.max_steps else total  # --max_steps: as if killed there
-    settings = checkpoint_settings(args, items)
-    print_data(triplets, explanations, skipped, total, accum, args, dist)
+    micro_batch_plan(items, args, dist)  # --batch_size's arithmetic, refused now, not after the model loads
+    check_out_dir(args)  # an earlier run's folder: only with --resume
 
     # ---- §6 model: the video LLM f(V, t), frozen, plus LoRA on its language model; AdamW, cosine decay ----
     common.seed_everything(args.seed)  # the same LoRA initialisation on every rank
     dtype = torch.bfloat16 if cuda and args.bf16 else torch.float32
     model, processor = common.load_video_llm(args.model, dtype=dtype, device=dist.device)
+    items, skipped = drop_long_prompts(model, processor, items, skipped, args)  # past the LLM's positions
+    plan, accum, total = micro_batch_plan(items, args, dist)  # the same global batches for any process count
+    stop = min(total, args.max_steps) if args.max_steps else total  # --max_steps: as if killed there
+    settings = checkpoint_settings(args, items)
+    print_data(items, skipped, total, accum, args, dist)
+    model.config.use_cache = model.config.get_text_config().use_cache = False  # training keeps no KV cache
     if args.gradient_checkpointing:  # non-reentrant; it also makes the input embeddings require grad
         model.activation_checkpointing_enable()
-    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                             target_modules=LORA_TARGETS)).train()  # freezes every other weight
+    with warnings.catch_warnings():  # peft 0.21 reads the deprecated `is_gradient_checkpointing` itself:
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # not ours
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                                 target_modules=LORA_TARGETS)).train()  # freezes every other weight
     params = [p for p in model.parameters() if p.requires_grad]  # the LoRA weights, all that trains
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total)
@@ -600,7 +666,7 @@ def main(args):
     # `model` is the PeftModel that is saved; forward and backward go through `ddp_model`: under torchrun
     # a DDP wrapper of it, which averages the LoRA gradients over the processes; in one process, `model`
     ddp_model = DistributedDataParallel(model, device_ids=[dist.local_rank] if cuda else None,
-                                        broadcast_buffers=False) if dist.world_size > 1 else model
+                                        forward_sync_buffers=False) if dist.world_size > 1 else model  # equal buffers
 
     # ---- §5 Eq. (7): one optimizer step per global batch, accumulated over `accum` micro-batches ----
     loss_fn = released_objective if args.answer_loss == "vocab" else objective  # Eq. (7) as written by default
@@ -632,17 +698,17 @@ def micro_batch_plan(items, args, dist):
     --batch_size, or that leave nothing to train."""
     accum, rest = divmod(args.batch_size, max(args.micro_batch_size, 1) * dist.world_size)
     if rest or not accum or args.micro_batch_size < 2:
-        raise ValueError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
-                         f"{args.micro_batch_size} (at least 2: a triplet is 2 rows) x {dist.world_size} processes")
+        raise common.UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
+                               f"{args.micro_batch_size} (at least 2: a triplet is 2 rows) x {common.plural(dist.world_size, 'process')}")
     plan = [epoch_micro_batches(items, e, args) for e in range(args.num_epochs)]
     per_global = accum * dist.world_size  # micro-batches in one global batch
     total = sum(len(e) // per_global for e in plan)  # each epoch's tail that fills no global batch is dropped
     if total == 0:
-        raise ValueError(f"{csv_names(args)}: {sum(it['rows'] for it in items)} usable rows, fewer than one "
-                         f"--batch_size {args.batch_size}")
+        raise common.UserError(f"{csv_names(args)}: {sum(it['rows'] for it in items)} usable rows, fewer than one "
+                               f"--batch_size {args.batch_size}")
     if total == 1 and args.warmup_steps > 0:  # the linear warm-up starts at lr 0: nothing would train
-        raise ValueError(f"1 optimizer step with --warmup_steps {args.warmup_steps}: it runs at lr 0 and the adapter "
-                         f"would stay untrained; pass --warmup_steps 0 (or more rows / --num_epochs)")
+        raise common.UserError(f"1 optimizer step with --warmup_steps {args.warmup_steps}: it runs at lr 0 and the adapter "
+                               f"would stay untrained; pass --warmup_steps 0 (or more rows / --num_epochs)")
     return plan, accum, total
 
 
@@ -708,15 +774,29 @@ def video_loader(items, plan, start, stop, accum, args, dist):
 
 def load_videos(batch, args, cache=None):
     """DataLoader collate (runs in a worker): decode each distinct video of a micro-batch once; with
-    a `cache` (a dict: --cache_videos) each video only the first time this process meets it."""
-    # V^r of every item, then every twin V^s (Table 5's "ALL": one per generator)
+    a `cache` (a dict: --cache_videos) each video only the first time this process meets it. A video
+    that cannot be decoded comes back as its UserError in place of the frames (micro_step raises it):
+    raised in a worker, it would reach the training process wrapped in the worker's traceback."""
+    # V^r of every item, then every twin V^s (Table 5's "ALL": one per generator), each with its row
+    where = {p: r for r in reversed(batch) for p in [r["real"]] + [syn for syn, _ in twins(r)]}
     paths = list(dict.fromkeys([r["real"] for r in batch] + [syn for r in batch for syn, _ in twins(r)]))
-    if cache is None:
-        return batch, paths, [common.read_video(p, args.num_frames, args.frame_sampling) for p in paths]
-    for p in paths:
-        if p not in cache:
-            cache[p] = common.read_video(p, args.num_frames, args.frame_sampling)
-    return batch, paths, [cache[p] for p in paths]
+    frames = {} if cache is None else cache  # without a cache: this micro-batch's videos alone
+    try:
+        for p in paths:
+            if p not in frames:
+                frames[p] = decode(p, where[p], args)
+    except common.UserError as e:
+        return batch, paths, e
+    return batch, paths, [frames[p] for p in paths]
+
+
+def decode(path, item, args):
+    """common.read_video, where a video that cannot be read stops the run as a user's error naming
+    the row of `item` (its file and line)."""
+    try:
+        return common.read_video(path, args.num_frames, args.frame_sampling)
+    except (OSError, ValueError) as e:  # read_video names the file and what failed
+        raise common.UserError(f"{item['file']}:{item['line']}: {e}") from None
 
 
 def die_with(parent, worker_id):
@@ -731,16 +811,19 @@ def die_with(parent, worker_id):
 
 
 # ---- the training loop's steps ----
-def print_data(triplets, explanations, skipped, total, accum, args, dist):
+def print_data(items, skipped, total, accum, args, dist):
     """One printed line: what trains (triplets, those without a twin, explanations), what is skipped,
-    and the global batches. skipped: load_triplets' and load_explanations' rows not trained on."""
+    by problem (each row once: the reader's, a missing video, a prompt too long), and the global
+    batches. skipped: the rows not trained on and the triplets without a twin, as skipped.csv lists them."""
+    triplets = [r for r in items if r["kind"] == "triplet"]
     no_twin = sum(r["syn"] is None for r in triplets) if args.use_syn else 0  # listed in skipped.csv too
-    rows_out = sum(not s["reason"].startswith(NO_TWIN) for s in skipped)  # the skipped rows, not twins
+    problems = Counter(s["reason"].split(":")[0] for s in skipped if not s["reason"].startswith(NO_TWIN))
+    by_problem = f" ({', '.join(f'{k}: {n}' for k, n in sorted(problems.items()))})" if problems else ""
     but = " but the twins --syn_types leaves out" if args.syn_types else ""  # Table 2's are not skipped
     common.print0(f"{len(triplets)} triplets ({no_twin} without a twin, trained on L_real alone) and "
-                  f"{len(explanations)} explanations; {rows_out} rows skipped; all listed in "
-                  f"skipped.csv{but}. {total} steps of {args.batch_size} rows = {dist.world_size} processes x {accum} "
-                  f"micro-batches x {args.micro_batch_size}")
+                  f"{len(items) - len(triplets)} explanations; {sum(problems.values())} rows skipped{by_problem}"
+                  f"; all listed in skipped.csv{but}. {common.plural(total, 'step')} of {args.batch_size} rows = "
+                  f"{common.plural(dist.world_size, 'process')} x {common.plural(accum, 'micro-batch')} x {args.micro_batch_size}")
 
 
 def micro_step(loss_fn, ddp_model, processor, loaded, step, last, accum, args, dist):
@@ -748,6 +831,8 @@ def micro_step(loss_fn, ddp_model, processor, loaded, step, last, accum, args, d
     loaded: load_videos' (batch, paths, frames); last: the step's last micro-batch, whose backward
     all-reduces the gradients. Returns the TERMS' values, (len(TERMS),) float32, detached."""
     batch, paths, frames = loaded
+    if isinstance(frames, common.UserError):  # a video of the micro-batch could not be decoded (load_videos)
+        raise frames
     # the LoRA dropout's seed comes from the step and the rows, not the process: any rank count draws the same
     torch.manual_seed(common.example_seed(args.seed, step, *[(r["kind"], r["line"]) for r in batch]))
     # gradients are all-reduced only in the last micro-step's backward; the others accumulate locally
@@ -773,8 +858,9 @@ def log_step(sums, step, lr, grad_norm, t0, accum, args, dist):
     if dist.master:
         line = dict(step=step + 1, **dict(zip(TERMS, sums.tolist())), lr=lr,
                     grad_norm=grad_norm.item(), rows_per_s=args.batch_size / (time.time() - t0))
-        with open(os.path.join(args.out_dir, "log.jsonl"), "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line) + "\n")
+        path = os.path.join(args.out_dir, "log.jsonl")
+        with common.naming_write_errors(path), open(path, "a", encoding="utf-8") as fh:  # a full disk names it
+            fh.write(json.dumps(line) + "\n")  # a line cut by a kill or a full disk: resume_log drops it
         common.print0(" ".join(f"{k} {v:.4g}" for k, v in line.items()))
 
 
@@ -792,25 +878,52 @@ def checkpoint_settings(args, items):
     return {k: v for k, v in settings.items() if k not in RUN_ONLY}
 
 
+RUN_FILES = ("adapter", "log.jsonl", "checkpoints/step_*.pt")  # what shows that out_dir holds a run
+
+
+def check_out_dir(args):
+    """Refuse a new run (no --resume) in a folder that holds a run: its adapter, log or checkpoint
+    would be mixed with, or replaced by, a run that may yet stop on a bad input. Nothing is touched."""
+    found = [name for name in RUN_FILES if glob.glob(os.path.join(glob.escape(args.out_dir), name))]
+    if found and not args.resume:
+        raise common.UserError(f"{args.out_dir} holds a run ({', '.join(found)}): pass --resume to continue it, "
+                               f"another --out_dir, or delete it")
+
+
 def start_out_dir(args, skipped, start, dist):
-    """Rank 0, only once the model and data have loaded (so a typo in a flag destroys nothing): writes
-    args.json and skipped.csv; a fresh run deletes an older run's checkpoints; every run drops the
-    log lines after step `start` (a resumed run: those a killed run wrote; a fresh one: all)."""
+    """Rank 0, only once every check has passed and the model has loaded (so that a bad flag or input
+    touches nothing): writes args.json and skipped.csv, and keeps the log lines up to step `start`
+    (a resumed run: those after it are logged again; the lines a killed run wrote after its checkpoint)."""
     if not dist.master:
         return
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    logged = resume_log(log_path) if os.path.exists(log_path) else None  # read first: a bad line writes nothing
     os.makedirs(args.out_dir, exist_ok=True)
     record = asdict(args)  # Args(**record) gives these settings back
     if len(args.train_csv) == 1:  # one CSV as a path, as args.json held it before --train_csv took several
         record["train_csv"] = args.train_csv[0]
     common.save_json(os.path.join(args.out_dir, "args.json"), record)
     common.write_csv(os.path.join(args.out_dir, "skipped.csv"), skipped, ["file", "line", "videopath", "reason"])
-    if not args.resume:
-        shutil.rmtree(os.path.join(args.out_dir, "checkpoints"), ignore_errors=True)
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    if os.path.exists(log_path):  # steps after `start` will be logged again
-        lines = [ln for ln in open(log_path, encoding="utf-8") if json.loads(ln)["step"] <= start]
+    if logged is not None:  # every kept line ends with a newline, so the next step appends a line of its own
         with common.atomic_path(log_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(lines)
+            fh.writelines(text + "\n" for step, text in logged if step <= start)
+
+
+def resume_log(path):
+    """log.jsonl's lines as [(step, text)]. A last line cut short (a kill or a full disk mid-write) is
+    dropped, named in one printed line; a line before it that is not a log line stops the run, naming
+    log.jsonl:line (it was not cut by a write: the file was changed)."""
+    lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
+    logged = []
+    for n, text in enumerate(lines, 1):
+        try:
+            logged.append((json.loads(text)["step"], text))
+        except (ValueError, KeyError, TypeError):
+            if n < len(lines):
+                raise common.UserError(f"{path}:{n}: not a line of this log ({text[:40]!r}); delete that line, "
+                                       f"or pass another --out_dir") from None
+            common.print0(f"{path}:{n}: its last line was cut short (a kill or a full disk?); dropped: {text[:40]!r}")
+    return logged
 
 
 def save_checkpoint(args, step, settings, model, optimizer, scheduler):
@@ -837,7 +950,7 @@ def load_checkpoint(args, settings, model, optimizer, scheduler):
         return 0
     state = torch.load(paths[-1], map_location="cpu", weights_only=True)
     if differ := common.settings_diff(state["plan"], settings):  # else the weights would mix two set-ups
-        raise ValueError(f"{paths[-1]}: written with other settings ({differ}); resume with the same settings")
+        raise common.UserError(f"{paths[-1]}: written with other settings ({differ}); resume with the same settings")
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:  # only the LoRA weights are saved; the frozen rest comes from --model
@@ -849,14 +962,13 @@ def load_checkpoint(args, settings, model, optimizer, scheduler):
 
 
 def save_adapter(args, model, dist):
-    """Rank 0: the LoRA adapter (peft save_pretrained) into a temporary folder, then renamed to
-    out_dir/adapter, so that no reader meets half an adapter."""
+    """Rank 0: the LoRA adapter (peft save_pretrained) written aside, then renamed to out_dir/adapter
+    (common.atomic_path), so that no reader meets half an adapter and a full disk keeps the old one."""
     if not dist.master:
         return
-    final, tmp = os.path.join(args.out_dir, "adapter"), os.path.join(args.out_dir, f"adapter.tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)  # a crash here leaves no adapter, never half of one
-    os.replace(tmp, final)
+    final = os.path.join(args.out_dir, "adapter")
+    with common.atomic_path(final) as tmp:
+        model.save_pretrained(tmp)
     common.print0(f"saved {final}")
 
 

@@ -15,7 +15,9 @@ import io
 import logging
 import os
 import re
+import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -303,7 +305,9 @@ def load_adapter(model, path, base=""):
     another base model then scores as the bare base)."""
     from peft import PeftModel
     from peft.utils import load_peft_weights
-    model = PeftModel.from_pretrained(model, path).eval()
+    with warnings.catch_warnings():  # peft 0.21 itself reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        model = PeftModel.from_pretrained(model, path).eval()
     saved = load_peft_weights(path, device="cpu")  # the file's tensors, by their saved names
     # the loaded model's LoRA tensors under the same names (peft inserts the adapter's name, "default")
     ours = {re.sub(r"\.default(?=\.)", "", k, count=1): v for k, v in model.state_dict().items() if "lora_" in k}
@@ -645,6 +649,11 @@ def setup_distributed():
     return Dist(rank, local_rank, world, f"cuda:{local_rank}" if cuda else "cpu", rank == 0)
 
 
+def plural(n, noun):
+    """'1 row', '2 rows', '1 process', '2 processes': a count and its noun."""
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
+
+
 def print0(*args, **kwargs):
     """print() on rank 0 only."""
     if int(os.environ.get("RANK", 0)) == 0:
@@ -807,29 +816,44 @@ def keep_split(rows, split, path):
 
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+# how torch.save's zip writer and safetensors say that the disk is full (no errno to read)
+FULL_DISK_WORDS = ("inline_container", "PytorchStreamWriter", "No space left")
+
+
+@contextlib.contextmanager
+def naming_write_errors(path):
+    """A write to `path` that fails for want of room or permission (a full disk, a read-only folder)
+    stops with a UserError naming the file, which write() itself does not; other errors pass on."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        raise UserError(f"{path}: cannot write it: {e.strerror}") from e
+    except Exception as e:  # torch.save's RuntimeError, safetensors' SafetensorError
+        if not any(word in str(e) for word in FULL_DISK_WORDS):
+            raise
+        raise UserError(f"{path}: cannot write it (is the disk full?)") from e
 
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary name next to `path`; rename it to `path` only if the block succeeds, so
-    a killed run never leaves a truncated file under the final name. A write that fails (a full
-    disk, a read-only folder) stops with a UserError naming the file, which write() itself does not."""
+    a killed run never leaves a truncated file under the final name. The block may write a file or
+    a folder there (a folder replaces the old one). A write that fails names the file."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{ext}"  # keep the extension: writers pick the format by it
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno not in WRITE_ERRORS:
-            raise
-        raise UserError(f"{path}: cannot write it: {e.strerror}") from e
-    except RuntimeError as e:  # torch.save's zip writer on a full disk: "[enforce fail at inline_container.cc]"
-        if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
-            raise
-        raise UserError(f"{path}: cannot write it (is the disk full?)") from e
+        with naming_write_errors(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            yield tmp
+            if os.path.isdir(tmp) and os.path.isdir(path):  # a folder (an adapter): the old one goes
+                shutil.rmtree(path)  # a crash here leaves no folder, never half of one
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        elif os.path.exists(tmp):
             os.remove(tmp)
 
 

@@ -301,7 +301,8 @@ def run_row(args, workers, seed, method, models):
         real_only = "--no-use_syn" in flags  # the VideoCon baseline reads the real triplets alone
         workers.run(f"seed {seed}: 03_train.py {method}", "03_train.py",
                     ["--train_csv", files["train"] if real_only else os.path.join(args.out_dir, f"seed{seed}", "generate", "weighted.csv"),
-                     "--video_root", root, "--out_dir", train, "--model", base, *flags, *finetune_flags(args, seed)],
+                     "--video_root", root, "--out_dir", train, "--model", base, *flags, *finetune_flags(args, seed),
+                     "--resume"],  # a killed run's folder continues (03 takes no new run in a run's folder)
                     os.path.join(train, "03_train.log"))
     if not os.path.exists(os.path.join(ev, "results.json")):
         workers.run(f"seed {seed}: 04_eval.py {method}" if train else "04_eval.py zero-shot", "04_eval.py",
