@@ -274,8 +274,9 @@ def select_rows(rows, args):
     earlier one (same identity = same seed = same video) is skipped too. A --misalignment that
     selects no row is an error."""
     keep, lines, first_line, duplicates = [], [], {}, []  # first_line: (videopath, neg_caption) -> its line
+    wanted = {kind.strip().lower() for kind in args.misalignment}  # a type is read without case or spaces
     for line, row in zip(rows.lines, rows):
-        if args.misalignment and row["misalignment"] not in args.misalignment:
+        if args.misalignment and row["misalignment"].strip().lower() not in wanted:  # "Action " is action
             continue  # not asked for
         if (row["videopath"], row["neg_caption"]) in first_line:
             duplicates.append(line)
@@ -288,7 +289,7 @@ def select_rows(rows, args):
                f"row: line(s) {', '.join(map(str, duplicates))}")
     # a misspelt --misalignment is named, with the types the file has
     types = sorted({r["misalignment"] for r in rows})
-    for kind in sorted(set(args.misalignment) - {r["misalignment"] for r in keep}):
+    for kind in sorted(wanted - {r["misalignment"].strip().lower() for r in keep}):
         print0(f"--misalignment {kind!r}: no usable row of this type in {args.input_csv}; its types: {types}")
     if not keep:
         raise UserError(f"{args.input_csv}: no usable row with --split {args.split!r} and --misalignment "

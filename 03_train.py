@@ -172,11 +172,12 @@ NO_TWIN = "trained without a twin: "  # skipped.csv's reason for a row whose twi
 
 
 def number(cell):
-    """A CSV cell as a float; NaN (the row is then skipped) if it is empty or not a number."""
+    """A CSV cell as a float: NaN if empty or "nan" (02's unscored V^s: the triplet trains without its
+    twin, counted); None if it is no number at all ("0,5", "high": phi_weights names it)."""
     try:
-        return float(cell)
+        return float(cell) if cell.strip() else float("nan")
     except ValueError:
-        return float("nan")
+        return None
 
 
 def load_triplets(args):
@@ -308,6 +309,9 @@ def phi_weights(rows, scores, args, path):
     needed cell is missing or not a number). --weighting csv reads 02_weight.py's `weight`; a
     WEIGHTINGS name recomputes it from fbar(V^s, t^s) and fbar(V^s, t^r); 'fixed' (and --no-use_syn)
     is w = 1. A value outside [0, 1] stops the run, naming its lines."""
+    for c in scores:  # a cell that is no number is a mistake, not a missing score
+        if bad := next((line for line, r in zip(rows.lines, rows) if number(r[c]) is None), None):
+            raise common.UserError(f"{path}:{bad}: {c} {rows[rows.lines.index(bad)][c]!r} is not a number")
     column = {c: np.array([number(r[c]) for r in rows]) for c in scores}  # (rows,) each
     for c in scores:  # VQAScores lie in [0, 1], phi <= 1 (a NaN is a counted skip in load_triplets)
         low = 0 if c.startswith("score") else -math.inf  # a negative weight is clamped at 0 below

@@ -154,7 +154,8 @@ def test_second_run_generates_nothing_new(first_run, monkeypatch):
 
 def test_misalignment_and_limit_select_rows(tmp_path, tiny_pipe):
     path = write_rows(tmp_path / "in.csv", GOOD)
-    printed = run(args_for(path, tmp_path / "out", tiny_pipe, misalignment=["action", "attribute", "flip"], limit=1))
+    # a type is read without case or spaces: "Action " selects the action rows (issue 26)
+    printed = run(args_for(path, tmp_path / "out", tiny_pipe, misalignment=["Action ", "attribute", "flip"], limit=1))
     assert [r["videopath"] for r in read_out(tmp_path / "out")] == ["act/v2.mp4"]
     assert len(final_mp4s(tmp_path / "out")) == 1
     assert "--misalignment 'flip': no usable row of this type" in printed

@@ -214,6 +214,9 @@ def test_bad_training_rows_are_named_by_line(toy, tmp_path, capsys):
     common.write_csv(csv, rows[:2] + [{**rows[2], "weight": "7.5"}, {**rows[3], "weight": "2"}])
     with pytest.raises(common.UserError, match=r"bad.csv:4: weight 7.5 outside \[-inf, 1\] \(and 1 more row"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+    common.write_csv(csv, rows[:2] + [{**rows[2], "weight": "0,5"}])  # a decimal comma is no missing score
+    with pytest.raises(common.UserError, match=r"bad.csv:4: weight '0,5' is not a number$"):
+        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     common.write_csv(csv, rows[:2] + [{**rows[2], "score_syn_real": "-0.5"}])
     with pytest.raises(common.UserError, match=r"bad.csv:4: score_syn_real -0.5 outside \[0, 1\]$"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], weighting="difference"))
