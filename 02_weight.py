@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
@@ -84,7 +85,8 @@ class Args:
     split: str = "train"
     """weigh only rows of this `split` when the CSV has that column ("" = all rows)"""
     pairs_per_forward: int = 8
-    """(frame, caption) pairs per forward pass: 8 = a video's 4 frames x 2 captions at once, 1 = one by one"""
+    """(frame, caption) pairs per forward pass: 8 = a video's 4 frames x 2 captions at once; a frame's two
+    captions share its encoding, so they always go together (1 acts as 2: one frame a call)"""
     strict: bool = False
     """stop at the first row that cannot be scored, instead of keeping it without a weight and counting it"""
     fig2_only: list = field(default_factory=list)
@@ -127,14 +129,9 @@ def pad_to_square(frame, colour):
     return out
 
 
-@torch.no_grad()
-def vqa_scores(model, processor, images, captions, pairs_per_forward=8, vqascore="first_token"):
-    """VQAScore of each (image, caption) pair: exp(mean_j log P(a_j | image, question, a_<j)) over the
-    answer tokens a_1..a_k of answer_ids, each read from the FULL softmax over the vocabulary (not
-    Eq. 1's Yes/No ratio); first_token (k = 1): P("Yes").
-
-    images: list of n uint8 arrays (H, W, 3); captions: list of n texts. Pairs go through the model
-    `pairs_per_forward` at a time. Returns a float tensor (n,) on the CPU."""
+def vqa_setup(model, processor, images, captions, vqascore):
+    """What every VQAScore forward of this member needs, checked once: (images, padded to a square where
+    t2v_metrics pads them; each caption's prompt; the answer ids a_1..a_k, a tensor (k,) on the model's device)."""
     if vqascore not in ("first_token", "t2v_metrics"):
         raise ValueError(f"--vqascore {vqascore!r}: use first_token or t2v_metrics")
     enc_dec, model_type = model.config.get_text_config().is_encoder_decoder, model.config.model_type  # T5: enc_dec
@@ -153,30 +150,148 @@ def vqa_scores(model, processor, images, captions, pairs_per_forward=8, vqascore
     if model_type in PAD_TO_SQUARE:
         colour = [int(255 * m) for m in processor.image_processor.image_mean]  # t2v_metrics' int(x * 255)
         images = [pad_to_square(image, colour) for image in images]
+    return images, [p for p, _ in prompts], answer
+
+
+def vqa_inputs(model, processor, images, prompts, padding_side=None):
+    """The processor's batch of (images[i], prompts[i]) pairs on the model's device, its image tokens checked.
+    padding_side: None (the tokenizer's: right for T5), "left" or "right"."""
+    pad = {} if padding_side is None else {"padding_side": padding_side}
+    inputs = processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt", **pad)
+    inputs = inputs.to(model.device, model.dtype)  # floats (pixels) to the model's dtype, ids stay ints
+    queries = getattr(model.config, "num_query_tokens", None)  # BLIP-2 / InstructBLIP's image tokens a prompt holds
+    if queries and ((inputs["input_ids"] == model.config.image_token_id).sum(1) != queries).any():
+        raise UserError(f"{model.config.model_type}: the prompts do not hold {queries} image tokens "
+                        f"(id {model.config.image_token_id}) each: the tokenizer's <image> is another id")
+    return inputs
+
+
+def answer_logits(model, inputs, answer, **image):
+    """The logits (n, k, vocab) that predict a_1..a_k after each prompt of `inputs` (decoder-only: left-padded).
+    image: the images' encoding given instead of inputs' pixel_values (frame_scores), as transformers'
+    mm_encoder_outputs."""
+    n, k = len(inputs["input_ids"]), len(answer)  # n pairs in this forward, k answer tokens
+    given = answer[:-1].expand(n, k - 1)  # a_1..a_{k-1}, the model's input while it predicts a_2..a_k
+    if model.config.get_text_config().is_encoder_decoder:  # the decoder reads its start token, then a_1..a_{k-1}
+        start = torch.full((n, 1), model.config.get_text_config().decoder_start_token_id, device=model.device)
+        return model(**{**inputs, **image}, decoder_input_ids=torch.cat([start, given], 1)).logits  # (n, k, vocab)
+    # the prompt, then a_1..a_{k-1}; lm_head runs on the last k positions only.
+    # Left padding shifts a short prompt's positions, which rotary embeddings (relative) ignore.
+    ids = torch.cat([inputs["input_ids"], given], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(given)], 1)
+    return model(**{**inputs, **image, "input_ids": ids, "attention_mask": mask}, logits_to_keep=k).logits
+
+
+def vqascore_of(logits, answer):
+    """exp(mean_j log P(a_j)) (n,) on the CPU, each P(a_j) from the FULL softmax over the vocabulary of
+    logits (n, k, vocab), not Eq. 1's Yes/No ratio; first_token (k = 1): P("Yes")."""
+    n, k = logits.shape[:2]
+    log_p = logits.float().log_softmax(-1).gather(2, answer.expand(n, k)[..., None])[..., 0]  # (n, k) log P(a_j)
+    return log_p.mean(1).exp().cpu()  # (n,) exp of the mean over the k answer tokens
+
+
+@torch.no_grad()
+def vqa_scores(model, processor, images, captions, pairs_per_forward=8, vqascore="first_token"):
+    """VQAScore of each (image, caption) pair, the definition: each pair a full forward, its image encoded
+    again (as t2v_metrics does; score_video shares each frame's encoding instead, frame_scores): exp(mean_j
+    log P(a_j | image, question, a_<j)) over the answer tokens a_1..a_k of answer_ids; first_token: P("Yes").
+
+    images: list of n uint8 arrays (H, W, 3); captions: list of n texts. Pairs go through the model
+    `pairs_per_forward` at a time. Returns a float tensor (n,) on the CPU."""
+    images, prompts, answer = vqa_setup(model, processor, images, captions, vqascore)
+    # decoder-only: left padding puts every prompt's end, where the answer starts, at the same place
+    side = None if model.config.get_text_config().is_encoder_decoder else "left"
     scores = []
     for s in range(0, len(captions), pairs_per_forward):
-        chunk = [p for p, _ in prompts[s:s + pairs_per_forward]]
-        n, k = len(chunk), len(answer)  # n pairs in this forward, k answer tokens
-        # decoder-only: left padding puts every prompt's end, where the answer starts, at the same place
-        pad = {} if enc_dec else {"padding_side": "left"}
-        inputs = processor(images=list(images[s:s + n]), text=chunk, padding=True, return_tensors="pt", **pad)
-        inputs = inputs.to(model.device, model.dtype)  # floats (pixels) to the model's dtype, ids stay ints
-        if queries and ((inputs["input_ids"] == model.config.image_token_id).sum(1) != queries).any():
-            raise UserError(f"{model_type}: the prompts do not hold {queries} image tokens "
-                            f"(id {model.config.image_token_id}) each: the tokenizer's <image> is another id")
-        given = answer[:-1].expand(n, k - 1)  # a_1..a_{k-1}, the model's input while it predicts a_2..a_k
-        if enc_dec:  # the decoder reads its start token, then a_1..a_{k-1}
-            start = torch.full((n, 1), model.config.get_text_config().decoder_start_token_id, device=model.device)
-            logits = model(**inputs, decoder_input_ids=torch.cat([start, given], 1)).logits  # (n, k, vocab)
-        else:  # the prompt, then a_1..a_{k-1}; lm_head runs on the last k positions only.
-            # Left padding shifts a short prompt's positions, which rotary embeddings (relative) ignore.
-            inputs["input_ids"] = torch.cat([inputs["input_ids"], given], 1)
-            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(given)], 1)
-            logits = model(**inputs, logits_to_keep=k).logits  # (n, k, vocab)
-        # the full softmax over the vocabulary (not Eq. 1's Yes/No ratio), read at each answer token
-        log_p = logits.float().log_softmax(-1).gather(2, answer.expand(n, k)[..., None])[..., 0]  # (n, k) log P(a_j)
-        scores.append(log_p.mean(1).exp().cpu())  # (n,) exp of the mean over the k answer tokens
+        inputs = vqa_inputs(model, processor, images[s:s + pairs_per_forward], prompts[s:s + pairs_per_forward], side)
+        scores.append(vqascore_of(answer_logits(model, inputs, answer), answer))  # (n,)
     return torch.cat(scores)
+
+
+# ---- §4: each frame encoded once, for all of its captions (t^s and t^r) ---------------------------
+# VQAScore(frame, t) for t = t^s, t^r: the image side reads no caption, so it runs once per frame and
+# both captions read its output, in one call; the scores are vqa_scores' (tests/test_weight.py, 1e-5).
+@torch.no_grad()
+def frame_scores(model, processor, frames, captions, frames_per_forward=4, vqascore="first_token"):
+    """VQAScore of every frame against every caption, (C captions, T frames), as vqa_scores gives it for
+    each pair, each frame's encoding computed once and shared by its C captions (SHARED_ENCODING; a
+    member of another family is scored pair by pair). frames: T uint8 arrays (H, W, 3)."""
+    C, T = len(captions), len(frames)
+    shared = SHARED_ENCODING.get(model.config.model_type)
+    if shared is None:  # no shared path for this family: vqa_scores on each (frame, caption) pair
+        pairs = vqa_scores(model, processor, [f for _ in captions for f in frames], [c for c in captions for _ in frames],
+                           frames_per_forward * C, vqascore)
+        return pairs.view(C, T)
+    frames, prompts, answer = vqa_setup(model, processor, frames, captions, vqascore)
+    scores = []
+    for s in range(0, T, frames_per_forward):
+        chunk = frames[s:s + frames_per_forward]  # m frames, each with its C captions in this call
+        # the pairs frame by frame: (frame i, caption c) is row i*C + c, a frame's C rows side by side
+        # llava_logits splits each prompt after its image: right padding; else as vqa_scores pads
+        side = "right" if shared is llava_logits else None if model.config.get_text_config().is_encoder_decoder else "left"
+        inputs = vqa_inputs(model, processor, [f for f in chunk for _ in captions], prompts * len(chunk), side)
+        scores.append(vqascore_of(shared(model, inputs, answer, C), answer).view(len(chunk), C))  # (m, C)
+    return torch.cat(scores).T  # (C, T)
+
+
+def given_image(features):
+    """The images' encoding (n, tokens, d) as transformers' mm_encoder_outputs, in place of pixel_values:
+    the forward then skips its image side (and CLIPFlanT5 below does the same)."""
+    encoded = SimpleNamespace(pooler_output=features, qformer_outputs=None, vision_outputs=None)
+    return {"pixel_values": None, "mm_encoder_outputs": {"image": encoded}}
+
+
+def image_once_logits(model, inputs, answer, C):
+    """BLIP-2, CLIP-FlanT5: the whole image side reads no text (BLIP-2's Q-Former its queries only;
+    CLIP-FlanT5's CLIP tower + projector): it runs on each frame once, rows 0, C, 2C.. of the pairs, and
+    each frame's encoding goes to its C pairs. -> answer_logits (n, k, vocab)."""
+    features = model.get_image_features(inputs["pixel_values"][::C]).pooler_output  # (m, image tokens, d)
+    return answer_logits(model, inputs, answer, **given_image(features.repeat_interleave(C, 0)))  # (n, ...)
+
+
+def instructblip_logits(model, inputs, answer, C):
+    """InstructBLIP: its Q-Former reads the question too, so only the vision tower (ViT-g, ~1B parameters,
+    ~40 % of a pair's FLOPs) runs once per frame; the Q-Former, the projection and T5 run per pair, as in
+    transformers' InstructBlipForConditionalGeneration.get_image_features (its steps 2 and 3, below)."""
+    vision = model.vision_model(pixel_values=inputs["pixel_values"][::C])[0]  # (m, 1 + patches, d_vision)
+    vision = vision.repeat_interleave(C, 0)  # (n, 1 + patches, d_vision): each frame's, for its C pairs
+    query = model.query_tokens.expand(len(vision), -1, -1)  # (n, queries, d_q), the learnt queries
+    seen = inputs["qformer_attention_mask"]  # (n, question tokens): 0 at padding
+    # the queries and the question's tokens together (every query seen), cross-attending to all the patches
+    q = model.qformer(input_ids=inputs["qformer_input_ids"], query_embeds=query, encoder_hidden_states=vision,
+                      attention_mask=torch.cat([torch.ones_like(seen[:, :1]).expand(-1, query.shape[1]), seen], 1),
+                      encoder_attention_mask=torch.ones_like(vision[..., 0], dtype=torch.long),
+                      return_dict=True)[0][:, :query.shape[1]]  # (n, queries, d_q)
+    return answer_logits(model, inputs, answer, **given_image(model.language_projection(q)))  # (n, k, vocab)
+
+
+def llava_logits(model, inputs, answer, C):
+    """LLaVA-1.5 (decoder-only): each prompt is [BOS "USER:" <the image's tokens> | the question
+    "ASSISTANT:"]; the part up to the image's last token (the prefix, ~580 of ~605 positions) is the same
+    for a frame's C captions. It runs once per frame (vision tower, projector and the LLM, its KV kept);
+    each caption's suffix and a_1..a_{k-1} then run on a copy of that KV. inputs: right-padded."""
+    ids, mask, k = inputs["input_ids"], inputs["attention_mask"], len(answer)  # (n, L), n = m frames x C
+    P = int((ids[0] == model.config.image_token_id).nonzero().max()) + 1  # the prefix: through the image
+    if not ((ids[:, :P] == ids[:1, :P]).all() and mask[:, :P].all()):
+        raise ValueError(f"{model.config.model_type}: the prompts do not share their start up to the image")
+    prefix = model.model(input_ids=ids[::C, :P], pixel_values=inputs["pixel_values"][::C], use_cache=True)
+    cache = prefix.past_key_values  # DynamicCache: (m, heads, P, d) keys and values per layer
+    cache.batch_repeat_interleave(C)  # copied: each frame's, for its C pairs (the suffixes append to them)
+    # each pair's suffix then a_1..a_{k-1}, right-padded: its positions go on from P, as in the full prompt
+    lengths = mask.sum(1) - P  # (n,) the suffix's real tokens
+    tails = [torch.cat([row[P:P + s], answer[:-1]]) for row, s in zip(ids, lengths.tolist())]
+    suffix = torch.nn.utils.rnn.pad_sequence(tails, batch_first=True)  # (n, S): pads (0) after every real token
+    real = torch.arange(suffix.shape[1], device=ids.device) < (lengths + k - 1)[:, None]  # (n, S)
+    hidden = model.model(input_ids=suffix, attention_mask=torch.cat([mask[:, :P], real.long()], 1),
+                         past_key_values=cache).last_hidden_state  # (n, S, d)
+    # the positions that predict a_1..a_k: the suffix's last token, then a_1..a_{k-1}; lm_head there only
+    at = (lengths[:, None] - 1 + torch.arange(k, device=ids.device))[..., None].expand(-1, -1, hidden.shape[-1])
+    return model.lm_head(hidden.gather(1, at))  # (n, k, vocab)
+
+
+# model_type -> how its frames are encoded once (each function: (model, inputs, answer, C) -> logits)
+SHARED_ENCODING = {"instructblip": instructblip_logits, "blip-2": image_once_logits, "clip_t5": image_once_logits,
+                   "llava": llava_logits}
 
 
 def past_context(model, processor, frame, captions, vqascore="first_token"):
@@ -213,16 +328,16 @@ def past_context(model, processor, frame, captions, vqascore="first_token"):
 
 # ---- §4: the per-frame VQAScores of one synthetic video V^s, against t^s and t^r --------------------
 def score_video(model, processor, frames, t_s, t_r, pairs_per_forward=8, vqascore="first_token"):
-    """Per-frame VQAScores of (V^s, t^s) and (V^s, t^r): T frames x 2 captions = 2T pairs, by
-    default one forward. frames: uint8 (T, H, W, 3). Returns two lists of T floats."""
+    """Per-frame VQAScores of (V^s, t^s) and (V^s, t^r): T frames x 2 captions = 2T pairs, by default
+    one call, each frame encoded once for both captions (frame_scores; pairs_per_forward // 2 frames a
+    call, at least one). frames: uint8 (T, H, W, 3). Returns two lists of T floats."""
     T = len(frames)  # --num_frames, 4 in the paper
     # a caption past the member's context is not scored (its scores would be silently wrong): the row is
     # kept without a weight, named and counted, like an undecodable V^s
     if overflow := past_context(model, processor, frames[0], {"neg_caption": t_s, "caption": t_r}, vqascore):
         raise ValueError(overflow)
-    # pairs in the order (frame 0..T-1, t^s), then (frame 0..T-1, t^r): row 0 is t^s, row 1 t^r
-    p = vqa_scores(model, processor, [f for _ in range(2) for f in frames], [t_s] * T + [t_r] * T,
-                   pairs_per_forward, vqascore).view(2, T)  # (2, T)
+    # row 0: the T frames against t^s, row 1: against t^r
+    p = frame_scores(model, processor, frames, [t_s, t_r], max(1, pairs_per_forward // 2), vqascore)  # (2, T)
     # a NaN would pass through fbar and phi to a NaN weight: it is a failed row instead
     if not torch.isfinite(p).all():
         raise ValueError(f"non-finite VQAScore {p.tolist()}")
@@ -554,10 +669,17 @@ def clip_t5_classes():
             self.mm_projector = torch.nn.Sequential(torch.nn.Linear(width, config.d_model), torch.nn.GELU(),
                                                     torch.nn.Linear(config.d_model, config.d_model))
 
-        def forward(self, input_ids, pixel_values, **kwargs):
-            """T5 on the prompt's embeddings, the image's patches in place of its IMAGE placeholders."""
+        def get_image_features(self, pixel_values):
+            """The images' patches as T5 input embeddings (.pooler_output, as transformers' members give it)."""
             hidden = self.vision_tower.vision_tower(pixel_values, output_hidden_states=True).hidden_states
             image = self.mm_projector(hidden[self.config.mm_vision_select_layer][:, 1:])  # (n, patches, d): no CLS
+            return SimpleNamespace(pooler_output=image)
+
+        def forward(self, input_ids, pixel_values=None, mm_encoder_outputs=None, **kwargs):
+            """T5 on the prompt's embeddings, the image's patches in place of its IMAGE placeholders
+            (mm_encoder_outputs: the patches already encoded, given_image)."""
+            image = (mm_encoder_outputs or {}).get("image") or self.get_image_features(pixel_values)
+            image = image.pooler_output  # (n, patches, d)
             embeds = self.get_input_embeddings()(input_ids.clamp(min=0))  # (n, L, d)
             # the n x patches IMAGE slots, in order, take the n images' patches
             embeds = embeds.masked_scatter((input_ids == IMAGE)[..., None], image.to(embeds.dtype))

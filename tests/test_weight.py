@@ -199,6 +199,43 @@ def test_batched_equals_one_at_a_time(which, vqascore, frames, request):
     assert len(set(batched[0])) > 1 and set(batched[0]).isdisjoint(batched[1])  # frames and captions matter
 
 
+# ---- each frame encoded once: the same scores as one full forward per (frame, caption) pair ------
+@pytest.mark.parametrize("vqascore", ["first_token", "t2v_metrics"])
+@pytest.mark.parametrize("which", ["llava_dir", "instructblip_dir", "blip2_dir", "clip_flant5_dir"])
+def test_each_frame_encoded_once_scores_as_pair_by_pair(which, vqascore, frames, request):
+    """frame_scores (score_video's) = vqa_scores on each pair (t2v_metrics' way) to 1e-5, captions of
+    different lengths (padding), 4 frames a call or 3 (a call of 3 frames, then 1); and the image side
+    runs on T frames, not 2T pairs: a hook counts the rows its vision tower reads."""
+    model, processor = weight.load_member(request.getfixturevalue(which))
+    captions = [NEG, CAPTION + " and then stops"]  # 4 and 11 words
+    pairs = weight.vqa_scores(model, processor, [f for _ in captions for f in frames],
+                              [c for c in captions for _ in frames], 1, vqascore).view(2, 4)  # (caption, frame)
+    tower = model.vision_tower.vision_tower if which == "clip_flant5_dir" else \
+        model.vision_model if "blip" in which else model.model.vision_tower
+    rows = []
+    tower.register_forward_hook(lambda module, args, out: rows.append(len(out[0])))  # rows encoded
+    for frames_per_forward in (4, 3):
+        rows.clear()
+        shared = weight.frame_scores(model, processor, frames, captions, frames_per_forward, vqascore)
+        np.testing.assert_allclose(shared.numpy(), pairs.numpy(), rtol=1e-5, atol=0)
+        assert sum(rows) == len(frames), rows  # each frame once
+    assert len(set(pairs[0].tolist())) > 1 and set(pairs[0].tolist()).isdisjoint(pairs[1].tolist())
+
+
+def test_llava_runs_the_image_prefix_once_per_frame(llava_dir, frames):
+    """LLaVA: the prompt through the image's tokens (the same for both captions) runs once per frame;
+    the second call reads its KV and holds only the captions' suffixes."""
+    model, processor = weight.load_member(llava_dir)
+    lengths = []
+    model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    weight.frame_scores(model, processor, frames, [NEG, CAPTION], 4)
+    prompt = processor(images=[frames[0]], text=[weight.vqa_prompt(processor, "llava", CAPTION)[0]])["input_ids"][0]
+    prefix = max(i for i, t in enumerate(prompt) if t == model.config.image_token_id) + 1
+    assert lengths[0] == (4, prefix)  # 4 frames x the prefix
+    assert lengths[1][0] == 8 and lengths[1][1] == len(prompt) - prefix  # 8 pairs x the longer suffix
+
+
 # ---- guards: a BLIP processor that puts no image tokens in the prompt -----------------------------
 @pytest.mark.parametrize("which", ["instructblip_dir", "blip2_dir"])
 def test_a_processor_without_num_query_tokens_is_refused(which, frames, request, tmp_path):
@@ -229,7 +266,7 @@ def test_help_lists_the_papers_three_members():
 
 def test_a_nan_score_is_an_error_not_a_weight(llava_dir, frames, monkeypatch):
     model, processor = common.load_video_llm(llava_dir)
-    monkeypatch.setattr(weight, "vqa_scores", lambda *a, **k: torch.tensor([0.5] * 7 + [float("nan")]))
+    monkeypatch.setattr(weight, "frame_scores", lambda *a, **k: torch.tensor([[0.5] * 4, [0.5] * 3 + [float("nan")]]))
     with pytest.raises(ValueError, match="non-finite"):
         weight.score_video(model, processor, frames, NEG, CAPTION)
 

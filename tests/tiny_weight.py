@@ -19,10 +19,11 @@ from toyworld.models import new_llava
 VQA_LINES = ['Question: Does this figure show ""? Please answer yes or no. Answer:'] * 500 + ["yes no Yes No"] * 2000
 
 
-def tiny_llava(path, frame_size=32, patch=8, seed=0):
+def tiny_llava(path, frame_size=32, patch=8, seed=0, **sizes):
     """LLaVA-1.5 at toy size (toyworld.models.new_llava: CLIP vision + 2-layer LLaMA, llava-1.5's chat
-    template) with the tiny BPE tokenizer of tiny.py, saved to path."""
-    model, processor = new_llava(tiny.build_tokenizer(), frame_size, patch, seed, text_layers=2)
+    template) with the tiny BPE tokenizer of tiny.py, saved to path. sizes: new_llava's (hidden,
+    text_layers, vision_layers, vision_hidden), e.g. bench_weight.py's proportionate tower."""
+    model, processor = new_llava(tiny.build_tokenizer(), frame_size, patch, seed, **{"text_layers": 2, **sizes})
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
@@ -62,9 +63,11 @@ def bert_tokenizer(vocab_size=500):
                                    sep_token="[SEP]", mask_token="[MASK]")
 
 
-def tiny_blip(path, instruct=True, frame_size=32, patch=8, num_query_tokens=4, seed=0):
+def tiny_blip(path, instruct=True, frame_size=32, patch=8, num_query_tokens=4, seed=0, vision_hidden=32,
+              vision_layers=2):
     """InstructBLIP-FlanT5 (instruct=True) or BLIP-2-FlanT5 (False; 02_weight.py's stand-in for
-    CLIP-FlanT5) at toy size: 2-layer vision tower, 2-layer Q-Former, 2+2-layer T5. InstructBLIP's
+    CLIP-FlanT5) at toy size: 2-layer vision tower (vision_layers, width vision_hidden), 2-layer Q-Former,
+    2+2-layer T5. InstructBLIP's
     Q-Former also reads the question, through its own BERT-like tokenizer."""
     import transformers
     from transformers import BlipImageProcessor, T5Config
@@ -73,7 +76,8 @@ def tiny_blip(path, instruct=True, frame_size=32, patch=8, num_query_tokens=4, s
     torch.manual_seed(seed)
     tok = t5_tokenizer()
     qtok = {"qformer_tokenizer": bert_tokenizer()} if instruct else {}
-    vision = family["VisionConfig"](hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    vision = family["VisionConfig"](hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                    num_hidden_layers=vision_layers, num_attention_heads=2,
                                     image_size=frame_size, patch_size=patch, initializer_range=0.02)
     qformer = family["QFormerConfig"](hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                       **({"vocab_size": len(qtok["qformer_tokenizer"])} if instruct else {}))
@@ -98,10 +102,11 @@ def tiny_blip2(path, **kw):
     return tiny_blip(path, instruct=False, **kw)
 
 
-def tiny_clip_flant5(path, frame_size=32, patch=8, seed=0, with_tower=True):
+def tiny_clip_flant5(path, frame_size=32, patch=8, seed=0, with_tower=True, vision_hidden=24, vision_layers=3):
     """CLIP-FlanT5 at toy size, written as zhiqiulin/clip-flant5-xxl is: config.json = T5's fields +
     model_type clip_t5, mm_vision_tower (here a 3-layer CLIP vision model saved in path/clip-vision,
-    standing in for openai/clip-vit-large-patch14-336), mm_projector_type, mm_vision_select_layer;
+    standing in for openai/clip-vit-large-patch14-336; vision_layers, width vision_hidden), mm_projector_type,
+    mm_vision_select_layer;
     model.safetensors with T5's names + vision_tower.vision_tower.* + mm_projector.{0,2}.* (without
     the vision tower's if with_tower=False); the T5-like tokenizer beside them. Like Flan-T5's 32128
     rows for 32100 tokens, the vocabulary has 28 rows more than the tokenizer."""
@@ -110,7 +115,8 @@ def tiny_clip_flant5(path, frame_size=32, patch=8, seed=0, with_tower=True):
     torch.manual_seed(seed)
     tok = t5_tokenizer()
     tower_dir = os.path.join(path, "clip-vision")
-    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=3,
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                             num_hidden_layers=vision_layers,
                                              num_attention_heads=2, image_size=frame_size, patch_size=patch)).eval()
     tower.save_pretrained(tower_dir)
     CLIPImageProcessor(size={"shortest_edge": frame_size},
@@ -119,14 +125,14 @@ def tiny_clip_flant5(path, frame_size=32, patch=8, seed=0, with_tower=True):
                     feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
     t5 = T5ForConditionalGeneration(text)
-    projector = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))
+    projector = torch.nn.Sequential(torch.nn.Linear(vision_hidden, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))
     state = {**t5.state_dict(), **{f"mm_projector.{k}": v for k, v in projector.state_dict().items()}}
     if with_tower:
         state.update({f"vision_tower.vision_tower.{k}": v for k, v in tower.state_dict().items()})
     save_file({k: v.clone().contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
     config = {**text.to_dict(), "model_type": "clip_t5", "architectures": ["CLIPT5ForConditionalGeneration"],
               "mm_vision_tower": tower_dir, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
-              "mm_vision_select_feature": "patch", "mm_hidden_size": 24, "use_mm_proj": True}
+              "mm_vision_select_feature": "patch", "mm_hidden_size": vision_hidden, "use_mm_proj": True}
     with open(os.path.join(path, "config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
     tok.save_pretrained(path)
