@@ -14,7 +14,7 @@ Launch (one GPU; then 8 GPUs, rows sharded over ranks, rank 0 writes the CSV):
     python 01_generate.py --input_csv videocon_llm_entailment.csv --out_dir runs/gen
     torchrun --standalone --nproc_per_node 8 01_generate.py --input_csv videocon_llm_entailment.csv --out_dir runs/gen
 On a GPU with less than ~40 GB, add --cpu_offload --vae_tiling (only the running part of G sits
-on the GPU, and the VAE decodes in tiles).
+on the GPU, and the VAE decodes in tiles). ~4x cheaper, not the paper's exact videos: --cache taylorseer.
 A CPU-sized run (a tiny random CogVideoX): README, "A CPU-sized chain"; the toy world's G: toyworld/README.md.
 """
 import hashlib
@@ -59,6 +59,42 @@ PIPELINE_DEFAULTS = {
 #     --pipeline toyworld.generator:ToyGenerator --pipeline_kwargs '{"noise": 0}'
 PYTHON_CLASS = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
+# ---- caches: G's transformer work reused between denoising steps (diffusers' enable_cache) ----
+# NOTE (deviation): the default --cache none is the paper's sampling: G's transformer runs in full
+# at each of the 50 steps, so V^s is exactly G(t^s, noise). A cache reuses or extrapolates the
+# outputs of earlier steps instead, so V^s moves: 2-4x less transformer work per video, at a quality
+# that only a real-size G can tell (README, "What 01 costs"; tests/bench_generate.py). A cached video
+# is still a function of its row alone: every cache below decides what to skip from the step index
+# (first_block: from the call's own features, hence one prompt per call), never from time or order.
+# The attention (attn1, attn2) and feed-forward (ff; Wan: ffn) layers of every block of CogVideoX,
+# Wan and LTX-Video: TaylorSeer's own default pattern ("...attn") matches none of them.
+BLOCK_LAYERS = r"(transformer_blocks|blocks)\.\d+\.(attn\d|ff|ffn)"
+# --cache name -> (diffusers config class, our settings; --cache_kwargs overrides any of them)
+CACHES = {
+    # skip blocks 2..L when block 1's residual moved < threshold since the last full step (~TeaCache)
+    "first_block": ("FirstBlockCacheConfig", dict(threshold=0.05)),
+    # TaylorSeer (ICCV 2025): every layer's output forecast by a 1st-order Taylor series from its last
+    # full steps; full at steps 0-2, then 1 in cache_interval (N=5, order O=1): 13 of 50 steps. Its
+    # factors hold 2 copies of each layer's output (bfloat16; CogVideoX-5b at 720x480x49: ~37 GB more);
+    # '{"use_lite_mode": true}' forecasts G's output alone instead, in next to no memory
+    "taylorseer": ("TaylorSeerCacheConfig", dict(cache_interval=5, disable_cache_before_step=3, max_order=1,
+                                                 cache_identifiers=[BLOCK_LAYERS])),
+    # Pyramid Attention Broadcast: self-attention reused every other step while 100 < t < 800 (diffusers' example)
+    "pab": ("PyramidAttentionBroadcastConfig", dict(spatial_attention_block_skip_range=2,
+                                                    spatial_attention_timestep_skip_range=[100, 800])),
+    # FasterCache: attention reused every other step, the unconditional half of CFG every 5th (diffusers'
+    # CogVideoX example); it needs CFG's two halves in one batch of frames: CogVideoX only
+    "fastercache": ("FasterCacheConfig", dict(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=[-1, 681],
+                                              low_frequency_weight_update_timestep_range=[99, 641], tensor_format="BFCHW",
+                                              spatial_attention_block_identifiers=["transformer_blocks"])),
+    # MagCache: all blocks skipped while the calibrated residual-magnitude ratios say little changes;
+    # needs the checkpoint's ratios: '{"mag_ratios": [...]}' (a '{"calibrate": true}' run prints them)
+    "magcache": ("MagCacheConfig", dict(threshold=0.06, max_skip_steps=3, retention_ratio=0.2)),
+}
+CACHE_PIPELINES = {"fastercache": ("CogVideoXPipeline",)}  # where a cache is known to run (others: all three)
+SET_HERE = {"current_timestep_callback", "attention_weight_callback", "low_frequency_weight_callback",
+            "high_frequency_weight_callback", "num_inference_steps"}  # from the pipeline and --num_inference_steps
+
 
 @dataclass
 class Args:
@@ -98,8 +134,21 @@ class Args:
     cpu_offload: bool = False
     """GPU only: keep G's parts on the CPU and move each to the GPU when it runs (diffusers model offload)"""
     vae_tiling: bool = False
-    """decode the video in overlapping tiles: far less GPU memory at 720x480, a little slower
-    (VAE slicing would not help: each call decodes a single video)"""
+    """decode the video in overlapping tiles: far less GPU memory at 720x480, a little slower; the
+    tiles' seams move pixels, so it is recorded in resume.json"""
+    vae_slicing: bool = False
+    """decode the videos of one call (--prompts_per_call) one at a time: the VAE's memory of one video"""
+    cache: Literal["none", "first_block", "taylorseer", "pab", "fastercache", "magcache"] = "none"
+    """reuse G's transformer work between denoising steps (CACHES): none = the paper's exact sampling;
+    taylorseer: ~4x less transformer work, the videos move (see the NOTE above CACHES)"""
+    cache_kwargs: str = ""
+    """JSON settings of --cache's diffusers config over ours (CACHES), e.g. '{"cache_interval": 4}'"""
+    compile: bool = False
+    """torch.compile G's transformer: faster once compiled (the first video pays); recorded, as the
+    compiled kernels may round otherwise"""
+    prompts_per_call: int = 1
+    """rows rendered by one call of G (a batch); each row keeps its own seed's noise. Not with a
+    module:Class G, nor with --cache first_block (its skips would depend on the other rows)"""
 
 
 # ---- §4: the generator G and its settings ----
@@ -117,6 +166,8 @@ def resolve_settings(args):
     if missing:
         raise UserError(f"{args.pipeline}: no defaults for {name} (known: {sorted(PIPELINE_DEFAULTS)}); "
                         f"pass {' '.join(missing)}")
+    if name not in CACHE_PIPELINES.get(args.cache, (name,)):  # e.g. FasterCache on Wan: an IndexError mid-run
+        raise UserError(f"--cache {args.cache} runs on {', '.join(CACHE_PIPELINES[args.cache])} only, not {name}")
     return name, settings
 
 
@@ -148,45 +199,55 @@ def load_generator(args, dist, settings):
         pipe.to(dist.device)
     if args.vae_tiling:
         pipe.vae.enable_tiling()
+    if args.vae_slicing:  # a batch of videos decoded one by one
+        pipe.vae.enable_slicing()
+    config, _ = cache_config(args, settings["num_inference_steps"], lambda: pipe.current_timestep)
+    if config:  # diffusers resets the cache's state at the end of each call: no row sees another's
+        pipe.transformer.enable_cache(config)
+    if args.compile:
+        pipe.transformer.compile()  # torch.compile, in place: the hooks of a cache stay on the module
     pipe.set_progress_bar_config(disable=True)  # one bar over rows (rank 0), not one per video
     return pipe
 
 
 @torch.no_grad()
-def generate(pipe, prompt, seed, settings):
-    """V^s = G(t^s, noise) -> uint8 frames (num_frames, height, width, 3).
+def generate(pipe, prompts, seeds, settings):
+    """V^s = G(t^s, noise) for a few rows in one call -> one uint8 array (num_frames, height, width, 3) each.
 
-    The noise is drawn by a CPU torch.Generator seeded with the row's seed, so a row's video does
-    not depend on the GPU it ran on (nor on which rank got it)."""
+    Each row's noise is drawn by its own CPU torch.Generator, seeded with the row's seed (one
+    generator per prompt: diffusers draws row i's latents with generator i), so a row's video does
+    not depend on the GPU it ran on, on which rank got it, nor on the rows batched with it."""
     # G(t^s, noise): t^s is the prompt, the noise is drawn from the row's seed
-    call = dict(prompt=prompt, num_inference_steps=settings["num_inference_steps"],
+    noise = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    call = dict(prompt=prompts if len(prompts) > 1 else prompts[0], num_inference_steps=settings["num_inference_steps"],
                 guidance_scale=settings["guidance_scale"], height=settings["height"], width=settings["width"],
-                num_frames=settings["num_frames"], generator=torch.Generator("cpu").manual_seed(seed),
-                output_type="np")
+                num_frames=settings["num_frames"], generator=noise if len(noise) > 1 else noise[0], output_type="np")
     if "frame_rate" in inspect.signature(pipe.__call__).parameters:  # LTX-Video conditions on the frame rate
         call["frame_rate"] = settings["fps"]
-    frames = pipe(**call).frames[0]  # (T, H, W, 3) floats in [0, 1]
+    videos = pipe(**call).frames  # one (T, H, W, 3) array of floats in [0, 1] per prompt
     expected = (settings["num_frames"], settings["height"], settings["width"], 3)
-    if frames.shape != expected:  # refused: generate_args.json would record another size
-        raise UserError(f"{type(pipe).__name__} returned frames of shape {frames.shape}, not {expected}: "
+    if videos[0].shape != expected:  # refused: generate_args.json would record another size
+        raise UserError(f"{type(pipe).__name__} returned frames of shape {videos[0].shape}, not {expected}: "
                         f"choose --height/--width/--num_frames that it supports")
-    return (frames * 255).round().clip(0, 255).astype(np.uint8)  # [0, 1] -> uint8, rounded
+    return [(frames * 255).round().clip(0, 255).astype(np.uint8) for frames in videos[:len(prompts)]]  # rounded
 
 
 # ---- §4: V^s = G(t^s, noise) for each row ----
-def render(rows, pipe, settings, out_dir):
-    """V^s = G(t^s, noise) for each row, written to <out_dir>/<syn_video> (common.write_video)."""
-    # one thread encodes video i (x264 on one core, byte-stable: common.X264_PARAMS) while G renders
-    # video i + 1; at most one video waits, and a failed write stops the run at the next row
+def render(rows, pipe, settings, out_dir, per_call=1):
+    """V^s = G(t^s, noise) for each row, per_call rows a call, written to <out_dir>/<syn_video> (common.write_video)."""
+    calls = [rows[i:i + per_call] for i in range(0, len(rows), per_call)]
+    # one thread encodes the videos of call i (x264 on one core, byte-stable: common.X264_PARAMS)
+    # while G renders call i + 1; at most one call's videos wait, and a failed write stops the run
     with ThreadPoolExecutor(1) as encoder:
-        writing = None
-        for row in progress(rows, total=len(rows), desc="rendering t^s"):
-            frames = generate(pipe, row["neg_caption"], row["seed"], settings)  # (T, H, W, 3) uint8
-            if writing:
-                writing.result()  # the previous video is on disk (or its error is raised here)
-            writing = encoder.submit(write_video, os.path.join(out_dir, row["syn_video"]), frames,
-                                     fps=settings["fps"])
-        writing.result()
+        writing = []
+        for batch in progress(calls, total=len(calls), desc=f"rendering t^s ({per_call} a call)"):
+            videos = generate(pipe, [r["neg_caption"] for r in batch], [r["seed"] for r in batch], settings)
+            for done in writing:
+                done.result()  # the previous videos are on disk (or their error is raised here)
+            writing = [encoder.submit(write_video, os.path.join(out_dir, row["syn_video"]), frames, fps=settings["fps"])
+                       for row, frames in zip(batch, videos)]
+        for done in writing:
+            done.result()
 
 
 def main(args):
@@ -208,10 +269,7 @@ def main(args):
     counts["truncated"] = truncated_rows(args, name, todo, lines)  # t^s past G's text encoder: named
     print0(f"{plural(len(todo), 'row')} to render with {args.pipeline} ({name}, {settings}); {summary(counts)}")
     # settings-checked resume: the videos on disk were made from this input with these settings
-    resume = os.path.join(args.out_dir, "resume.json")
-    record = {"input_csv": file_hash(args.input_csv), "split": args.split, "misalignment": sorted(args.misalignment),
-              "seed": args.seed, "pipeline": args.pipeline, "pipeline_kwargs": args.pipeline_kwargs,
-              "dtype": args.dtype, **settings}
+    resume, record = os.path.join(args.out_dir, "resume.json"), resume_record(args, settings)
 
     # ---- §4: V^s = G(t^s, noise) for this rank's rows, skipping those already on disk ----
     # Each rank takes every world_size-th row of the same list; names and seeds come from the rows,
@@ -226,7 +284,7 @@ def main(args):
     check_resume(resume, record, dist)  # written once G has loaded: a frame count it refused leaves no record
     if mine:
         start = time.time()
-        render(mine, pipe, settings, args.out_dir)
+        render(mine, pipe, settings, args.out_dir, args.prompts_per_call)
         seconds = time.time() - start
         print0(f"rank 0: {plural(len(mine), 'video')} in {seconds:.1f} s ({seconds / len(mine):.2f} s per video)")
     if not dist.master:  # the other ranks are done: rank 0 alone writes the outputs
@@ -262,6 +320,60 @@ def check_flags(args):
         json.loads(args.pipeline_kwargs or "{}")
     except json.JSONDecodeError as e:
         raise UserError(f"--pipeline_kwargs {args.pipeline_kwargs!r}: not JSON ({e})") from None
+    if args.prompts_per_call < 1:
+        raise UserError(f"--prompts_per_call {args.prompts_per_call}: give 1 or more rows a call")
+    if args.prompts_per_call > 1 and args.cache == "first_block":  # its skip test reads the whole batch
+        raise UserError("--cache first_block decides from all the rows of a call: use --prompts_per_call 1")
+    cache_config(args, args.num_inference_steps or 50, lambda: 0)  # its JSON, keys and values, checked here
+    if python_class(args.pipeline) and (args.cache != "none" or args.compile or args.prompts_per_call > 1):
+        raise UserError(f"--pipeline {args.pipeline} renders one prompt a call, without a transformer: "
+                        f"no --cache, --compile or --prompts_per_call")
+
+
+def cache_config(args, steps, timestep):
+    """--cache and --cache_kwargs -> (the diffusers config that pipe.transformer.enable_cache takes, or
+    None for none; its settings as resume.json records them). steps: num_inference_steps (MagCache
+    spreads its ratios over them); timestep: the pipeline's current t (PAB and FasterCache read it)."""
+    import dataclasses
+    import diffusers
+    if args.cache == "none":
+        return None, {}
+    class_name, ours = CACHES[args.cache]
+    cls = getattr(diffusers, class_name)
+    try:
+        given = json.loads(args.cache_kwargs or "{}")
+    except json.JSONDecodeError as e:
+        raise UserError(f"--cache_kwargs {args.cache_kwargs!r}: not JSON ({e})") from None
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - set(fields) | set(given) & SET_HERE) if isinstance(given, dict) else None
+    if unknown or unknown is None:  # a misspelt key would be silently ignored by nothing: refused
+        raise UserError(f"--cache_kwargs {args.cache_kwargs!r}: {class_name} takes a JSON object of "
+                        f"{sorted(set(fields) - SET_HERE)}" + (f", not {unknown}" if unknown else ""))
+    settings = {**ours, **given}  # recorded as given: JSON lists and dtype names
+    try:
+        kwargs = {k: tuple(v) if isinstance(fields[k], tuple) and isinstance(v, list)  # (low, high) ranges
+                  else getattr(torch, v) if isinstance(fields[k], torch.dtype) else v for k, v in settings.items()}
+        kwargs.update({k: v for k, v in dict(current_timestep_callback=timestep, num_inference_steps=steps).items()
+                       if k in fields})
+        return cls(**kwargs), settings
+    except (TypeError, ValueError, AttributeError) as e:  # e.g. MagCache without mag_ratios: its first line
+        raise UserError(f"--cache {args.cache} --cache_kwargs {args.cache_kwargs!r}: {str(e).strip().splitlines()[0]}") from None
+
+
+def resume_record(args, settings):
+    """What the videos of out_dir are made of (common.check_resume): the input, the rows, G and every
+    setting that moves a pixel. The options of issue 27 enter only when set, so that a folder made
+    before them still resumes; --cpu_offload and --vae_slicing move no pixel and are left out."""
+    record = {"input_csv": file_hash(args.input_csv), "split": args.split, "misalignment": sorted(args.misalignment),
+              "seed": args.seed, "pipeline": args.pipeline, "pipeline_kwargs": args.pipeline_kwargs,
+              "dtype": args.dtype, **settings}
+    if args.cache != "none":  # the cache and all its settings, ours and --cache_kwargs'
+        record.update(cache=args.cache, cache_settings=cache_config(args, settings["num_inference_steps"], None)[1])
+    # a compiled transformer, tiled decoding and a batch's kernels may each round floats otherwise
+    record.update({k: getattr(args, k) for k in ("compile", "vae_tiling") if getattr(args, k)})
+    if args.prompts_per_call > 1:
+        record["prompts_per_call"] = args.prompts_per_call
+    return record
 
 
 def select_rows(rows, args):

@@ -220,9 +220,9 @@ def test_sharding_and_seeds_do_not_depend_on_the_number_of_ranks(tmp_path, tiny_
     path = write_rows(tmp_path / "in.csv", GOOD)
     rendered = []
 
-    def paint_seed(pipe, prompt, seed, settings):
-        rendered.append(prompt)
-        return np.full((9, 32, 64, 3), seed % 251, dtype=np.uint8)
+    def paint_seed(pipe, prompts, seeds, settings):
+        rendered.extend(prompts)
+        return [np.full((9, 32, 64, 3), seed % 251, dtype=np.uint8) for seed in seeds]
     monkeypatch.setattr(gen, "generate", paint_seed)
     run(args_for(path, tmp_path / "one", tiny_pipe))
     assert rendered == [r[2] for r in GOOD]
@@ -300,13 +300,13 @@ def test_wan_keeps_its_vae_in_float32_and_renders(tmp_path):
     settings = gen.resolve_settings(args)[1]
     pipe = gen.load_generator(args, common.setup_distributed(), settings)
     assert (pipe.vae.dtype, pipe.transformer.dtype, pipe.text_encoder.dtype) == (torch.float32,) + (torch.bfloat16,) * 2
-    assert gen.generate(pipe, "A dog runs to the left.", 0, settings).shape == (9, 32, 32, 3)
+    assert gen.generate(pipe, ["A dog runs to the left."], [0], settings)[0].shape == (9, 32, 32, 3)
 
 
 # ---- issue 26: cells that mean the same, captions G cannot read whole, counts that say what happened ----
 def paint(monkeypatch):
     """G replaced by a stand-in that paints a constant video (the tests below are about rows, not frames)."""
-    monkeypatch.setattr(gen, "generate", lambda pipe, prompt, seed, settings: np.full((9, 32, 64, 3), 9, np.uint8))
+    monkeypatch.setattr(gen, "generate", lambda pipe, prompts, seeds, settings: [np.full((9, 32, 64, 3), 9, np.uint8)] * len(prompts))
 
 
 def test_split_cells_are_read_without_case_or_spaces_and_the_others_counted(tmp_path, tiny_pipe, monkeypatch):
@@ -353,3 +353,94 @@ def test_a_users_mistake_is_one_line_and_writes_nothing(argv, needles, tmp_path)
     done = run_cli("01_generate.py", "--input_csv", path, "--out_dir", tmp_path / "out", *pipeline, *argv)
     assert_user_error(done, *needles)
     assert not (tmp_path / "out").exists()
+
+
+# ---- issue 27: caches, batching and the memory options of 01 ----
+CACHED = dict(num_inference_steps=6, cache="taylorseer")  # full steps 0-2 and 4, forecast steps 3 and 5
+
+
+def mp4_bytes(out_dir):
+    """{syn_video: the mp4's bytes} of a finished run."""
+    return {r["syn_video"]: open(os.path.join(out_dir, r["syn_video"]), "rb").read() for r in read_out(out_dir)}
+
+
+def test_a_cached_run_is_recorded_reproducible_and_resumes_to_the_same_bytes(tmp_path, tiny_pipe):
+    """--cache and its settings are in resume.json and a rerun with another cache (or other settings
+    of it) is refused; a cached run gives the same bytes twice, and a resumed one too: a row rendered
+    first after the resume was rendered after another row before, so no cache state crosses rows."""
+    path = write_rows(tmp_path / "in.csv", GOOD[:3])
+    run(args_for(path, tmp_path / "a", tiny_pipe, **CACHED))
+    record = json.loads((tmp_path / "a" / "resume.json").read_text())
+    assert record["cache"] == "taylorseer" and record["cache_settings"]["cache_interval"] == 5
+    with pytest.raises(common.UserError, match=r"cache: 'taylorseer' then, 'pab' now"):
+        run(args_for(path, tmp_path / "a", tiny_pipe, **dict(CACHED, cache="pab")))
+    run(args_for(path, tmp_path / "none", tiny_pipe, num_inference_steps=6))  # the same, without a cache
+    with pytest.raises(common.UserError, match=r"cache: None then, 'taylorseer' now"):
+        run(args_for(path, tmp_path / "none", tiny_pipe, **CACHED))
+    with pytest.raises(common.UserError, match=r"cache_settings: .*'cache_interval': 5.* then, .*'cache_interval': 2"):
+        run(args_for(path, tmp_path / "a", tiny_pipe, cache_kwargs='{"cache_interval": 2}', **CACHED))
+    first = mp4_bytes(tmp_path / "a")
+    assert first != mp4_bytes(tmp_path / "none")  # the cache moved the pixels (steps 3 and 5 forecast)
+    run(args_for(path, tmp_path / "b", tiny_pipe, **CACHED))
+    assert mp4_bytes(tmp_path / "b") == first  # same seed, same video
+    os.remove(os.path.join(tmp_path / "b", read_out(tmp_path / "b")[1]["syn_video"]))  # as a kill would leave it
+    assert "rank 0: 1 of its 3 rows to render, 2 on disk already" in run(args_for(path, tmp_path / "b", tiny_pipe, **CACHED))
+    assert mp4_bytes(tmp_path / "b") == first
+
+
+@pytest.mark.parametrize("cache", ["none", "taylorseer"])
+def test_prompts_per_call_does_not_change_a_rows_video(tmp_path, tiny_pipe, cache):
+    """2 prompts a call (rows 1-2, then row 3 alone) give each row the bytes of 1 prompt a call: one
+    torch.Generator per prompt, seeded with the row's seed. Recorded all the same (a GPU's batched
+    kernels may round otherwise), so a rerun with another batching is refused."""
+    path = write_rows(tmp_path / "in.csv", GOOD[:3])
+    run(args_for(path, tmp_path / "one", tiny_pipe, **dict(CACHED, cache=cache)))
+    run(args_for(path, tmp_path / "two", tiny_pipe, prompts_per_call=2, **dict(CACHED, cache=cache)))
+    assert mp4_bytes(tmp_path / "two") == mp4_bytes(tmp_path / "one")
+    with pytest.raises(common.UserError, match=r"prompts_per_call: 2 then, None now"):
+        run(args_for(path, tmp_path / "two", tiny_pipe, **dict(CACHED, cache=cache)))
+
+
+def test_cache_kwargs_become_the_diffusers_config():
+    """Lists become the tuples the config wants, dtype names torch dtypes; the step count and the
+    timestep come from 01, not from --cache_kwargs."""
+    args = gen.Args(cache="pab", cache_kwargs='{"spatial_attention_timestep_skip_range": [50, 900]}')
+    config, settings = gen.cache_config(args, 50, lambda: 7)
+    assert config.spatial_attention_timestep_skip_range == (50, 900) and config.current_timestep_callback() == 7
+    assert settings == {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": [50, 900]}
+    config, _ = gen.cache_config(gen.Args(cache="taylorseer", cache_kwargs='{"taylor_factors_dtype": "float32"}'), 50, None)
+    assert config.taylor_factors_dtype == torch.float32
+    config, _ = gen.cache_config(gen.Args(cache="magcache", cache_kwargs='{"mag_ratios": [1.0, 0.9]}'), 4, None)
+    assert config.num_inference_steps == 4 and len(config.mag_ratios) == 4  # spread over the 4 steps
+    assert gen.cache_config(gen.Args(), 50, None) == (None, {})
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--cache", "taylorseer", "--cache_kwargs", "{interval: 4}"], ["--cache_kwargs '{interval: 4}': not JSON"]),
+    (["--cache", "taylorseer", "--cache_kwargs", '{"interval": 4}'], ["TaylorSeerCacheConfig takes", "not ['interval']"]),
+    (["--cache", "pab", "--cache_kwargs", "[2]"], ["PyramidAttentionBroadcastConfig takes a JSON object of"]),
+    (["--cache", "magcache", "--cache_kwargs", '{"num_inference_steps": 9}'], ["not ['num_inference_steps']"]),
+    (["--cache", "magcache"], ["--cache magcache --cache_kwargs '': ", "mag_ratios"]),
+    (["--cache", "first_block", "--prompts_per_call", "2"], ["--cache first_block decides from all the rows"]),
+    (["--prompts_per_call", "0"], ["--prompts_per_call 0"]),
+    (["--prompts_per_call", "2"], ["toyworld.generator:ToyGenerator renders one prompt a call"]),
+])
+def test_a_bad_cache_or_batch_flag_is_one_line_before_any_work(argv, needles, tmp_path):
+    path = write_rows(tmp_path / "in.csv", GOOD[:2])
+    done = run_cli("01_generate.py", "--input_csv", path, "--out_dir", tmp_path / "out",
+                   "--pipeline", "toyworld.generator:ToyGenerator", *argv)
+    assert_user_error(done, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_misspelt_cache_name_is_refused_by_argparse(tmp_path):
+    done = run_cli("01_generate.py", "--input_csv", tmp_path / "in.csv", "--cache", "taylorsear")
+    assert done.returncode == 2 and "invalid choice: 'taylorsear'" in done.stderr
+
+
+def test_fastercache_is_refused_where_it_cannot_run(tmp_path):
+    """FasterCache splits CFG's two halves out of one batch of frames: Wan calls them apart, LTX
+    batches tokens. Refused with G's settings, before G loads."""
+    args = gen.Args(pipeline=tiny_generate.tiny_wan(str(tmp_path)), cache="fastercache")
+    with pytest.raises(common.UserError, match="--cache fastercache runs on CogVideoXPipeline only, not WanPipeline"):
+        gen.resolve_settings(args)

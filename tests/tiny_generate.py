@@ -30,8 +30,9 @@ def t5_tokenizer(vocab_size=300):
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def tiny_cogvideox(path, seed=0):
-    """Build the tiny CogVideoX pipeline and save it (model_index.json + one folder per part)."""
+def tiny_cogvideox(path, seed=0, num_layers=1):
+    """Build the tiny CogVideoX pipeline and save it (model_index.json + one folder per part).
+    num_layers: transformer blocks (a cache that skips blocks after the first needs 2 or more)."""
     from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
                            CogVideoXTransformer3DModel)
     from transformers import T5Config, T5EncoderModel
@@ -41,7 +42,7 @@ def tiny_cogvideox(path, seed=0):
                                            num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=32, num_layers=1, sample_width=8, sample_height=4, sample_frames=9, patch_size=2,
+        text_embed_dim=32, num_layers=num_layers, sample_width=8, sample_height=4, sample_frames=9, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True)
     vae = AutoencoderKLCogVideoX(
         in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
@@ -53,7 +54,7 @@ def tiny_cogvideox(path, seed=0):
     return path
 
 
-def tiny_ltx(path, seed=0):
+def tiny_ltx(path, seed=0, num_layers=1):
     """A tiny LTX-Video pipeline (LTXPipeline; its VAE compresses 8x in time, 32x in space), saved."""
     from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline,
                            LTXVideoTransformer3DModel)
@@ -65,13 +66,13 @@ def tiny_ltx(path, seed=0):
     vae = AutoencoderKLLTXVideo(latent_channels=4, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
                                 layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5)
     transformer = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-                                             cross_attention_dim=16, num_layers=1, caption_channels=32)
+                                             cross_attention_dim=16, num_layers=num_layers, caption_channels=32)
     LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder.eval(),
                 tokenizer=tokenizer, transformer=transformer.eval()).save_pretrained(path)
     return path
 
 
-def tiny_wan(path, seed=0):
+def tiny_wan(path, seed=0, num_layers=1):
     """A tiny Wan 2.1 text-to-video pipeline (WanPipeline: UMT5 encoder, AutoencoderKLWan), saved."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -82,7 +83,8 @@ def tiny_wan(path, seed=0):
     vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * 4,
                            latents_std=[1.0] * 4)
     transformer = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                        text_dim=32, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+                                        text_dim=32, freq_dim=16, ffn_dim=32, num_layers=num_layers,
+                                        rope_max_seq_len=32)
     WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
                 scheduler=FlowMatchEulerDiscreteScheduler(), transformer=transformer.eval()).save_pretrained(path)
     return path
