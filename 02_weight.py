@@ -11,17 +11,19 @@ Reads   <dir>/generated.csv        01_generate.py's: input columns + syn_video (
 Writes  <dir>/weighted.csv         the same + vqascore_{target,real}_<member>, score_syn_target = fbar(V^s,t^s),
                                    score_syn_real = fbar(V^s,t^r), weight (all empty if V^s could not be scored)
         <dir>/weighted_fig2.png    Fig. 2 (--fig2_only: over several runs' weighted.csv); <dir>/weighted.json
+        <dir>/weighted_gallery.html  V^s beside V^r, captions, fbar and phi, per type (opens from disk)
         <dir>/weighted_skipped.csv the rows kept without a weight or left out as bad: line, why (if any)
         <dir>/weighted_cache/      per-frame scores per member and rank: a killed or repeated run resumes
 
-Launch (one GPU holds one model at a time; more GPUs split the videos):
-    python 02_weight.py --generated_csv out/generated.csv
+Launch (one GPU holds one model at a time; more GPUs split the videos; a CPU-sized run: README):
+    python 02_weight.py --generated_csv out/generated.csv --video_root data/videos
     torchrun --standalone --nproc_per_node 4 02_weight.py --generated_csv out/generated.csv
-A CPU-sized run (tiny random members, built offline): README, "A CPU-sized chain".
 """
 import contextlib
 import gc
 import glob
+import html
+import io
 import json
 import os
 import re
@@ -35,8 +37,8 @@ import torch
 
 from tqdm import tqdm
 
-from common import (WEIGHTINGS, UserError, answer_token_ids, atomic_path, check_resume, file_hash, keep_split,
-                    load_video_llm, max_positions, naming_write_errors, print0, progress, read_csv, read_video,
+from common import (WEIGHTINGS, UserError, answer_token_ids, atomic_path, check_resume, file_hash, hidden_word_spans,
+                    keep_split, load_video_llm, max_positions, naming_write_errors, print0, progress, read_csv, read_video,
                     resolve_model, run_stage, save_json, setup_distributed, shard, wait_for_files, write_csv)
 
 VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # VQAScore's question
@@ -89,6 +91,12 @@ class Args:
     captions share its encoding, so they always go together (1 acts as 2: one frame a call)"""
     strict: bool = False
     """stop at the first row that cannot be scored, instead of keeping it without a weight and counting it"""
+    video_root: str = ""
+    """where the real videos V^r are (the CSV's videopath below it): only the gallery reads them"""
+    gallery: bool = True
+    """write <out stem>_gallery.html: per misalignment type, the V^s with the highest, middle and lowest phi"""
+    gallery_per_type: int = 3
+    """the gallery's V^s per type and section (highest phi, middle, lowest phi)"""
     fig2_only: list = field(default_factory=list)
     """Fig. 2 alone, no model loaded: the weighted.csv of several runs (e.g. one per generator: the paper's
     Fig. 2 pools three), each row with its own run's scores; needs --out_csv, writes <its stem>_fig2.png, .json"""
@@ -331,7 +339,6 @@ def score_video(model, processor, frames, t_s, t_r, pairs_per_forward=8, vqascor
     """Per-frame VQAScores of (V^s, t^s) and (V^s, t^r): T frames x 2 captions = 2T pairs, by default
     one call, each frame encoded once for both captions (frame_scores; pairs_per_forward // 2 frames a
     call, at least one). frames: uint8 (T, H, W, 3). Returns two lists of T floats."""
-    T = len(frames)  # --num_frames, 4 in the paper
     # a caption past the member's context is not scored (its scores would be silently wrong): the row is
     # kept without a weight, named and counted, like an undecodable V^s
     if overflow := past_context(model, processor, frames[0], {"neg_caption": t_s, "caption": t_r}, vqascore):
@@ -497,6 +504,7 @@ def report_fig2(args, scored, stem, counts):
     if scored:
         plot_fig2(scored, stem + "_fig2.png")
     save_json(stem + ".json", {"args": vars(args), "fig2": table, **counts})
+    return table
 
 
 # ---- §4 Fig. 2 over several runs: the paper's is the mean over its three generators --------------
@@ -585,8 +593,10 @@ def main(args):
     bad = write_weighted(out_csv, stem, rows, names, weighted, skipped)
 
     # ---- §4 Fig. 2 and its table of means, over the rows with scores ----
-    report_fig2(args, [r for r in weighted if "weight" in r], stem,
-                {"weighted": len(weighted) - len(skipped), "kept_without_weight": len(skipped), "bad_rows_skipped": bad})
+    table = report_fig2(args, [r for r in weighted if "weight" in r], stem, {
+        "weighted": len(weighted) - len(skipped), "kept_without_weight": len(skipped), "bad_rows_skipped": bad})
+    if args.gallery:  # Fig. 2 to look at: each V^s beside V^r, its captions, fbar and phi
+        write_gallery(args, out_csv, names, root, table)
     return out_csv
 
 
@@ -811,6 +821,120 @@ def all_ranks_finished(cache, dist):
     # not a barrier: a collective would time out while a slow rank still scores its last videos
     wait_for_files(os.path.join(cache, f"finished.rank{r}") for r in range(dist.world_size))
     return True
+
+
+
+# ===== Plumbing, the gallery: Fig. 2 as a page to look at. A first reader may skip it. =====================
+# ---- §4 Fig. 2, to look at: each V^s beside V^r, their captions, fbar and phi, in one HTML page -----
+# Fig. 2 says that flip and hallucination negatives give videos that show t^r better than t^s, and
+# Eq. 4 should weigh those near 0: the gallery lets a reader see it, video by video. One file, the
+# frames inline (base64 JPEG thumbnails), no script and no request: it opens from disk anywhere.
+GALLERY_HEIGHT = 72  # px: a frame's height on the page
+GALLERY_CSS = """body{font:13px sans-serif;margin:16px;color:#222;background:#fff}h2{margin:20px 0 6px}
+table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:1px 6px;text-align:right}
+.type{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:8px}
+.entry{display:flex;gap:10px;border:1px solid #ccc;padding:6px}.entry p{margin:4px 0}
+.frames{white-space:nowrap;margin-bottom:3px}.frames img{height:72px;margin-right:2px;image-rendering:pixelated}
+.tag{display:inline-block;width:28px;font-weight:bold;vertical-align:top}.where{color:#666}
+mark{background:#fde68a}.missing{display:inline-block;padding:6px;border:1px dashed #888;color:#555;max-width:300px}"""
+
+
+def gallery_picks(rows, per_type):
+    """The rows the gallery shows, {type: [(section, line, row)]}: per misalignment type, the `per_type`
+    with the highest phi, `per_type` from the middle and the `per_type` with the lowest, each row
+    once, by phi (rows without a weight are not shown: weighted_skipped.csv lists them)."""
+    by_type = {}
+    for line, r in zip(rows.lines, rows):
+        if r["weight"].strip():
+            by_type.setdefault(r["misalignment"] or "(none)", []).append((line, r))
+    picks = {}
+    for kind, group in sorted(by_type.items()):
+        group.sort(key=lambda x: -float(x[1]["weight"]))  # phi, highest first
+        mid = max(0, (len(group) - per_type) // 2)
+        sections = {"highest phi": range(per_type), "middle": range(mid, mid + per_type),
+                    "lowest phi": range(len(group) - per_type, len(group))}
+        shown = {}  # index -> its section: a row in two sections (a small type) is shown once
+        for section, indices in sections.items():
+            for i in indices:
+                if 0 <= i < len(group):
+                    shown.setdefault(i, section)
+        picks[kind] = [(shown[i], *group[i]) for i in sorted(shown)]
+    return picks
+
+
+def thumbnails(path, num_frames):
+    """<img> tags of the num_frames frames 02 scores (uniform sampling), or a named placeholder if the
+    video cannot be read: the page never breaks on a bad video."""
+    import base64
+    from PIL import Image
+    try:
+        frames = read_video(path, num_frames)  # (T, H, W, 3) uint8, the frames the VQA members saw
+    except (OSError, ValueError) as e:
+        return f'<span class="missing">{html.escape(str(e))}</span>'
+    tags = []
+    for frame in frames:
+        image = Image.fromarray(frame)
+        image.thumbnail((4 * GALLERY_HEIGHT, GALLERY_HEIGHT))  # at most 72 px high (CSS scales a toy frame up)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        data = base64.b64encode(buffer.getvalue()).decode()
+        tags.append(f'<img src="data:image/jpeg;base64,{data}" alt="frame">')
+    return "".join(tags)
+
+
+def marked(caption, other):
+    """The caption, HTML-escaped, its words outside LCS(t^r, t^s) marked: what t' hides (footnote 2)."""
+    out, last = [], 0
+    for start, end in hidden_word_spans(caption, other):
+        out += [html.escape(caption[last:start]), f"<mark>{html.escape(caption[start:end])}</mark>"]
+        last = end
+    return "".join(out + [html.escape(caption[last:])])
+
+
+def gallery_entry(args, names, root, csv_name, section, line, r):
+    """One V^s: V^r's and V^s's frames, t^r and t^s with their differing words marked, each member's
+    fbar on both captions, fbar(V^s,t^s) - fbar(V^s,t^r), phi and the CSV line."""
+    real = (thumbnails(os.path.join(args.video_root, r["videopath"]), args.num_frames) if args.video_root
+            else '<span class="missing">V^r not shown: pass --video_root</span>')
+    syn = thumbnails(os.path.join(root, r["syn_video"]), args.num_frames)  # syn_video: relative to the CSV
+    cells = "".join(f"<tr><th>{html.escape(n)}</th><td>{float(r[f'vqascore_target_{n}']):.3f}</td>"
+                    f"<td>{float(r[f'vqascore_real_{n}']):.3f}</td></tr>" for n in names)
+    diff = float(r["score_syn_target"]) - float(r["score_syn_real"])
+    return (f'<div class="entry"><div><div class="frames"><span class="tag">V<sup>r</sup></span>{real}</div>'
+            f'<div class="frames"><span class="tag">V<sup>s</sup></span>{syn}</div>'
+            f'<p class="where">{section} · {html.escape(csv_name)}:{line}</p></div><div>'
+            f'<p><b>t<sup>r</sup></b> {marked(r["caption"], r["neg_caption"])}<br>'
+            f'<b>t<sup>s</sup></b> {marked(r["neg_caption"], r["caption"])}</p>'
+            f"<table><tr><th></th><th>f&#772;(V<sup>s</sup>,t<sup>s</sup>)</th><th>f&#772;(V<sup>s</sup>,t<sup>r</sup>)"
+            f"</th></tr>{cells}<tr><th>mean</th><td>{float(r['score_syn_target']):.3f}</td>"
+            f"<td>{float(r['score_syn_real']):.3f}</td></tr></table>"
+            f"<p>difference {diff:+.3f} · &phi; ({html.escape(args.weighting)}) = <b>{float(r['weight']):.3f}</b></p>"
+            f"</div></div>")
+
+
+def write_gallery(args, out_csv, names, root, table):
+    """<stem>_gallery.html: per misalignment type the V^s with the highest, middle and lowest phi
+    (gallery_picks), each as gallery_entry draws it; a header with the run's settings and Fig. 2's
+    per-type means (`table`: fig2_table) beside the paper's. Reads weighted.csv, the file it shows."""
+    rows = read_csv(out_csv)
+    settings = {k: getattr(args, k) for k in ("generated_csv", "models", "vqascore", "weighting", "num_frames", "split")}
+    head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
+    fig2 = "".join(f"<tr><th>{html.escape(k)}</th><td>{s['n']}</td><td>{s['mean']:+.3f}</td>"
+                   f"<td>{'' if PAPER_FIG2_MEANS.get(k) is None else f'{PAPER_FIG2_MEANS[k]:+.2f}'}</td></tr>"
+                   for k, s in table.items())
+    body = [f"<h1>{html.escape(out_csv)}</h1><table>{head}</table><h2>Fig. 2: f&#772;(V<sup>s</sup>,t<sup>s</sup>) - "
+            f"f&#772;(V<sup>s</sup>,t<sup>r</sup>), the mean per type"
+            f"</h2><table><tr><th>type</th><th>n</th><th>mean</th><th>paper</th></tr>{fig2}</table>"]
+    for kind, picks in gallery_picks(rows, args.gallery_per_type).items():
+        body.append(f'<h2>{html.escape(kind)}</h2><div class="type">')
+        body += [gallery_entry(args, names, root, os.path.basename(out_csv), *p) for p in picks] + ["</div>"]
+    page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(out_csv)}</title>'
+            f"<style>{GALLERY_CSS}</style></head><body>{''.join(body)}</body></html>")
+    path = os.path.splitext(out_csv)[0] + "_gallery.html"
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    print0(f"wrote {path}: open it in a browser (no server, no network)")
+    return path
 
 
 if __name__ == "__main__":
