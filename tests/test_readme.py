@@ -60,3 +60,13 @@ def test_the_cpu_sized_chain_runs_as_printed(tmp_path):
     assert (tiny / "gen" / "weighted.csv").exists() and (tiny / "train" / "adapter" / "adapter_config.json").exists()
     results = json.load(open(tiny / "eval" / "results.json"))["results"]["videocon_llm"]
     assert results["pairs_scored"] == 8  # the 4 test rows, each with its positive and its negative
+    # 02's gallery of the tiny run: every V^r and V^s shown (4 frames each), and drawn by a browser
+    page = open(tiny / "gen" / "weighted_gallery.html", encoding="utf-8").read()
+    entries = page.count('<div class="entry">')  # up to 3 x 3 a type, of the 12 weighted rows
+    assert 0 < entries <= 12 and page.count("data:image/jpeg") == entries * 2 * 4
+    assert "missing" not in page.split("</style>")[1]  # no placeholder: every video was read
+    import test_gallery
+    if test_gallery.CHROMIUM:
+        shot, loaded, requested = test_gallery.render(str(tiny / "gen" / "weighted_gallery.html"), str(tmp_path / "g.png"))
+        assert loaded == [f"file://{tiny / 'gen' / 'weighted_gallery.html'}"] and not requested
+        assert (shot.astype(int).max(axis=2) - shot.min(axis=2) > 120).sum() > 1000  # the squares' colours

@@ -277,7 +277,8 @@ def generate_and_weigh(args, workers, seed, models):
         vqa = [os.path.join(models, f"vqa_{i}") for i in range(3)]
         workers.run(f"seed {seed}: 02_weight.py", "02_weight.py",
                     ["--generated_csv", os.path.join(gen, "generated.csv"), "--models", *vqa, "--num_frames", 4,
-                     "--weighting", "difference", "--pairs_per_forward", 8], os.path.join(gen, "02_weight.log"))
+                     "--weighting", "difference", "--pairs_per_forward", 8, "--video_root", root],  # V^r in the gallery
+                    os.path.join(gen, "02_weight.log"))
 
 
 def slug(method):
@@ -415,6 +416,9 @@ def main(args):
               f"{wall:.0f} s wall on {os.cpu_count()} CPU cores, {workers.done} of {steps} steps done by it, the rest reused)")
     differences, per_seed_differences = report.paired_table(comparisons(methods), per_seed)
     table = report.tables(methods, per_seed, fig2s, differences)
+    # one gallery to look at (02 writes one per seed): the failed V^s of each type and their weights
+    gallery = os.path.join(args.out_dir, f"seed{args.seeds[0]}", "generate", "weighted_gallery.html")
+    table += f"\n\nSeed {args.seeds[0]}'s synthetic videos beside the real ones, with fbar and phi: {gallery}"
     print("\n" + header + "\n\n" + table, flush=True)
     with open(os.path.join(args.out_dir, "table.md"), "w", encoding="utf-8") as fh:
         fh.write(header + "\n\n" + table + "\n")
