@@ -591,7 +591,10 @@ def shared_prefix_attention(module, query, key, value, attention_mask, suffix_wi
     # the prefix: plain causal attention over itself (no mask tensor: sdpa's fast causal kernel)
     out = [sdpa(module, query[:, :, :P], key[:, :, :P], value[:, :, :P], None, is_causal=True, **kwargs)[0]]
     for a, b, lo, mask in suffix_windows:
-        k, v = (torch.cat([x[:, :, :P], x[:, :, lo:b]], dim=2) for x in (key, value))  # (batch, heads, keys, dim)
+        # the window's keys: the prefix, then columns [lo, b) (batch, heads, keys, dim); where the window's
+        # first suffix starts right after the prefix (lo == P: the first window, in 03 usually the only
+        # one) they are columns [0, b), a view: no copy of the keys and values, nor of their gradients
+        k, v = (x[:, :, :b] if lo == P else torch.cat([x[:, :, :P], x[:, :, lo:b]], dim=2) for x in (key, value))
         out.append(sdpa(module, query[:, :, a:b], k, v, mask, **kwargs)[0])
     return torch.cat(out, dim=1), None  # (batch, length, heads, head_dim)
 

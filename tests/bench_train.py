@@ -10,16 +10,20 @@ Eq. (7) (03_train.objective) and backward, with activation checkpointing.
     python tests/bench_train.py --model DIR --micro_batch_size 4 --repeats 5
 
 Each variant runs twice, each time in a fresh subprocess: time, the median of --repeats steps after a
-first (warm-up) one; peak memory, the most over those steps of what a step needed above what was in
-use before it: on GPU torch.cuda.max_memory_allocated minus memory_allocated; on CPU the peak resident
-set VmHWM (reset by writing 5 to /proc/self/clear_refs before the step) minus the resident set VmRSS
-(after gc and malloc_trim), in a run with glibc's mmap threshold fixed at 128 KiB
-(MALLOC_MMAP_THRESHOLD_; both variants alike). Otherwise glibc raises the threshold after the first
-large free, freed MiB-sized tensors stay in the heap, counted as resident, and VmHWM measures the
-allocator's history more than live tensors. (The fixed threshold makes steps slower: mmap and page
-faults for every large tensor; hence two runs.)
+first (warm-up) one, as wall time and as the process's CPU time (user + system): the two variants run
+one after the other, so on a shared machine other processes' load changes the wall time of one and
+not the other (4.0-7.3x over 9 runs at load 1-8 on 2026-12-06), while the CPU time moves much less;
+the header gives the CPU, ATen's vector kernels (ATEN_CPU_CAPABILITY) and the load average. Peak
+memory: the most over those steps of what a step needed above what was in use before it: on GPU
+torch.cuda.max_memory_allocated minus memory_allocated; on CPU the peak resident set VmHWM
+(reset by writing 5 to /proc/self/clear_refs before the step) minus the resident set VmRSS (after gc
+and malloc_trim), in a run with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_; both
+variants alike). Otherwise glibc raises the threshold after the first large free, freed MiB-sized
+tensors stay in the heap, counted as resident, and VmHWM measures the allocator's history more than
+live tensors. (The fixed threshold makes steps slower: mmap and page faults for every large tensor;
+hence two runs.)
 The losses must agree to 1e-5 and the LoRA gradients to 1e-5 (no LoRA dropout here, so both see the
-same function). The last line: `ratios per-sequence / ours: time <X>x, peak memory <Y>x`.
+same function). The last line: `ratios per-sequence / ours: time <X>x (CPU time <Z>x), peak memory <Y>x`.
 """
 import argparse
 import gc
@@ -89,6 +93,15 @@ def status_kb(field):
         return int(re.search(rf"{field}:\s+(\d+) kB", fh.read()).group(1)) * 1024
 
 
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), for comparing runs across machines."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return re.search(r"model name\s*:\s*(.*)", fh.read()).group(1).strip()
+    except (OSError, AttributeError):  # not Linux, or no model name (some ARM kernels)
+        return "CPU model unknown"
+
+
 def child(opts):
     """Run one variant; print a JSON line, save the LoRA gradients for the parent to compare."""
     import ctypes
@@ -107,7 +120,7 @@ def child(opts):
     first = time.perf_counter() - t0
     grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
     torch.save(grads, opts.grads)
-    times, peak = [], 0
+    times, cpu, peak = [], [], 0
     for _ in range(opts.repeats):
         model.zero_grad(set_to_none=True)
         gc.collect()
@@ -120,21 +133,22 @@ def child(opts):
             base = status_kb("VmRSS")
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")  # reset the peak resident set (VmHWM) to the current one (Linux >= 4.0)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(opts.variant, model, processor, rows, args)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)  # this process's CPU time: what other processes' load moves least
         peak = max(peak, torch.cuda.max_memory_allocated() - base if device == "cuda" else status_kb("VmHWM") - base)
     print(json.dumps(dict(variant=opts.variant, loss=loss, first_s=first, median_s=statistics.median(times),
-                          times=times, peak_bytes=peak, device=device)))
+                          times=times, cpu_s=statistics.median(cpu), peak_bytes=peak, device=device)))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="a video LLM dir or hub id (default: build the tiny one)")
     p.add_argument("--micro_batch_size", type=int, default=8, help="triplets b per micro-step (2b released rows, 6b scores)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps after the first")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps after the first")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the same for both)")
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
     p.add_argument("--csv", default="", help=argparse.SUPPRESS)
@@ -146,7 +160,7 @@ def main():
     work = tempfile.mkdtemp(prefix="bench_train_")
     model = opts.model or tiny.tiny_video_llava(os.path.join(work, "tiny-video-llava"))
     csv, video_root = tiny_train.write_toy_set(work, n=max(opts.micro_batch_size, 1))
-    res = {}
+    res, load = {}, os.getloadavg()[0]
     for variant in ("ours", "per_sequence"):
         grads = os.path.join(work, f"{variant}.pt")
         cmd = [sys.executable, __file__, "--variant", variant, "--model", model, "--csv", csv, "--video_root",
@@ -160,16 +174,18 @@ def main():
         res[variant] = {**timed, "peak_bytes": measured["peak_bytes"], "grads": torch.load(grads)}
     ours, ref = res["ours"], res["per_sequence"]
     grad_diff = max((ours["grads"][k] - ref["grads"][k]).abs().max().item() for k in ref["grads"])
-    print(f"b = {opts.micro_batch_size} triplets = {6 * opts.micro_batch_size} scores, device {ours['device']}")
+    print(f"b = {opts.micro_batch_size} triplets = {6 * opts.micro_batch_size} scores, device {ours['device']}, "
+          f"{cpu_model()}, ATen {torch.backends.cpu.get_cpu_capability()}, {opts.threads} thread(s), "
+          f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"loss: one call {ours['loss']:.8f}, per sequence {ref['loss']:.8f}, |diff| {abs(ours['loss'] - ref['loss']):.2e}")
     print(f"LoRA gradients: max |diff| {grad_diff:.2e} over {len(ref['grads'])} tensors")
     for k in ("ours", "per_sequence"):
         r = res[k]
-        print(f"{k:>13}: step {r['median_s']:.3f} s (median of {r['times']}), first {r['first_s']:.3f} s, "
-              f"peak +{r['peak_bytes'] / 2**20:.1f} MiB")
+        print(f"{k:>13}: step {r['median_s']:.3f} s (median of {[round(t, 3) for t in r['times']]}), "
+              f"CPU {r['cpu_s']:.3f} s, first {r['first_s']:.3f} s, peak +{r['peak_bytes'] / 2**20:.1f} MiB")
     assert abs(ours["loss"] - ref["loss"]) < 1e-5 and grad_diff < 1e-5, "the two ways disagree"
-    print(f"ratios per-sequence / ours: time {ref['median_s'] / ours['median_s']:.1f}x, "
-          f"peak memory {ref['peak_bytes'] / max(ours['peak_bytes'], 1):.2f}x")
+    print(f"ratios per-sequence / ours: time {ref['median_s'] / ours['median_s']:.1f}x "
+          f"(CPU time {ref['cpu_s'] / ours['cpu_s']:.1f}x), peak memory {ref['peak_bytes'] / max(ours['peak_bytes'], 1):.2f}x")
 
 
 if __name__ == "__main__":
