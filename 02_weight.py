@@ -843,13 +843,14 @@ def gallery_picks(rows, per_type):
     """The rows the gallery shows, {type: [(section, line, row)]}: per misalignment type, the `per_type`
     with the highest phi, `per_type` from the middle and the `per_type` with the lowest, each row
     once, by phi (rows without a weight are not shown: weighted_skipped.csv lists them)."""
-    by_type = {}
+    by_type = {}  # misalignment type -> [(line, row)], as Fig. 2 groups them
     for line, r in zip(rows.lines, rows):
-        if r["weight"].strip():
+        if r["weight"].strip():  # a V^s that could not be scored has no phi to show
             by_type.setdefault(r["misalignment"] or "(none)", []).append((line, r))
     picks = {}
     for kind, group in sorted(by_type.items()):
         group.sort(key=lambda x: -float(x[1]["weight"]))  # phi, highest first
+        # Fig. 2's claim in pictures: the highest phi should be faithful V^s, the lowest failed ones
         mid = max(0, (len(group) - per_type) // 2)
         sections = {"highest phi": range(per_type), "middle": range(mid, mid + per_type),
                     "lowest phi": range(len(group) - per_type, len(group))}
@@ -916,7 +917,8 @@ def write_gallery(args, out_csv, names, root, table):
     """<stem>_gallery.html: per misalignment type the V^s with the highest, middle and lowest phi
     (gallery_picks), each as gallery_entry draws it; a header with the run's settings and Fig. 2's
     per-type means (`table`: fig2_table) beside the paper's. Reads weighted.csv, the file it shows."""
-    rows = read_csv(out_csv)
+    rows = read_csv(out_csv)  # the page shows what 03 will train on, read back from the file itself
+    # the header: what made these scores, then Fig. 2's per-type means beside the paper's
     settings = {k: getattr(args, k) for k in ("generated_csv", "models", "vqascore", "weighting", "num_frames", "split")}
     head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
     fig2 = "".join(f"<tr><th>{html.escape(k)}</th><td>{s['n']}</td><td>{s['mean']:+.3f}</td>"
