@@ -63,7 +63,7 @@ PYTHON_CLASS = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # NOTE (deviation): the default --cache none is the paper's sampling: G's transformer runs in full
 # at each of the 50 steps, so V^s is exactly G(t^s, noise). A cache reuses or extrapolates the
 # outputs of earlier steps instead, so V^s moves: 2-4x less transformer work per video, at a quality
-# that only a real-size G can tell (README, "What 01 costs"; tests/bench_generate.py). A cached video
+# that only a real-size G can tell (README, "Reproduce the paper": the cost model; tests/bench_generate.py). A cached video
 # is still a function of its row alone: every cache below decides what to skip from the step index
 # (first_block: from the call's own features, hence one prompt per call), never from time or order.
 # The attention (attn1, attn2) and feed-forward (ff; Wan: ffn) layers of every block of CogVideoX,
@@ -362,8 +362,8 @@ def cache_config(args, steps, timestep):
 
 def resume_record(args, settings):
     """What the videos of out_dir are made of (common.check_resume): the input, the rows, G and every
-    setting that moves a pixel. The options of issue 27 enter only when set, so that a folder made
-    before them still resumes; --cpu_offload and --vae_slicing move no pixel and are left out."""
+    setting that moves a pixel. The cache, compile, tiling and batching options enter only when set,
+    so a folder made before them still resumes; --cpu_offload and --vae_slicing move no pixel."""
     record = {"input_csv": file_hash(args.input_csv), "split": args.split, "misalignment": sorted(args.misalignment),
               "seed": args.seed, "pipeline": args.pipeline, "pipeline_kwargs": args.pipeline_kwargs,
               "dtype": args.dtype, **settings}

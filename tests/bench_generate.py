@@ -6,7 +6,7 @@ steps at the pipeline's default guidance, and:
   calls      transformer forward calls per video (a forward hook; Wan calls cond and uncond apart)
   passes     transformer work per video in full passes: the multiply-adds of the linear layers inside
              the blocks that really ran, over those of one uncached call (a skipped layer runs none)
-  fewer      passes without cache / passes with it: the "x fewer transformer calls" of issue 27
+  fewer      passes without cache / passes with it: the "x fewer transformer calls" of a cache
   speedup    no cache's wall time per video over this one's, the median of interleaved repeats
   |dframe|   mean |difference| per pixel (0-255) from the uncached video of the same seed
 What a tiny random model cannot tell: quality. Its features do not evolve as a trained model's do,
