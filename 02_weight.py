@@ -924,7 +924,8 @@ def write_gallery(args, out_csv, names, root, table):
     fig2 = "".join(f"<tr><th>{html.escape(k)}</th><td>{s['n']}</td><td>{s['mean']:+.3f}</td>"
                    f"<td>{'' if PAPER_FIG2_MEANS.get(k) is None else f'{PAPER_FIG2_MEANS[k]:+.2f}'}</td></tr>"
                    for k, s in table.items())
-    body = [f"<h1>{html.escape(out_csv)}</h1><table>{head}</table><h2>Fig. 2: f&#772;(V<sup>s</sup>,t<sup>s</sup>) - "
+    shown = os.path.relpath(out_csv) if not os.path.relpath(out_csv).startswith("..") else out_csv  # as run
+    body = [f"<h1>{html.escape(shown)}</h1><table>{head}</table><h2>Fig. 2: f&#772;(V<sup>s</sup>,t<sup>s</sup>) - "
             f"f&#772;(V<sup>s</sup>,t<sup>r</sup>), the mean per type"
             f"</h2><table><tr><th>type</th><th>n</th><th>mean</th><th>paper</th></tr>{fig2}</table>"]
     for kind, picks in gallery_picks(rows, args.gallery_per_type).items():
