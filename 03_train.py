@@ -474,8 +474,8 @@ def prompt_positions(model, processor, items, args):
     t^s and t' (hidden words still take their positions), the answer tokens teacher-forced under
     --answer_loss vocab; an explanation's question and answer): (items,) ints. One real video, read
     once, gives the video's tokens (one count for every video of a LLaVA family; Qwen-VL's follows
-    the video's size). As common.prompt_lengths, but with each pair's question (an explanation asks
-    another one than VideoCon's entailment question)."""
+    the video's size); common.prompt_lengths counts each distinct prompt once, with its own question
+    (an explanation asks another one than VideoCon's entailment question)."""
     hf = common.unwrap(model)
     text, _ = common.entailment_prompt(processor, hf.config.model_type, "", args.prompt)
     word = dict(zip(("Yes", "No"), common.answer_token_ids(processor.tokenizer, text)))  # as micro_batch_pairs
@@ -484,11 +484,9 @@ def prompt_positions(model, processor, items, args):
     keys = [(s.caption, s.question or common.QUESTION, len(s.answer or [])) for s in specs]
     unique = list(dict.fromkeys(keys))  # each measured once (t' and the twins' pairs repeat captions)
     captions, questions, fed = zip(*unique)  # fed: only the count of answer tokens matters here
-    head, head_text, tails, _, _ = common.prompt_suffixes(processor, hf, captions, None, args.prompt, questions,
-                                                          [[0] * n for n in fed])
     video = decode(items[0]["real"], items[0], args)
-    _, _, starts, _ = common.video_prefixes(model, processor, [video], head, head_text)
-    length = {key: starts[0] + len(tail) for key, tail in zip(unique, tails)}  # the last position used + 1
+    length = dict(zip(unique, common.prompt_lengths(model, processor, video, captions, args.prompt,
+                                                    [[0] * n for n in fed], questions)))  # last position + 1
     longest = [0] * len(items)
     for s, key in zip(specs, keys):
         longest[s.item] = max(longest[s.item], length[key])

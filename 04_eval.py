@@ -298,10 +298,8 @@ def parse_cells(path, rows):
 def skip_rows(path, rows, why, skip):
     """The rows for which skip(line, row) is false; the others are named in one printed line and counted
     under `why` in rows.skipped (and so in results.json and <task>_skipped.csv)."""
-    out = [skip(line, r) for line, r in zip(rows.lines, rows)]  # True: the row is left out
-    kept = common.Rows(r for r, x in zip(rows, out) if not x)  # read_csv's Rows: lines stay beside rows
-    kept.lines, kept.skipped = [line for line, x in zip(rows.lines, out) if not x], rows.skipped
-    if lines := [line for line, x in zip(rows.lines, out) if x]:
+    kept = rows.where(lambda line, r: not skip(line, r))  # read_csv's Rows: lines stay beside rows
+    if lines := sorted(set(rows.lines) - set(kept.lines)):  # the lines left out
         common.print0(f"{path}: {len(lines)} row(s) skipped, {why}: line(s) {', '.join(map(str, lines[:20]))}"
                       + (", ..." if len(lines) > 20 else ""))
         rows.skipped[why] = rows.skipped.get(why, []) + lines  # one list: results.json and the skip file

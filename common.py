@@ -10,6 +10,7 @@ Part 3, plumbing: torchrun, seeds, printing, flags, CSV files, resume, and video
 import contextlib
 import csv
 import errno
+import functools
 import hashlib
 import io
 import logging
@@ -240,6 +241,7 @@ def prompt_tokens(processor, model_type, caption, hidden=None, prompt="llava_v1"
 
 
 # ---- the model: loaded by hub id or folder, an optional LoRA adapter on it ------------------------
+@functools.lru_cache(maxsize=None)  # one lookup per process: 01 asks for its settings, tokenizer and weights
 def resolve_model(name_or_path, flag="--model"):
     """What to load for a model flag, found in seconds or refused in one line (UserError).
 
@@ -360,12 +362,13 @@ def max_positions(model):
     return getattr(getattr(config, "text_config", config), "max_position_embeddings", None) or float("inf")
 
 
-def prompt_lengths(model, processor, video, captions, prompt="llava_v1", answers=None):
+def prompt_lengths(model, processor, video, captions, prompt="llava_v1", answers=None, questions=None):
     """The positions each caption's prompt takes with `video` (frames as the stage reads them): the
     prompt prefix with the video's tokens, then the caption, the answer cue and any teacher-forced
-    answer tokens. One encoding of `video`; compare with max_positions(model)."""
+    answer tokens (answers, questions: per caption, as answer_states takes them). One encoding of
+    `video`; compare with max_positions(model)."""
     hf = unwrap(model)
-    head, head_text, tails, _, _ = prompt_suffixes(processor, hf, captions, None, prompt, None, answers)
+    head, head_text, tails, _, _ = prompt_suffixes(processor, hf, captions, None, prompt, questions, answers)
     _, _, starts, _ = video_prefixes(model, processor, [video], head, head_text)
     return [starts[0] + len(tail) for tail in tails]  # the last position used + 1
 
@@ -746,6 +749,13 @@ class Rows(list):
     """read_csv's rows (dicts), with `lines` (each row's physical line in the file; the header is
     line 1) and `skipped` ({problem: [lines]}, the rows left out)."""
 
+    def where(self, wanted):
+        """The rows for which wanted(line, row) is true, each still beside its line; the same `skipped`."""
+        keep = [wanted(line, r) for line, r in zip(self.lines, self)]
+        kept = Rows(r for r, k in zip(self, keep) if k)
+        kept.lines, kept.skipped = [line for line, k in zip(self.lines, keep) if k], self.skipped
+        return kept
+
 
 def read_csv(path, required=(), texts=()):
     """The one reader of every stage's input CSV: rows as dicts, checked, with physical line numbers.
@@ -809,8 +819,7 @@ def keep_split(rows, split, path):
         return row.get("split", split).strip().lower() == split.strip().lower()
     if not split or all(map(wanted, rows)):
         return rows
-    kept = Rows(r for r in rows if wanted(r))
-    kept.lines, kept.skipped = [line for line, r in zip(rows.lines, rows) if wanted(r)], rows.skipped
+    kept = rows.where(lambda _, row: wanted(row))
     splits = sorted({r.get("split", "") for r in rows})
     if not kept:
         raise UserError(f"{path}: no row of --split {split!r}; its splits: {splits}")
