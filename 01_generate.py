@@ -1,4 +1,4 @@
-"""01_generate.py: §4, a synthetic video V^s = G(t^s, noise) for every negative caption t^s.
+r"""01_generate.py: §4, a synthetic video V^s = G(t^s, noise) for every negative caption t^s.
 
 Zanella et al., CVPR 2025 ("Can Text-to-Video Generation help Video-Language Alignment?"), §4:
 for each real training triplet (V^r, t^r = caption, t^s = neg_caption), a text-to-video generator
@@ -11,8 +11,9 @@ Writes  <out_dir>/videos/<video name>-<row hash>.mp4   one H.264 video per row (
         <out_dir>/generate_args.json the settings this run used (flags and the resolved generator settings)
 
 Launch (one GPU; then 8 GPUs, rows sharded over ranks, rank 0 writes the CSV):
-    python 01_generate.py --input_csv videocon_llm_entailment.csv --out_dir runs/gen
-    torchrun --standalone --nproc_per_node 8 01_generate.py --input_csv videocon_llm_entailment.csv --out_dir runs/gen
+    python 01_generate.py --input_csv data/videocon/videocon_llm_entailment.csv --out_dir runs/generate
+    torchrun --standalone --nproc_per_node 8 01_generate.py --input_csv data/videocon/videocon_llm_entailment.csv \
+        --out_dir runs/generate
 On a GPU with less than ~40 GB, add --cpu_offload --vae_tiling (only the running part of G sits
 on the GPU, and the VAE decodes in tiles). ~4x cheaper, not the paper's exact videos: --cache taylorseer.
 A CPU-sized run (a tiny random CogVideoX): README, "A CPU-sized chain"; the toy world's G: toyworld/README.md.
@@ -233,9 +234,9 @@ def generate(pipe, prompts, seeds, settings):
 
 
 # ---- §4: V^s = G(t^s, noise) for each row ----
-def render(rows, pipe, settings, out_dir, per_call=1):
-    """V^s = G(t^s, noise) for each row, per_call rows a call, written to <out_dir>/<syn_video> (common.write_video)."""
-    calls = [rows[i:i + per_call] for i in range(0, len(rows), per_call)]
+def render(calls, pipe, settings, out_dir, per_call=1):
+    """V^s = G(t^s, noise) for the rows of each call, one call of G each (--prompts_per_call rows),
+    written to <out_dir>/<syn_video> (common.write_video) where the video is not on disk yet."""
     # one thread encodes the videos of call i (x264 on one core, byte-stable: common.X264_PARAMS)
     # while G renders call i + 1; at most one call's videos wait, and a failed write stops the run
     with ThreadPoolExecutor(1) as encoder:
@@ -245,7 +246,7 @@ def render(rows, pipe, settings, out_dir, per_call=1):
             for done in writing:
                 done.result()  # the previous videos are on disk (or their error is raised here)
             writing = [encoder.submit(write_video, os.path.join(out_dir, row["syn_video"]), frames, fps=settings["fps"])
-                       for row, frames in zip(batch, videos)]
+                       for row, frames in zip(batch, videos) if not on_disk(row, out_dir)]
         for done in writing:
             done.result()
 
@@ -271,13 +272,17 @@ def main(args):
     # settings-checked resume: the videos on disk were made from this input with these settings
     resume, record = os.path.join(args.out_dir, "resume.json"), resume_record(args, settings)
 
-    # ---- §4: V^s = G(t^s, noise) for this rank's rows, skipping those already on disk ----
-    # Each rank takes every world_size-th row of the same list; names and seeds come from the rows,
-    # so a rerun with any number of GPUs finds what an earlier run finished.
-    share = shard(todo, dist)
-    mine = [row for row in share if not on_disk(row, args.out_dir)]
-    done = len(share) - len(mine)
-    print0(f"rank 0: {len(mine)} of its {plural(len(share), 'row')} to render" + (f", {done} on disk already" if done else ""))
+    # ---- §4: V^s = G(t^s, noise) for this rank's calls of G, skipping those already on disk ----
+    # The rows go to G in fixed calls of --prompts_per_call (rows 0-1, 2-3, ... of the whole list), and
+    # each rank takes every world_size-th call: a video is rendered beside the same rows (a batch's
+    # shape can change a kernel's rounding) whatever the number of GPUs, and names and seeds come from
+    # the rows, so a rerun with any number of GPUs finds what an earlier run finished.
+    calls = shard(calls_of_g(todo, args.prompts_per_call), dist)
+    share = [row for call in calls for row in call]
+    mine = [call for call in calls if not all(on_disk(row, args.out_dir) for row in call)]
+    left = sum(not on_disk(row, args.out_dir) for call in mine for row in call)
+    done = len(share) - left
+    print0(f"rank 0: {left} of its {plural(len(share), 'row')} to render" + (f", {done} on disk already" if done else ""))
     if os.path.exists(resume):  # a rerun with other settings stops here, before G loads
         check_resume(resume, record, dist)
     pipe = load_generator(args, dist, settings) if mine else None  # G only when there is something to render
@@ -286,7 +291,7 @@ def main(args):
         start = time.time()
         render(mine, pipe, settings, args.out_dir, args.prompts_per_call)
         seconds = time.time() - start
-        print0(f"rank 0: {plural(len(mine), 'video')} in {seconds:.1f} s ({seconds / len(mine):.2f} s per video)")
+        print0(f"rank 0: {plural(left, 'video')} in {seconds:.1f} s ({seconds / left:.2f} s per video)")
     if not dist.master:  # the other ranks are done: rank 0 alone writes the outputs
         return
 
@@ -475,6 +480,12 @@ def python_class(spec):
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:  # a typo in the module or the class
         raise UserError(f"--pipeline {spec}: {e}") from None
+
+
+def calls_of_g(rows, per_call):
+    """The rows in G's calls, per_call at a time, by their place in the whole list: rows 0..p-1, p..2p-1,
+    ... (the last call may be shorter). A row's companions in a call do not depend on the GPU count."""
+    return [rows[i:i + per_call] for i in range(0, len(rows), per_call)]
 
 
 def on_disk(row, out_dir):

@@ -1,4 +1,4 @@
-"""02_weight.py: the VQAScore ensemble fbar and the weight phi of every synthetic video.
+r"""02_weight.py: the VQAScore ensemble fbar and the weight phi of every synthetic video.
 
 Implements §4 (Fig. 2) and §5 Eq. (4) / Table 4 of Zanella et al., CVPR 2025: a synthetic video V^s (made from
 t^s) is weighed by how much better it shows t^s than t^r: w = phi = max(0, fbar(V^s,t^s) - fbar(V^s,t^r)), Eq. (4).
@@ -16,8 +16,8 @@ Writes  <dir>/weighted.csv         the same + vqascore_{target,real}_<member>, s
         <dir>/weighted_cache/      per-frame scores per member and rank: a killed or repeated run resumes
 
 Launch (one GPU holds one model at a time; more GPUs split the videos; a CPU-sized run: README):
-    python 02_weight.py --generated_csv out/generated.csv --video_root data/videos
-    torchrun --standalone --nproc_per_node 4 02_weight.py --generated_csv out/generated.csv
+    python 02_weight.py --generated_csv runs/generate/generated.csv --video_root data/videos
+    torchrun --standalone --nproc_per_node 4 02_weight.py --generated_csv runs/generate/generated.csv
 """
 import contextlib
 import gc
@@ -562,7 +562,7 @@ def main(args):
     dist = setup_distributed()
     # ---- the flags, the members and the input, all checked before anything is read or written ----
     names = check_flags(args)  # each member's score columns and cache folder
-    found = [find_member(m) for m in args.models]  # every member found (seconds) before any loads
+    found = find_members(args.models)  # every member found (seconds) before any loads, all missing named
     # one row per V^s (syn_video), with t^s (neg_caption) and t^r (caption)
     rows = read_csv(args.generated_csv, required=REQUIRED, texts=("caption", "neg_caption", "syn_video"))
     rows = keep_split(rows, args.split, args.generated_csv)  # never the rows 04 evaluates on
@@ -633,6 +633,20 @@ def find_member(model_id):
     own = cached_file(path, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False)
     return {"path": path, "tower": resolve_model(config["mm_vision_tower"], f"--models {model_id}: its mm_vision_tower"),
             "tokenizer": path if own else resolve_model("google/flan-t5-xxl", f"--models {model_id}: its tokenizer")}
+
+
+def find_members(models):
+    """find_member for each of --models; the members that are not there are named in ONE error, so a
+    user fixes them all at once instead of one rerun per member."""
+    found, missing = [], []
+    for model_id in models:
+        try:
+            found.append(find_member(model_id))
+        except UserError as e:
+            missing.append(str(e))
+    if missing:
+        raise UserError("; ".join(missing))
+    return found
 
 
 def refuse_empty_run(args, names, cache, caches, skipped):
@@ -913,6 +927,12 @@ def gallery_entry(args, names, root, csv_name, section, line, r):
             f"</div></div>")
 
 
+def below_here(path):
+    """A path as the page shows it: relative to the working folder when below it (no machine's
+    /home/... or /tmp/... on a page that is shared), else as given (a hub id stays a hub id)."""
+    return os.path.relpath(path) if os.path.isabs(path) and not os.path.relpath(path).startswith("..") else path
+
+
 def write_gallery(args, out_csv, names, root, table):
     """<stem>_gallery.html: per misalignment type the V^s with the highest, middle and lowest phi
     (gallery_picks), each as gallery_entry draws it; a header with the run's settings and Fig. 2's
@@ -920,12 +940,12 @@ def write_gallery(args, out_csv, names, root, table):
     rows = read_csv(out_csv)  # the page shows what 03 will train on, read back from the file itself
     # the header: what made these scores, then Fig. 2's per-type means beside the paper's
     settings = {k: getattr(args, k) for k in ("generated_csv", "models", "vqascore", "weighting", "num_frames", "split")}
+    settings["generated_csv"], settings["models"] = below_here(args.generated_csv), [below_here(m) for m in args.models]
     head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
     fig2 = "".join(f"<tr><th>{html.escape(k)}</th><td>{s['n']}</td><td>{s['mean']:+.3f}</td>"
                    f"<td>{'' if PAPER_FIG2_MEANS.get(k) is None else f'{PAPER_FIG2_MEANS[k]:+.2f}'}</td></tr>"
                    for k, s in table.items())
-    shown = os.path.relpath(out_csv) if not os.path.relpath(out_csv).startswith("..") else out_csv  # as run
-    body = [f"<h1>{html.escape(shown)}</h1><table>{head}</table><h2>Fig. 2: f&#772;(V<sup>s</sup>,t<sup>s</sup>) - "
+    body = [f"<h1>{html.escape(below_here(out_csv))}</h1><table>{head}</table><h2>Fig. 2: f&#772;(V<sup>s</sup>,t<sup>s</sup>) - "
             f"f&#772;(V<sup>s</sup>,t<sup>r</sup>), the mean per type"
             f"</h2><table><tr><th>type</th><th>n</th><th>mean</th><th>paper</th></tr>{fig2}</table>"]
     for kind, picks in gallery_picks(rows, args.gallery_per_type).items():

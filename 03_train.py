@@ -1,4 +1,4 @@
-"""Implements §5 (Eqs. 5-7) and §6's training details of the paper: LoRA fine-tuning of a video LLM
+r"""Implements §5 (Eqs. 5-7) and §6's training details of the paper: LoRA fine-tuning of a video LLM
 f(V, t) with Eq. (7), L = L_real + L_syn^phi + lambda_scr * L_scr^phi, on the real VideoCon triplets
 (V^r, t^r, t^s) and their synthetic twins V^s = G(t^s), with VideoCon's explanation task mixed in as
 the authors' released recipe does.
@@ -12,7 +12,7 @@ trained on and the triplets trained without a twin, each with the reason) and ch
 
 The released recipe, 4 GPUs x 4 rows = 16 rows a step (one process: the same global batches):
     torchrun --standalone --nproc_per_node 4 03_train.py --train_csv runs/generate/weighted.csv \
-        --feedback_csv data/videocon/videocon_llm_feedback.csv --video_root data/videocon/videos \
+        --feedback_csv data/videocon/videocon_llm_feedback.csv --video_root data/videos \
         --out_dir runs/train
     python 03_train.py <the same flags>
 Add --answer_loss vocab for the released code's loss instead of Eqs. (1)-(2) as written.
@@ -76,7 +76,7 @@ class Args:
     split: str = "train"
     """train only on rows of this `split` of both CSVs, when they have that column ("" = all rows):
     VideoCon's val and test rows never train (04 evaluates on its test rows)"""
-    video_root: str = "data/videocon/videos"
+    video_root: str = "data/videos"
     """the folder that the CSV's `videopath` is relative to"""
     out_dir: str = "runs/train"
     """where adapter/, args.json, log.jsonl and checkpoints/ go"""

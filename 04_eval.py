@@ -1,4 +1,4 @@
-"""04_eval.py: §6 (datasets and metrics, Tables 3-5), f(V, t) of Eq. 1 on VideoCon's test sets.
+r"""04_eval.py: §6 (datasets and metrics, Tables 3-5), f(V, t) of Eq. 1 on VideoCon's test sets.
 
 Reads   task files in VideoCon's released layouts, one flag per task (the layouts: read_task)
           --videocon_llm / --videocon_human  entailment: ROC-AUC (Table 3 LLM, Human, Human-Hard)
@@ -10,10 +10,10 @@ Writes  <out_dir>/<task>_scores.csv  videopath, caption, score = f(V,t), logit =
         only what is missing); <task>_skipped.csv, what was left out and why; results.json; and
         prints Table 3 with our row
 
-  python 04_eval.py --adapter runs/train/adapter --video_root /data/ssv2 --ssv2_temporal eval_ssv2_temporal.csv
+  python 04_eval.py --adapter runs/train/adapter --video_root data/videos --ssv2_temporal data/videocon/eval_ssv2_temporal.csv
   torchrun --standalone --nproc_per_node 4 04_eval.py ...(the same flags)
-  python 04_eval.py --ssv2_temporal ../shared/data/videocon/eval_ssv2_temporal.csv \
-      --scores ../shared/data/videocon/eval_ssv2_temporal_scores.csv   # no model: CPU, seconds
+  python 04_eval.py --ssv2_temporal data/videocon/eval_ssv2_temporal.csv \
+      --scores data/videocon/eval_ssv2_temporal_scores.csv   # VideoCon's released scores: CPU, seconds
 
 A CPU-sized run with a tiny random model: README, "A CPU-sized chain".
 """
@@ -82,8 +82,8 @@ class Args:
     """order of equal retrieval scores: 'videocon' (np.argsort, as released) or 'stable' (by videopath)"""
     scores: str = ""
     """a score CSV to evaluate with no model (needs exactly one task)"""
-    video_root: str = "."
-    """folder that the CSVs' videopaths are relative to"""
+    video_root: str = "data/videos"
+    """folder that the CSVs' videopaths are relative to (README, "Data and models")"""
     strip_prefix: str = ""
     """removed from the start of every videopath before joining --video_root (e.g. /local2/hbansal/nextqa/)"""
     num_frames: int = 8

@@ -26,6 +26,5 @@ def onevision_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_mp4():
-    if not os.path.exists(tiny.REAL_MP4):
-        pytest.skip(f"{tiny.REAL_MP4} is missing (../shared/data/videocon is not beside the repo)")
-    return tiny.REAL_MP4
+    """VideoCon's example clip (a real 10-second YouTube video), skipped where it is not there."""
+    return tiny.videocon_file("y5xuvHpDPZQ_000005_000015.mp4")

@@ -8,14 +8,14 @@ import pytest
 
 import common
 import tiny
-from tiny import ROOT, assert_user_error, run_cli
+from tiny import ROOT, assert_user_error, run_cli, run_main
 
 STAGES = ("01_generate.py", "02_weight.py", "03_train.py", "04_eval.py")
 
 
 @pytest.mark.parametrize("script", STAGES)
 def test_help_lists_each_choice_and_no_empty_default(script):
-    done = run_cli(script, "--help")
+    done = run_cli(script, "--help")  # as a program: its `if __name__ == "__main__"` reaches run_stage
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(default: )" not in done.stdout and "(default: [])" not in done.stdout
     choices = {"01_generate.py": "{auto,bfloat16,float16,float32}", "02_weight.py": "{first_token,t2v_metrics}",
@@ -31,16 +31,19 @@ def test_help_lists_each_choice_and_no_empty_default(script):
 def test_a_bad_choice_is_refused_before_any_work(script, flag, value, tmp_path):
     out = tmp_path / "out"
     argv = [flag, value, "--out_dir" if script != "02_weight.py" else "--out_csv", out]
-    done = run_cli(script, *argv, cwd=tmp_path)
+    done = run_main(script, *argv, cwd=tmp_path)
     assert done.returncode == 2 and f"argument {flag}: invalid choice: '{value}'" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists() and os.listdir(tmp_path) == []  # nothing written, not even settings
 
 
-def test_a_folder_given_relatively_is_not_taken_for_a_hub_id(tmp_path):
+def test_a_folder_given_relatively_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants
     (tmp_path / "runs").mkdir()
-    done = run_cli("04_eval.py", "--model", "runs/tiny-video-lava", "--videocon_llm", "x.csv", cwd=tmp_path,
-                   env={"HF_HUB_OFFLINE": "0"}, timeout=60)  # no hub lookup: no retries to wait for
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # a network to reach for...
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: pytest.fail("the hub was asked"))  # ...unasked
+    done = run_main("04_eval.py", "--model", "runs/tiny-video-lava", "--videocon_llm", "x.csv", cwd=tmp_path)
     assert_user_error(done, "--model runs/tiny-video-lava: no such folder")
 
 

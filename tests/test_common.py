@@ -235,6 +235,34 @@ def test_read_real_videocon_mp4(real_mp4):
     assert frames[0].std() > 0 and not np.array_equal(frames[0], frames[-1])  # real, moving content
 
 
+def test_read_a_camera_like_mp4_made_here(tmp_path):
+    """The clip a clone has in place of VideoCon's: 4 s of 30 fps 640x360 H.264 as a camera or YouTube
+    writes it (x264's defaults: B-frames, a keyframe every 250 frames, so decoding seeks across
+    predicted frames), each frame stamped with its index in a bright bar. Sampling reads the right
+    frames: uniform (Video-LLaVA) and middle (VideoCon), including after a backward seek."""
+    import av
+    n, (h, w) = 120, (360, 640)
+    path = str(tmp_path / "camera.mp4")
+    rng = np.random.default_rng(0)
+    scene = rng.integers(40, 200, (h // 8, w // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)  # a textured scene
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            frame = np.roll(scene, 4 * i, axis=1)  # the camera pans
+            frame[:40, :] = 0
+            frame[:40, i * (w // n): (i + 1) * (w // n)] = 255  # frame i's bar
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+    def stamped(frames):  # the index each decoded frame carries
+        return [int(np.argmax(f[:40].mean(axis=(0, 2))) // (w // n)) for f in frames]
+    for num, sampling in ((8, "uniform"), (32, "middle"), (8, "uniform")):  # the last one seeks back
+        frames = common.read_video(path, num_frames=num, sampling=sampling)
+        assert frames.shape == (num, h, w, 3)
+        assert stamped(frames) == list(common.frame_indices(n, num, sampling))
+
+
 def test_write_then_read_video(tmp_path):
     path = str(tmp_path / "clip.mp4")
     frames = tiny.moving_square(num_frames=12, size=32)

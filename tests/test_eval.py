@@ -19,14 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("stage04", os.path.join(ROOT, "04_eval.py"))
 ev = sys.modules["stage04"] = importlib.util.module_from_spec(spec)  # registered: parse_args reads its source
 spec.loader.exec_module(ev)
-DATA = tiny.SHARED
-
-
-def need(name):
-    path = os.path.join(DATA, name)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} is missing (../shared/data/videocon is not beside the repo)")
-    return path
+need = tiny.videocon_file  # VideoCon's released files, or the test is skipped saying where it looked
 
 
 def prompt(caption):  # the mPLUG-Owl prompt VideoCon stores in its `caption` columns
@@ -560,8 +553,8 @@ def test_a_prompt_past_the_models_positions_is_left_out_named_and_counted(video_
 
 def test_a_wrong_video_root_stops_naming_the_task_and_an_example(video_llava_dir, tmp_path, capsys):
     task, _ = write_toy_task(tmp_path)
-    done = tiny.run_cli("04_eval.py", "--model", video_llava_dir, "--ssv2_events", task, "--video_root",
-                        tmp_path / "wrong", "--out_dir", tmp_path / "out", env={"OMP_NUM_THREADS": "1"})
+    done = tiny.run_main("04_eval.py", "--model", video_llava_dir, "--ssv2_events", task, "--video_root",
+                         tmp_path / "wrong", "--out_dir", tmp_path / "out")
     tiny.assert_user_error(done, "ssv2_events: no pair of", "4 of 4 videos could not be read",
                            os.path.join(str(tmp_path / "wrong"), "0.mp4"), "check --video_root")
     # a score file whose keys match nothing of the task: the same one line, not "pairs_scored 0"

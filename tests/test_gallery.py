@@ -79,6 +79,20 @@ def test_without_video_root_the_real_video_is_a_named_placeholder(tmp_path):
     assert page.count("V^r not shown: pass --video_root") == 6 and page.count("data:image/jpeg") == 4 * 6 - 4
 
 
+def test_the_header_shows_paths_below_the_working_folder_relative(tmp_path, monkeypatch):
+    """Issue 32: a page to share names no machine's folder: --models and --generated_csv given as
+    absolute paths below the working folder are shown relative to it; others as given."""
+    monkeypatch.chdir(tmp_path)
+    out_csv = write_run(tmp_path)
+    args = types.SimpleNamespace(generated_csv=str(tmp_path / "generated.csv"), models=[str(tmp_path / "vqa" / "m0"), "org/m1"],
+                                 vqascore="first_token", weighting="difference", num_frames=4, split="train",
+                                 gallery_per_type=1, video_root="")
+    page = open(weight.write_gallery(args, out_csv, NAMES, str(tmp_path), {}), encoding="utf-8").read()
+    header = page.split("</style>")[1].split("<h2>")[0]  # the title and the settings table
+    assert str(tmp_path) not in header
+    assert "<h1>weighted.csv</h1>" in page and "<td>generated.csv</td>" in page and "[&#x27;vqa/m0&#x27;, &#x27;org/m1&#x27;]" in page
+
+
 def render(page, out_png, height=2400):
     """The page in headless Chromium, as a screenshot (H, W, 3) uint8, and every file the browser was
     asked to load (its verbose log's FileURLLoader lines): a self-contained page loads itself only."""

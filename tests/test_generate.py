@@ -16,7 +16,7 @@ import torch
 
 import common
 import tiny_generate
-from tiny import assert_user_error, run_cli
+from tiny import assert_user_error, run_main
 
 gen = importlib.import_module("01_generate")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -350,7 +350,7 @@ def test_a_users_mistake_is_one_line_and_writes_nothing(argv, needles, tmp_path)
     traceback, and the output folder is not created."""
     path = write_rows(tmp_path / "in.csv", GOOD[:2])
     pipeline = [] if "--pipeline" in argv else ["--pipeline", "toyworld.generator:ToyGenerator"]
-    done = run_cli("01_generate.py", "--input_csv", path, "--out_dir", tmp_path / "out", *pipeline, *argv)
+    done = run_main("01_generate.py", "--input_csv", path, "--out_dir", tmp_path / "out", *pipeline, *argv)
     assert_user_error(done, *needles)
     assert not (tmp_path / "out").exists()
 
@@ -389,16 +389,29 @@ def test_a_cached_run_is_recorded_reproducible_and_resumes_to_the_same_bytes(tmp
 
 
 @pytest.mark.parametrize("cache", ["none", "taylorseer"])
-def test_prompts_per_call_does_not_change_a_rows_video(tmp_path, tiny_pipe, cache):
-    """2 prompts a call (rows 1-2, then row 3 alone) give each row the bytes of 1 prompt a call: one
-    torch.Generator per prompt, seeded with the row's seed. Recorded all the same (a GPU's batched
-    kernels may round otherwise), so a rerun with another batching is refused."""
+def test_a_rows_call_of_g_does_not_depend_on_the_gpu_count_or_a_rerun(tmp_path, tiny_pipe, cache, monkeypatch):
+    """--prompts_per_call 2: G renders rows 1-2 in one call and row 3 alone, whatever the number of
+    ranks, and again after a kill: the same bytes. One torch.Generator per prompt, seeded with the
+    row's seed; but the shape of a batch can change a kernel's rounding (on an AVX-512 CPU, row 2
+    rendered beside row 1 gave other bytes than rendered alone), so the calls are fixed by the rows'
+    places and the batching is recorded: a rerun with another is refused."""
     path = write_rows(tmp_path / "in.csv", GOOD[:3])
-    run(args_for(path, tmp_path / "one", tiny_pipe, **dict(CACHED, cache=cache)))
-    run(args_for(path, tmp_path / "two", tiny_pipe, prompts_per_call=2, **dict(CACHED, cache=cache)))
-    assert mp4_bytes(tmp_path / "two") == mp4_bytes(tmp_path / "one")
+    batched = dict(CACHED, cache=cache, prompts_per_call=2)
+    run(args_for(path, tmp_path / "one", tiny_pipe, **batched))
+    one = mp4_bytes(tmp_path / "one")
+    # two ranks, which meet only through files in 01: rank 1 renders the second call (row 3), then
+    # rank 0 the first (rows 1-2) and writes the CSV; the same as torchrun runs them, without its start-up
+    for rank in (1, 0):
+        monkeypatch.setattr(gen, "setup_distributed", lambda rank=rank: common.Dist(rank, rank, 2, "cpu", rank == 0))
+        printed = run(args_for(path, tmp_path / "two", tiny_pipe, **batched))
+    assert "rank 0: 2 of its 2 rows to render" in printed and mp4_bytes(tmp_path / "two") == one
+    # a kill that left row 2's video unwritten: the rerun renders rows 1-2 together again, writes row 2 only
+    monkeypatch.setattr(gen, "setup_distributed", common.Dist)
+    os.remove(tmp_path / "one" / read_out(tmp_path / "one")[1]["syn_video"])
+    assert "rank 0: 1 of its 3 rows to render, 2 on disk already" in run(args_for(path, tmp_path / "one", tiny_pipe, **batched))
+    assert mp4_bytes(tmp_path / "one") == one
     with pytest.raises(common.UserError, match=r"prompts_per_call: 2 then, None now"):
-        run(args_for(path, tmp_path / "two", tiny_pipe, **dict(CACHED, cache=cache)))
+        run(args_for(path, tmp_path / "one", tiny_pipe, **dict(CACHED, cache=cache)))
 
 
 def test_cache_kwargs_become_the_diffusers_config():
@@ -427,14 +440,14 @@ def test_cache_kwargs_become_the_diffusers_config():
 ])
 def test_a_bad_cache_or_batch_flag_is_one_line_before_any_work(argv, needles, tmp_path):
     path = write_rows(tmp_path / "in.csv", GOOD[:2])
-    done = run_cli("01_generate.py", "--input_csv", path, "--out_dir", tmp_path / "out",
+    done = run_main("01_generate.py", "--input_csv", path, "--out_dir", tmp_path / "out",
                    "--pipeline", "toyworld.generator:ToyGenerator", *argv)
     assert_user_error(done, *needles)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_misspelt_cache_name_is_refused_by_argparse(tmp_path):
-    done = run_cli("01_generate.py", "--input_csv", tmp_path / "in.csv", "--cache", "taylorsear")
+    done = run_main("01_generate.py", "--input_csv", tmp_path / "in.csv", "--cache", "taylorsear")
     assert done.returncode == 2 and "invalid choice: 'taylorsear'" in done.stderr
 
 

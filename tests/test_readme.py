@@ -38,10 +38,13 @@ def test_the_paper_table_names_functions_that_exist():
 
 def test_the_cpu_sized_chain_runs_as_printed(tmp_path):
     """README's CPU-sized chain, line by line as printed, from a folder that holds the repository's
-    files (so that its runs/ is the test's): each stage exits 0 and feeds the next."""
+    files (so that its runs/ is the test's): each stage exits 0 and feeds the next. tiny_chain.py runs
+    as a program (it finds tests/tiny.py from its own folder); each stage line through the stage's own
+    entry point in this process (tiny.run_main: its argv, its cwd; test_cli runs each stage as a program)."""
     import shlex
     import subprocess
     import sys
+    import tiny
     block = re.search(r"## A CPU-sized chain.*?```bash\n(.*?)```", README, re.S).group(1)
     commands = [line for line in block.splitlines() if line.strip()]
     assert [c.split()[1] for c in commands] == ["tests/tiny_chain.py", "01_generate.py", "02_weight.py",
@@ -53,7 +56,10 @@ def test_the_cpu_sized_chain_runs_as_printed(tmp_path):
     for command in commands:
         argv = shlex.split(command)
         assert argv[0] == "python"
-        done = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True)
+        if argv[1].startswith("tests/"):
+            done = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True)
+        else:
+            done = tiny.run_main(argv[1], *argv[2:], cwd=tmp_path)
         assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-3000:])
     tiny = tmp_path / "runs" / "tiny"
     assert len(open(tiny / "gen" / "generated.csv").readlines()) == 1 + 12  # the 12 rows of split train

@@ -282,7 +282,7 @@ def test_the_one_command_at_reduced_size(tmp_path):
     ev = tr.eval_dir(args, 1, rows[1])
     logged = open(os.path.join(ev, "04_eval.log")).readline().split()[2:]  # "$ 04_eval.py <argv>"
     logged[logged.index("--out_dir") + 1] = str(tmp_path / "again")
-    again = subprocess.run([sys.executable, "04_eval.py", *logged], cwd=tr.ROOT, capture_output=True, text=True)
+    again = tiny.run_main("04_eval.py", *logged, cwd=tr.ROOT)  # the stage's own entry point, in this process
     assert again.returncode == 0, again.stderr[-3000:]
     for name in ("videocon_llm_scores.csv", "ssv2_temporal_scores.csv"):
         assert sorted(common.read_csv(os.path.join(ev, name)), key=str) == sorted(common.read_csv(str(tmp_path / "again" / name)), key=str)
@@ -313,6 +313,11 @@ def test_paired_differences_mark_only_what_the_seeds_can_tell():
     assert [(a, b) for a, b, _ in t2] == [("T2 action twins only", "VideoCon (Eq. 2)")]
     mean, sd, (low, high) = report.interval([3, 4, 5])
     assert (mean, sd) == (4, 1) and low == pytest.approx(4 - 4.302653 / 3 ** 0.5, abs=1e-5)
+    # issue 32: one seed has no spread: its tables print the values alone, no "± nan", no "± 0.00"
+    table, _ = report.paired_table(compared, per_seed[:1])
+    assert "nan" not in table and "±" not in table.split("\n", 1)[1] and "|  +3.00 |" in table
+    main = report.tables(list(base), [{m: {**v, "auc_by_type": {}} for m, v in per_seed[0].items()}], [])
+    assert "±" not in main and "|  73.00 |" in main
 
 
 def test_a_rerun_with_other_settings_is_refused(tmp_path):
@@ -389,6 +394,7 @@ def test_a_stopped_run_ends_its_workers(tmp_path, sig):
         proc.kill()
     assert proc.returncode != 0
     assert sig == "SIGKILL" or ("stopped: 1 of " in out and "the same command goes on" in out), out[-2000:]
+    assert sig == "SIGKILL" or "leaked semaphore" not in out, out[-2000:]  # issue 32: nothing left to clean up
     deadline = time.time() + 10
     while any(map(tiny.running, workers)) and time.time() < deadline:
         time.sleep(0.2)

@@ -522,8 +522,8 @@ def test_a_new_run_touches_nothing_of_an_earlier_run(video_llava_dir, toy, two_s
     with pytest.raises(common.UserError, match=f"--model {tmp_path}/no-such-model: no such folder"):
         train.main(make_args(str(tmp_path / "no-such-model"), *toy, tmp_path, resume=True))
     # as a user runs it: exit status 2, one line, no traceback
-    done = tiny.run_cli("03_train.py", "--model", video_llava_dir, "--train_csv", toy[0], "--video_root", toy[1],
-                        "--out_dir", tmp_path, "--batch_size", 8, "--micro_batch_size", 4)
+    done = tiny.run_main("03_train.py", "--model", video_llava_dir, "--train_csv", toy[0], "--video_root", toy[1],
+                         "--out_dir", tmp_path, "--batch_size", 8, "--micro_batch_size", 4)
     tiny.assert_user_error(done, f"{tmp_path} holds a run", "pass --resume")
     assert folder(tmp_path) == before
 

@@ -258,8 +258,7 @@ def test_image_tokens_of_another_id_are_refused(blip2_dir, frames):
 
 
 def test_help_lists_the_papers_three_members():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "02_weight.py"), "--help"], capture_output=True,
-                         text=True, check=True, env={**os.environ, "COLUMNS": "500"}).stdout  # one line a flag
+    out = tiny.run_main("02_weight.py", "--help", env={"COLUMNS": "500"}).stdout  # one line a flag
     members = ["Salesforce/instructblip-flan-t5-xxl", "zhiqiulin/clip-flant5-xxl", "llava-hf/llava-1.5-13b-hf"]
     assert f"(default: {' '.join(members)})" in out  # as typed on the command line
 
@@ -463,8 +462,7 @@ def test_fig2_only_from_the_command_line(tmp_path):
     for k in range(3):  # one weighted.csv per generator
         runs.append(str(tmp_path / f"gen{k}" / "weighted.csv"))
         common.write_csv(runs[-1], [scored_row("flip", 0.1 * k, 0.5), scored_row("object", 0.9, 0.1 * k)])
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "02_weight.py"), "--fig2_only", *runs,
-                           "--out_csv", str(tmp_path / "all" / "weighted.csv")], capture_output=True, text=True)
+    proc = tiny.run_main("02_weight.py", "--fig2_only", *runs, "--out_csv", tmp_path / "all" / "weighted.csv")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "all" / "weighted.json").read_text())
     assert summary["fig2"]["flip"] == {"n": 3, "mean": pytest.approx(0.1 - 0.5),
@@ -534,6 +532,10 @@ def test_every_member_is_found_before_any_is_loaded_or_any_video_read(llava_dir,
     (towerless / "config.json").write_text(json.dumps(config))
     with pytest.raises(common.UserError, match=rf"--models {towerless}: its mm_vision_tower {tmp_path}/no-such-tower"):
         run(generated, [llava_dir, str(towerless)])
+    # issue 32: every member that is not there, named in one error (not one rerun per member)
+    with pytest.raises(common.UserError, match=rf"--models {tmp_path}/gone-1: no such folder.*; --models "
+                                               rf"{towerless}: its mm_vision_tower .*; --models {tmp_path}/gone-2: no such"):
+        run(generated, [str(tmp_path / "gone-1"), llava_dir, str(towerless), str(tmp_path / "gone-2")])
     with pytest.raises(common.UserError, match="--num_frames 0, --pairs_per_forward 8: each at least 1"):
         run(generated, [llava_dir], num_frames=0)
     assert sorted(os.listdir(tmp_path)) == sorted(before + ["clip-flant5-elsewhere"])  # no cache, no settings record

@@ -1,6 +1,6 @@
 """Tiny random models and videos built offline, for tests and CPU-sized runs.
 
-Nothing here touches the hub: tokenizers are trained in memory on real VideoCon captions, models
+Nothing here touches the hub: tokenizers are trained in memory on captions written here, models
 are built from configs with random weights and saved with save_pretrained, so that every stage
 loads them by path exactly as it would load a hub id.
 """
@@ -14,8 +14,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [] if ROOT in sys.path else [ROOT]  # `python tests/tiny_*.py DIR` finds the repo's modules
 from toyworld.models import new_video_llava  # noqa: E402
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "videocon")
-REAL_MP4 = os.path.join(SHARED, "y5xuvHpDPZQ_000005_000015.mp4")
+# VideoCon's released files (its repository's datasets/ and examples/): read only by the tests that
+# reproduce VideoCon's own numbers, from SYNVITA_VIDEOCON or the repository's data/videocon (README,
+# "Data and models"); those tests are skipped, saying so, where the folder is not filled
+VIDEOCON = os.environ.get("SYNVITA_VIDEOCON") or os.path.join(ROOT, "data", "videocon")
+
+
+def videocon_file(name):
+    """The path of VideoCon's released file `name`, or the calling test is skipped with the reason."""
+    import pytest
+    path = os.path.join(VIDEOCON, name)
+    if not os.path.exists(path):
+        pytest.skip(f"VideoCon's {name} is not in {VIDEOCON} (fill it or set SYNVITA_VIDEOCON: README, 'Data and models')")
+    return path
+
+
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<video>", "<image>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -26,15 +39,66 @@ def alignment_logits(model, processor, *args, **kwargs):
     return common.alignment_logit(yes_no[:, 0], yes_no[:, 1])
 
 
-def corpus():
-    """Text to train the tiny tokenizer: real VideoCon captions plus the prompt words."""
-    import csv
-    lines = ['USER: ASSISTANT: Does this video entail the description: "" ? user assistant'] * 500
+# ---- the tokenizers' training text: written here, so a clone needs nothing beside it ----------
+# Caption-like English made by a small grammar (people, animals and objects doing things somewhere,
+# with VideoCon's kinds of edits: counts, colours, directions, order), a NExT-QA-like question form
+# and the prompts. Enough words that a 600-token BPE still splits many of them into pieces, as
+# LLaMA's tokenizer splits rare words, which the t' mask must handle.
+PEOPLE = ["man", "woman", "girl", "boy", "child", "chef", "player", "teacher", "dancer", "farmer", "driver",
+          "singer", "worker", "student", "baby", "athlete", "tourist", "waiter", "doctor", "police officer",
+          "soccer team", "audience", "crowd", "grandmother", "musician", "climber", "swimmer", "surfer"]
+ANIMALS = ["dog", "cat", "horse", "bird", "cow", "sheep", "rabbit", "monkey", "duck", "goat", "elephant",
+           "penguin", "squirrel", "turtle", "puppy", "kitten", "parrot", "camel", "dolphin", "chicken"]
+THINGS = ["frisbee", "ball", "guitar", "vegetables", "cup", "door", "box", "rope", "sofa", "noodles", "wall",
+          "tree", "glass", "book", "bicycle", "square", "triangle", "drum", "stage", "window", "bottle", "knife",
+          "umbrella", "ladder", "bucket", "pillow", "basket", "piano", "skateboard", "kite", "sandwich",
+          "towel", "blanket", "hammer", "paper", "camera", "bowl", "candle", "helmet", "suitcase"]
+ADJECTIVES = ["red", "blue", "green", "yellow", "black", "white", "small", "large", "old", "young", "tall",
+              "wooden", "plastic", "shiny", "wet", "empty", "heavy", "striped", "broken", "purple", "orange"]
+VERBS = ["catching", "riding", "walking off", "playing", "cutting", "running along",
+         "jumping over", "holding", "opening", "closing", "pushing", "pulling", "dancing near", "sleeping on",
+         "cooking", "painting", "climbing", "dropping", "picking up", "talking to", "washing", "covering",
+         "moving", "rolling toward", "singing to", "clapping for", "hitting", "kicking", "carrying",
+         "folding", "stirring", "lifting", "shaking", "spinning", "chasing", "feeding", "hugging",
+         "tossing", "sweeping", "polishing", "dragging", "balancing", "sniffing", "watching"]
+PLACES = ["to the dog", "from the dog", "to the left", "to the right", "in the kitchen", "on the street",
+          "while the audience claps", "before sitting down", "after the music stops", "at night", "indoors",
+          "in the park", "on a sunny day", "near the water", "in slow motion", "with a smile", "then leaves",
+          "in a classroom", "on the beach", "behind the house", "under the bridge", "at the station",
+          "in the snow", "during the game", "across the room", "on a boat", "in the garden", "upside down"]
+COUNTS = ["a", "one", "two", "three", "four", "the", "some", "several"]
+
+
+def noun_phrase(rng):
+    """a noun phrase such as "two striped cats" or "the old chef"."""
+    count, noun = rng.choice(COUNTS), rng.choice(rng.choice([PEOPLE, ANIMALS, THINGS]))
+    adjective = rng.choice(ADJECTIVES) + " " if rng.random() < 0.5 else ""
+    plural = count not in ("a", "one", "the") and not noun.endswith("s")
+    words = f"{count} {adjective}{noun}{'s' if plural else ''}"
+    return words.replace("a old", "an old").replace("a orange", "an orange").replace("a elephant", "an elephant")
+
+
+QUESTIONS = ["how do the two men play the instrument", "why did the boy pick up the ball",
+             "what does the woman do after opening the door", "how does the man cycling sell the watch"]
+PROMPTS = ['USER: ASSISTANT: Does this video entail the description: "" ? user assistant',
+           "A chat between a curious human and an artificial intelligence assistant.",
+           "The following is a conversation between a curious human and AI assistant."]
+
+
+def corpus(n=3000, seed=0):
+    """Text to train the tiny tokenizers: n captions from the grammar above, questions, the prompt
+    words, and every printable ASCII character once (no character a test writes becomes <unk>)."""
+    import random
+    rng = random.Random(seed)  # the same text, so the same tokenizer, on every machine
+    lines = [PROMPTS[0]] * 500 + PROMPTS[1:] * 50
     lines += ["Yes No"] * 2000  # so that " Yes" and " No" become single tokens, as in LLaMA
-    for name in ("final_test.csv", "test.csv", "nextqa-atphard-statements.csv"):
-        with open(os.path.join(SHARED, name), newline="", encoding="utf-8") as fh:
-            for row in csv.reader(fh):
-                lines += row
+    for _ in range(n):
+        subject = noun_phrase(rng)
+        verb = "are" if subject.split()[0] in COUNTS[2:5] + COUNTS[6:] else "is"
+        caption = f"{subject} {verb} {rng.choice(VERBS)} {noun_phrase(rng)} {rng.choice(PLACES)}"
+        lines.append(caption[0].upper() + caption[1:] + ".")
+    lines += [q + "?" for q in QUESTIONS] * 20
+    lines.append("".join(chr(c) for c in range(33, 127)))
     return lines
 
 
@@ -196,6 +260,39 @@ def run_cli(script, *argv, timeout=600, env=None, cwd=None):
     import subprocess
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, argv)], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def run_main(script, *argv, env=None, cwd=None):
+    """`python <script> argv...` in this process: the stage's own entry point (common.run_stage on its
+    main and Args, sys.argv set), its stdout and stderr captured, its exit status taken from SystemExit;
+    the same CompletedProcess as run_cli, without a new interpreter's 2-5 s of imports. For what a
+    subprocess proves nothing more about: a user's mistake, --help. Any other exception is raised."""
+    import contextlib
+    import importlib
+    import io
+    import subprocess
+    import common
+    stage = importlib.import_module(os.path.splitext(script)[0])  # "01_generate.py" -> module 01_generate
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = {k: os.environ.get(k) for k in env or {}}
+    argv0, here = sys.argv, os.getcwd()
+    try:
+        os.environ.update(env or {})
+        os.chdir(cwd or here)
+        sys.argv = [script, *map(str, argv)]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            common.run_stage(stage.main, stage.Args)
+    except SystemExit as e:  # run_stage's exit 2, argparse's 0 (--help) or 2 (a bad choice)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = argv0
+        os.chdir(here)
+        for k, v in saved.items():  # the environment as it was
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 
 def assert_user_error(done, *needles):

@@ -17,7 +17,7 @@ import torch
 
 def t5_tokenizer(vocab_size=300):
     """A T5Tokenizer (Unigram, '▁' words, </s> appended, <pad>=0 </s>=1 <unk>=2 as in T5) whose
-    vocabulary is trained in memory on the real VideoCon captions of tests/tiny.py."""
+    vocabulary is trained in memory on the captions of tests/tiny.py (corpus)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import T5Tokenizer
     import tiny

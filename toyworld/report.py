@@ -76,8 +76,9 @@ def tables(methods, per_seed, fig2s, differences=""):
     """The Table 3/4-style table (mean ± std over seeds), then `differences` (paired_table's), the
     AUC by type, and the Fig. 2-style table."""
     lines = [f"| method | {' | '.join(c for c, _ in COLUMNS)} |", "|---" * (len(COLUMNS) + 1) + "|"]
+    cell = "{:6.2f} ± {:5.2f}" if len(per_seed) > 1 else "{:6.2f}"  # one seed: no spread to show
     for m in methods:
-        cells = ["{:6.2f} ± {:5.2f}".format(*mean_std([r[m][key] for r in per_seed])) for _, key in COLUMNS]
+        cells = [cell.format(*mean_std([r[m][key] for r in per_seed])) for _, key in COLUMNS]
         lines.append(f"| {m} | {' | '.join(cells)} |")
     lines += ["", differences] if differences else []
     lines += ["", "VideoCon-like AUC by misalignment type (mean over seeds)", "",
@@ -121,8 +122,9 @@ def paired_table(comparisons, per_seed):
     metric: the mean difference ± its standard deviation over seeds, "✓" when the 95% t-interval
     of the mean is above 0, "✗" when it is below 0, nothing when it holds 0 (within the noise of
     these seeds). Also the per-seed differences, for results.json."""
-    lines = [f"Paired per-seed differences, row - reference (mean ± std over {len(per_seed)} seeds; ✓ / ✗: the 95% "
-             "t-interval of the mean is above / below 0; no mark: these seeds cannot tell)", "",
+    spread = (f"mean ± std over {len(per_seed)} seeds; ✓ / ✗: the 95% t-interval of the mean is above / below 0; no "
+              "mark: these seeds cannot tell" if len(per_seed) > 1 else "one seed: no spread, no interval, no mark")
+    lines = [f"Paired per-seed differences, row - reference ({spread})", "",
              f"| row | reference | claim | {' | '.join(c for c, _ in COLUMNS)} |", "|---" * (len(COLUMNS) + 3) + "|"]
     raw = {}
     for row, reference, claim in comparisons:
@@ -131,7 +133,8 @@ def paired_table(comparisons, per_seed):
             diffs = paired(per_seed, row, reference, key)
             mean, sd, (low, high) = interval(diffs)
             raw[f"{row} - {reference}", key] = diffs
-            cells.append(f"{mean:+6.2f} ± {sd:4.2f} {'✓' if low > 0 else '✗' if high < 0 else ' '}")
+            mark = "✓" if low > 0 else "✗" if high < 0 else " "  # NaN bounds (one seed): no mark
+            cells.append(f"{mean:+6.2f} ± {sd:4.2f} {mark}" if len(diffs) > 1 else f"{mean:+6.2f}")
         lines.append(f"| {row} | {reference} | {claim} | {' | '.join(cells)} |")
     return "\n".join(lines), {f"{name} | {key}": d for (name, key), d in raw.items()}
 
@@ -159,7 +162,8 @@ def plot_table(methods, per_seed, path, title):
         ax.set_xticks(range(len(methods)), [str(i + 1) for i in range(len(methods))])
     fig.legend([plt.Rectangle((0, 0), 1, 1, color=colours[i % 10]) for i in range(len(methods))],
                [f"{i + 1}: {m}" for i, m in enumerate(methods)], loc="lower center", ncol=3, fontsize=8)
-    fig.suptitle(f"{title}, mean ± std over {len(per_seed)} seeds", fontsize=10)
+    fig.suptitle(f"{title}, mean ± std over {len(per_seed)} seeds" if len(per_seed) > 1 else f"{title}, one seed",
+                 fontsize=10)
     fig.tight_layout(rect=(0, 0.05 + 0.04 * ((len(methods) + 2) // 3), 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -174,6 +174,11 @@ def init_worker(threads):
     threading.Thread(target=watch, daemon=True).start()
     import torch
     torch.set_num_threads(threads)
+    # tqdm's bars (the stages' progress) would share a multiprocessing lock, a named semaphore that a
+    # killed worker never unlinks ("resource_tracker: ... leaked semaphore objects" after Ctrl-C or
+    # kill); one worker's bars need only a thread lock
+    from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())
 
 
 def run_in_worker(target, argv, log):
@@ -412,7 +417,7 @@ def main(args):
     fig2s = [report.fig2_stats(os.path.join(args.out_dir, f"seed{s}", "generate", "weighted.csv"), generator_kwargs(args))
              for s in args.seeds]
     header = (f"Toy world ({'biased: no training clip moves up or down' if args.bias else 'control: no bias'}), "
-              f"seeds {args.seeds}: mean ± std over seeds (in %; {args.n_train} real triplets per seed; this run: "
+              f"seeds {args.seeds}: {'mean ± std over seeds' if len(args.seeds) > 1 else 'one seed'} (in %; {args.n_train} real triplets per seed; this run: "
               f"{wall:.0f} s wall on {os.cpu_count()} CPU cores, {workers.done} of {steps} steps done by it, the rest reused)")
     differences, per_seed_differences = report.paired_table(comparisons(methods), per_seed)
     table = report.tables(methods, per_seed, fig2s, differences)
