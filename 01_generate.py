@@ -299,7 +299,7 @@ def main(args):
     pending = [row for row in todo if not on_disk(row, args.out_dir)]
     if pending:
         print0(f"waiting for {plural(len(pending), 'video')} from the other ranks")
-    # polled every 5 s with no timeout: not a collective, so ranks may finish far apart
+    # polled (at most every 5 s) with no timeout: not a collective, so ranks may finish far apart
     wait_for_files([os.path.join(args.out_dir, row["syn_video"]) for row in pending], every=5)
     # generated.csv, 02_weight.py's input: the selected rows in file order, the input's columns in
     # its order, then ours (syn_video, seed)

@@ -702,11 +702,12 @@ def wait_for_files(paths, every=2.0):
     default is 10 minutes) while another rank still works on its last items. If a rank dies,
     torchrun stops this one too."""
     import time
-    pending = list(paths)
+    pending, wait = list(paths), 0.05
     while pending:
         pending = [p for p in pending if not os.path.exists(p)]
-        if pending:
-            time.sleep(every)
+        if pending:  # looked at again soon, then less and less often, at most every `every` seconds
+            time.sleep(wait)
+            wait = min(2 * wait, every)
 
 
 def parse_args(cls, argv=None):

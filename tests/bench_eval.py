@@ -24,8 +24,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import common  # noqa: E402
-import tiny  # noqa: E402
+common, tiny = map(importlib.import_module, ("common", "tiny"))  # through the path above
 
 spec = importlib.util.spec_from_file_location("stage04", os.path.join(os.path.dirname(HERE), "04_eval.py"))
 ev = sys.modules["stage04"] = importlib.util.module_from_spec(spec)

@@ -42,9 +42,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
-import common  # noqa: E402
-import tiny  # noqa: E402
-import tiny_train  # noqa: E402
+common, tiny, tiny_train = map(importlib.import_module, ("common", "tiny", "tiny_train"))  # through the path above
 
 spec = importlib.util.spec_from_file_location("train", os.path.join(ROOT, "03_train.py"))
 train = importlib.util.module_from_spec(spec)

@@ -27,8 +27,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
-import tiny  # noqa: E402
-import tiny_weight  # noqa: E402
+tiny, tiny_weight = map(importlib.import_module, ("tiny", "tiny_weight"))  # through the path above
 
 weight = importlib.import_module("02_weight")
 CAPTIONS = ["a blue circle jumps over the box", "a red square moves to the right and then stops"]  # t^s, t^r

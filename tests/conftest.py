@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models saved once per test session, tiny videos written per test."""
+import importlib
 import os
 import sys
 
@@ -9,7 +10,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # `import common`, `import t
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reached for the hub fails at once
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import tiny  # noqa: E402
+tiny = importlib.import_module("tiny")  # found through the path set above
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,11 @@ def test_help_lists_each_choice_and_no_empty_default(script):
     choices = {"01_generate.py": "{auto,bfloat16,float16,float32}", "02_weight.py": "{first_token,t2v_metrics}",
                "03_train.py": "{llava_v1,card}", "04_eval.py": "{videocon,stable}"}[script]
     assert choices in done.stdout
+    # the docstring line by line, its launch lines' `\` continuations too (issue 32: they were joined)
+    source = open(os.path.join(ROOT, script), encoding="utf-8").read()
+    doc = source.split('"""')[1]  # as written in the file
+    shown = {line.strip() for line in done.stdout.splitlines()}
+    assert all(line.strip() in shown for line in doc.splitlines()), doc
 
 
 @pytest.mark.parametrize("script, flag, value", [

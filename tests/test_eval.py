@@ -158,8 +158,10 @@ def test_atp_accuracy_by_hand():
                                 ("/x/3.mp4", "how", 1, [.5, .5, .1, .1, .1]),  # tie: the first wins, wrong
                                 ("/x/4.mp4", "why", 0, [.1, .1, .1, .1, .1])]:  # gets a 6th statement below
         r, s = question(video, q, answer, f)
-        rows += r; scores.update(s)  # noqa: E702
-    rows.append({**rows[-1], "option": "5", "caption": "extra"}); scores[("/x/4.mp4", "extra")] = 1.0
+        rows += r
+        scores.update(s)
+    rows.append({**rows[-1], "option": "5", "caption": "extra"})
+    scores[("/x/4.mp4", "extra")] = 1.0
     types = {("1", "why"): "CW", ("2", "when"): "TN", ("3", "how"): "CH"}
     out = ev.atp_accuracy(rows, scores, types)
     assert (out["questions"], out["questions_dropped"]) == (3, 1) and "/x/4.mp4 | why" in out["dropped"]
@@ -189,7 +191,8 @@ def videocon_calc_ssv2(task, scores_path, vid_per_caption):
                 hit_precision.append(hits / (i + 1))
         mAP.append(sum(hit_precision) / len(hit_precision))
         top = [labels[k] for k in ranks[:10]]
-        r1.append(int(1 in top[:1])); r5.append(int(1 in top[:5])); r10.append(int(1 in top[:10]))  # noqa: E702
+        for hits_k, k in ((r1, 1), (r5, 5), (r10, 10)):
+            hits_k.append(int(1 in top[:k]))
     return {k: 100 * sum(v) / len(v) for k, v in (("mAP", mAP), ("R@1", r1), ("R@5", r5), ("R@10", r10))}
 
 

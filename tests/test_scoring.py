@@ -12,7 +12,10 @@ import torch
 import common
 import tiny
 
-from test_train import ROOT, one_thread, toy, train  # noqa: F401 (fixtures: one torch thread, the 8-row toy set)
+import test_train
+from test_train import ROOT, train
+
+one_thread, toy = test_train.one_thread, test_train.toy  # test_train's fixtures: one torch thread, the 8-row toy set
 
 FAMILIES = ["video_llava", "onevision", "qwen2_5_vl", "qwen3_vl"]
 CAPTIONS = ["a red square moves to the right", "a dog", "the square moves left and then it stops quickly",
@@ -174,7 +177,7 @@ def test_qwen_vl_trains_and_two_processes_match_one(family_dir, toy, tmp_path):
     assert len(one) == 2 * 7 * 2  # LoRA A and B on 7 linear layers x 2 LLM layers
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0)
-    lines = [l for l in open(tmp_path / "one" / "log.jsonl")]
+    lines = open(tmp_path / "one" / "log.jsonl").readlines()
     assert len(lines) == 2 and '"loss": NaN' not in lines[-1]
 
 

@@ -368,34 +368,44 @@ def test_no_seeds_only_makes_sure_the_models_are_there(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
-def test_a_stopped_run_ends_its_workers(tmp_path, sig):
+def test_a_stopped_run_ends_its_workers(tmp_path):
     """SIGTERM (`kill`, a job scheduler; Ctrl-C is handled alike) to `python -m toyworld.run` while its
-    workers are busy: it exits at once, says how to go on, and no worker outlives it; after SIGKILL
-    too, the workers end themselves. Here the workers pretrain two models for a million steps."""
+    workers are busy: it exits at once, says how to go on, leaves nothing for multiprocessing's resource
+    tracker to clean up, and no worker outlives it; after SIGKILL too, the workers end themselves.
+    Two runs side by side, one for each signal; their workers pretrain two models for a million steps."""
     import signal
     import subprocess
     import time
-    models = tmp_path / "models"
-    argv = ["--out_dir", str(tmp_path / "run"), "--models", str(models), "--seeds", "0", "--pool", "8",
-            "--base_steps", str(10**6), "--vqa_steps", str(10**6)]
-    proc = subprocess.Popen([sys.executable, "-m", "toyworld.run", *argv], cwd=tr.ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    runs = {}
+    for sig in ("SIGTERM", "SIGKILL"):
+        models = tmp_path / sig / "models"
+        argv = ["--out_dir", str(tmp_path / sig / "run"), "--models", str(models), "--seeds", "0", "--pool", "8",
+                "--base_steps", str(10**6), "--vqa_steps", str(10**6)]
+        runs[sig] = models, subprocess.Popen([sys.executable, "-m", "toyworld.run", *argv], cwd=tr.ROOT,
+                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outs, workers = {}, {}
+
+    def busy(log):  # a worker in its pretraining loop: its progress bar is up
+        return log.exists() and "pretrain toy" in log.read_text()
     try:
-        deadline = time.time() + 240
-        while len([m for m in tm.MEMBERS if (models / "logs" / f"{m}.log").exists()]) < 2:
-            assert proc.poll() is None and time.time() < deadline, "pretraining never started"
-            time.sleep(0.2)
-        workers = tiny.descendants(proc.pid)  # the fork server, its workers (and the resource tracker)
-        assert len(workers) >= 3, workers
-        proc.send_signal(getattr(signal, sig))
-        out, _ = proc.communicate(timeout=60)
+        for sig, (models, proc) in runs.items():
+            deadline = time.time() + 240
+            while len([m for m in tm.MEMBERS if busy(models / "logs" / f"{m}.log")]) < 2:
+                assert proc.poll() is None and time.time() < deadline, "pretraining never started"
+                time.sleep(0.2)
+            workers[sig] = tiny.descendants(proc.pid)  # the fork server, its workers (and the resource tracker)
+            assert len(workers[sig]) >= 3, workers[sig]
+            proc.send_signal(getattr(signal, sig))
+            outs[sig], _ = proc.communicate(timeout=60)
+            assert proc.returncode != 0
     finally:
-        proc.kill()
-    assert proc.returncode != 0
-    assert sig == "SIGKILL" or ("stopped: 1 of " in out and "the same command goes on" in out), out[-2000:]
-    assert sig == "SIGKILL" or "leaked semaphore" not in out, out[-2000:]  # issue 32: nothing left to clean up
+        for _, proc in runs.values():
+            proc.kill()
+    out = outs["SIGTERM"]
+    assert "stopped: 1 of " in out and "the same command goes on" in out, out[-2000:]
+    assert "leaked semaphore" not in out, out[-2000:]  # issue 32: tqdm's locks were semaphores, never unlinked
     deadline = time.time() + 10
-    while any(map(tiny.running, workers)) and time.time() < deadline:
+    everyone = workers["SIGTERM"] + workers["SIGKILL"]
+    while any(map(tiny.running, everyone)) and time.time() < deadline:
         time.sleep(0.2)
-    assert not [w for w in workers if tiny.running(w)], "a worker outlived the stopped run"
+    assert not [w for w in everyone if tiny.running(w)], "a worker outlived the stopped run"

@@ -312,7 +312,8 @@ def test_objective_by_hand_two_way():
 def test_objective_by_hand_vocab():
     """The released loss: full-vocabulary CE over [word, end] of every entailment pair and over the
     explanation's tokens, phi on synthetic pairs, one sum / N answer tokens; L_scr over half-triplets."""
-    p = lambda *probs: torch.log(torch.tensor(probs))  # noqa: E731, a 3-word vocabulary: 0 Yes, 1 No, 2 end
+    def p(*probs):  # log-probabilities over a 3-word vocabulary: 0 Yes, 1 No, 2 end
+        return torch.log(torch.tensor(probs))
     yes, no = [0, 2], [1, 2]
     tokens = dict(rr=(p([0.7, 0.1, 0.2], [0.1, 0.1, 0.8]), torch.tensor(yes)),
                   rs=(p([0.2, 0.6, 0.2], [0.1, 0.1, 0.8]), torch.tensor(no)),
@@ -321,7 +322,9 @@ def test_objective_by_hand_vocab():
     pairs, batch = by_hand_pairs(tokens)
     terms = train.released_objective(pairs, batch, train.Args(lambda_scr=2.0, answer_loss="vocab"))
     n = 4 * 2 + 2 * 2 + 2  # triplet 0: 4 pairs x 2 tokens; triplet 1: 2 x 2; the explanation: 2
-    ce = lambda a, b: -(math.log(a) + math.log(b))  # noqa: E731
+
+    def ce(a, b):  # the cross-entropy of two answer tokens with probabilities a and b
+        return -(math.log(a) + math.log(b))
     assert terms["l_real"].item() == pytest.approx((ce(0.7, 0.8) + ce(0.6, 0.8)) * 2 / n, abs=1e-6)
     assert terms["l_syn"].item() == pytest.approx(0.5 * (ce(0.5, 0.6) + ce(0.4, 0.8)) / n, abs=1e-6)
     assert terms["l_nle"].item() == pytest.approx(ce(0.5, 0.8) / n, abs=1e-6)

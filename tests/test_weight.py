@@ -140,7 +140,9 @@ def test_clip_flant5_is_a_hand_assembled_forward_of_its_parts(clip_flant5_dir, f
                               T5ForConditionalGeneration)
     state = load_file(os.path.join(clip_flant5_dir, "model.safetensors"))
     config = json.load(open(os.path.join(clip_flant5_dir, "config.json")))
-    part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+
+    def part(prefix):  # the weights under `prefix`, named without it
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     tower = CLIPVisionModel(CLIPVisionConfig.from_pretrained(config["mm_vision_tower"])).eval()
     tower.load_state_dict(part("vision_tower.vision_tower."))
     projector = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))

@@ -12,7 +12,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [] if ROOT in sys.path else [ROOT]  # `python tests/tiny_*.py DIR` finds the repo's modules
-from toyworld.models import new_video_llava  # noqa: E402
 
 # VideoCon's released files (its repository's datasets/ and examples/): read only by the tests that
 # reproduce VideoCon's own numbers, from SYNVITA_VIDEOCON or the repository's data/videocon (README,
@@ -136,6 +135,7 @@ def llama_tokenizer():
 
 def tiny_video_llava(path, frame_size=32, patch=8, seed=0):
     """A 2-layer CLIP vision tower + 2-layer LLaMA Video-LLaVA, saved (model + processor) to path."""
+    from toyworld.models import new_video_llava
     model, processor = new_video_llava(build_tokenizer(), size=frame_size, patch=patch, seed=seed,
                                                 text_layers=2)
     model.save_pretrained(path)

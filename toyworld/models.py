@@ -156,9 +156,9 @@ def build_text_batch(model, processor, captions, num_video_tokens, hidden=None, 
     from common import answer_token_ids, prompt_tokens, unwrap
     hf = unwrap(model)
     rows, masks = [], []
-    for i, caption in enumerate(captions):
-        text, ids, _, visible = prompt_tokens(processor, hf.config.model_type, caption,
-                                              hidden[i] if hidden else None, prompt)
+    for i, text in enumerate(captions):
+        _, ids, _, visible = prompt_tokens(processor, hf.config.model_type, text,
+                                           hidden[i] if hidden else None, prompt)
         n = [num_video_tokens if t == hf.config.video_token_id else 1 for t in ids]  # expand <video>
         rows.append(sum(([t] * k for t, k in zip(ids, n)), []))
         masks.append(sum(([int(v)] * k for v, k in zip(visible, n)), []))
@@ -239,8 +239,9 @@ def vqa_losses(model, processor, clips, pos, neg, weights=None, rng=random):
     import torch
     import torch.nn.functional as F
     frames = [clip[rng.randrange(FRAMES)] for clip in clips]
-    chat = lambda c: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": VQA_QUESTION.format(caption=c)}]}]  # noqa: E731
-    prompts = [processor.apply_chat_template(chat(c), add_generation_prompt=True) for c in pos + neg]
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": VQA_QUESTION.format(caption=c)}]}], add_generation_prompt=True)
+        for c in pos + neg]
     inputs = processor(images=frames + frames, text=prompts, padding=True, padding_side="left", return_tensors="pt")
     logits = model(**inputs).logits
     tok = processor.tokenizer

@@ -196,7 +196,9 @@ def _nose(motion, x, y):
     just outside its leading edge, centred across it (a still frame shows which way a runner faces)."""
     mid = slice(OBJ // 2 - 1, OBJ // 2 + 2)
     dx, dy = MOTIONS[motion]
-    lead = lambda p, d: (p + OBJ, p + OBJ + 2) if d > 0 else (p - 2, p)  # noqa: E731
+
+    def lead(p, d):  # the two pixels just past the leading edge
+        return (p + OBJ, p + OBJ + 2) if d > 0 else (p - 2, p)
     rows = lead(y, dy) if dy else (y + mid.start, y + mid.stop)
     cols = lead(x, dx) if dx else (x + mid.start, x + mid.stop)
     return tuple(max(0, a) for a in rows), tuple(max(0, a) for a in cols)
@@ -234,7 +236,9 @@ def render(scene, seed=0, palette=None, texture=0.0, noise=0.0):
     obj = np.zeros((FRAMES, SIZE, SIZE), bool)
     for t, lane, turn in zip(scene.things, lanes, turns):
         track = _positions(t.motion, lane, len(turn))
-        at = lambda f: track[min(max(f - turn.start, 0), len(turn) - 1)]  # noqa: E731
+
+        def at(f, track=track, turn=turn):  # where the thing is at frame f (still before and after its turn)
+            return track[min(max(f - turn.start, 0), len(turn) - 1)]
         m = _mask(t.shape)
         for f in range(FRAMES):
             for lag, alpha in TRAIL:
