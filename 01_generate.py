@@ -31,8 +31,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common import (UserError, check_resume, example_seed, file_hash, keep_split, plural, print0, progress,
-                    read_csv, resolve_model, run_stage, save_json, setup_distributed, shard, wait_for_files, write_csv, write_video)
+from common import UserError
+from synvita.disk import check_resume, file_hash, keep_split, read_csv, save_json, write_csv
+from synvita.runs import example_seed, plural, print0, progress, run_stage, setup_distributed, shard, wait_for_files
+from synvita.video_io import write_video
+from synvita.video_llm import resolve_model
 
 REQUIRED = ("videopath", "caption", "neg_caption", "misalignment")
 TEXTS = ("videopath", "caption", "neg_caption")  # must not be empty
@@ -236,8 +239,8 @@ def generate(pipe, prompts, seeds, settings):
 # ---- §4: V^s = G(t^s, noise) for each row ----
 def render(calls, pipe, settings, out_dir, per_call=1):
     """V^s = G(t^s, noise) for the rows of each call, one call of G each (--prompts_per_call rows),
-    written to <out_dir>/<syn_video> (common.write_video) where the video is not on disk yet."""
-    # one thread encodes the videos of call i (x264 on one core, byte-stable: common.X264_PARAMS)
+    written to <out_dir>/<syn_video> (video_io.write_video) where the video is not on disk yet."""
+    # one thread encodes the videos of call i (x264 on one core, byte-stable: video_io.X264_PARAMS)
     # while G renders call i + 1; at most one call's videos wait, and a failed write stops the run
     with ThreadPoolExecutor(1) as encoder:
         writing = []
@@ -295,7 +298,7 @@ def main(args):
     if not dist.master:  # the other ranks are done: rank 0 alone writes the outputs
         return
 
-    # ---- rank 0 writes the CSV once every row's video is on disk (common.wait_for_files) ----
+    # ---- rank 0 writes the CSV once every row's video is on disk (runs.wait_for_files) ----
     pending = [row for row in todo if not on_disk(row, args.out_dir)]
     if pending:
         print0(f"waiting for {plural(len(pending), 'video')} from the other ranks")
@@ -366,7 +369,7 @@ def cache_config(args, steps, timestep):
 
 
 def resume_record(args, settings):
-    """What the videos of out_dir are made of (common.check_resume): the input, the rows, G and every
+    """What the videos of out_dir are made of (disk.check_resume): the input, the rows, G and every
     setting that moves a pixel. The cache, compile, tiling and batching options enter only when set,
     so a folder made before them still resumes; --cpu_offload and --vae_slicing move no pixel."""
     record = {"input_csv": file_hash(args.input_csv), "split": args.split, "misalignment": sorted(args.misalignment),
@@ -385,9 +388,9 @@ def select_rows(rows, args):
     """The rows to generate, in file order, their lines in the file, and what was left out:
     {skipped: bad rows, not_selected: rows of other --misalignment types or past --limit}.
 
-    rows: common.read_csv's, which already skipped (named by line, counted) rows with a wrong
+    rows: disk.read_csv's, which already skipped (named by line, counted) rows with a wrong
     number of fields, an empty videopath / caption / neg_caption, and exact duplicates, and kept
-    those of --split (common.keep_split). Here a row with the same (videopath, neg_caption) as an
+    those of --split (disk.keep_split). Here a row with the same (videopath, neg_caption) as an
     earlier one (same identity = same seed = same video) is skipped too. A --misalignment that
     selects no row is an error."""
     keep, lines, first_line, duplicates = [], [], {}, []  # first_line: (videopath, neg_caption) -> its line
@@ -489,7 +492,7 @@ def calls_of_g(rows, per_call):
 
 
 def on_disk(row, out_dir):
-    """Whether the row's video is done: it exists under its final name. common.write_video writes a
+    """Whether the row's video is done: it exists under its final name. video_io.write_video writes a
     *.tmp<pid>.mp4 and renames it last, so a killed run's partial file never counts as done."""
     return os.path.exists(os.path.join(out_dir, row["syn_video"]))
 

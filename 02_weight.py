@@ -37,9 +37,11 @@ import torch
 
 from tqdm import tqdm
 
-from common import (WEIGHTINGS, UserError, answer_token_ids, atomic_path, check_resume, file_hash, hidden_word_spans,
-                    keep_split, load_video_llm, max_positions, naming_write_errors, print0, progress, read_csv, read_video,
-                    resolve_model, run_stage, save_json, setup_distributed, shard, wait_for_files, write_csv)
+from common import WEIGHTINGS, UserError, answer_token_ids, hidden_word_spans
+from synvita.disk import atomic_path, check_resume, file_hash, keep_split, naming_write_errors, read_csv, save_json, write_csv
+from synvita.runs import print0, progress, run_stage, setup_distributed, shard, wait_for_files
+from synvita.video_io import read_video
+from synvita.video_llm import load_video_llm, max_positions, resolve_model
 
 VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # VQAScore's question
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -307,7 +309,7 @@ def past_context(model, processor, frame, captions, vqascore="first_token"):
     message naming the column, its length and the limit; None if every prompt fits.
 
     Decoder-only (LLaVA): every position, the image's tokens and the answer tokens fed back included,
-    against the LLM's max_position_embeddings (common.max_positions), where a longer prompt would still
+    against the LLM's max_position_embeddings (video_llm.max_positions), where a longer prompt would still
     run, silently wrong. Encoder-decoder (T5: relative positions): the prompt's text tokens against the
     tokenizer's model_max_length (Flan-T5: 512). InstructBLIP's Q-Former also reads the question, on
     its own positions (512), where transformers would stop the whole run with a RuntimeError."""
@@ -440,7 +442,7 @@ def weigh(rows, keys, names, caches, weighting):
 
 def write_weighted(out_csv, stem, rows, names, weighted, skipped):
     """weighted.csv (generated.csv's columns + each member's scores + fbar twice + weight; a row without
-    scores has those cells empty) and the skip list: those rows, then the bad rows common.read_csv left
+    scores has those cells empty) and the skip list: those rows, then the bad rows disk.read_csv left
     out (rows.skipped: a wrong field count, an empty text, an exact duplicate), each with its line."""
     columns = list(rows[0]) if rows else list(REQUIRED)  # generated.csv's own columns (REQUIRED if no row)
     scores = [f"vqascore_{s}_{n}" for n in names for s in ("target", "real")]
@@ -617,7 +619,7 @@ def check_flags(args):
 
 
 def find_member(model_id):
-    """Where a member of --models loads from, found in seconds (common.resolve_model: a typo, a missing
+    """Where a member of --models loads from, found in seconds (video_llm.resolve_model: a typo, a missing
     folder, no network) before any member is loaded or any video read: {"path"}, and for CLIP-FlanT5 the
     two models its checkpoint names, {"tower": its CLIP vision tower, "tokenizer": Flan-T5's if it has none}."""
     from transformers import PretrainedConfig

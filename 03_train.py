@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import common
 from common import WEIGHTINGS
+from synvita import disk, runs, shared_prefix, video_io, video_llm
 
 TERMS = ("loss", "l_real", "l_syn", "l_scr", "l_nle")  # Eq. (7), its three terms and the NLE loss, logged apart
 NLE_QUESTION = 'What is the misalignment between this video and the description: "{caption}"?'  # VideoCon's
@@ -81,7 +82,7 @@ class Args:
     out_dir: str = "runs/train"
     """where adapter/, args.json, log.jsonl and checkpoints/ go"""
     # ---- the model f(V, t) ----
-    model: str = common.DEFAULT_MODEL
+    model: str = video_llm.DEFAULT_MODEL
     """the video LLM f(V, t): a hub id or a local directory"""
     prompt: Literal[tuple(common.PROMPT_FORMATS)] = "llava_v1"
     """Video-LLaVA's prompt (common.PROMPT_FORMATS): 'llava_v1' = the released code's, with LLaVA's
@@ -227,11 +228,11 @@ def load_triplets(args):
         raise common.UserError(f"{csv_names(args)}: no row can be trained on "
                                f"({len(skipped)} skipped: {skipped[0]['reason']})")
     if left_out:  # one line: the twins --syn_types leaves out, by type
-        common.print0(f"--syn_types {args.syn_types}: {sum(left_out.values())} twin(s) of other misalignment types "
+        runs.print0(f"--syn_types {args.syn_types}: {sum(left_out.values())} twin(s) of other misalignment types "
                       f"left out ({', '.join(f'{k}: {n}' for k, n in sorted(left_out.items()))}); their triplets "
                       f"train on L_real alone (Table 2), not listed in skipped.csv")
     if len(args.train_csv) > 1:  # Table 5's "ALL": how many twins the merged triplets have
-        common.print0(f"{len(args.train_csv)} --train_csv files merged into {len(keep)} triplets; twins per "
+        runs.print0(f"{len(args.train_csv)} --train_csv files merged into {len(keep)} triplets; twins per "
                       f"triplet: {dict(sorted(Counter(len(twins(t)) for t in keep).items()))}")
     return keep, skipped
 
@@ -259,12 +260,12 @@ def read_train_csv(path, scores, args):
     as MSR-VTT's repeated captions give): each row trains, as in the released code."""
     texts = ["videopath", "caption", "neg_caption"]  # an empty syn_video is a triplet without a twin
     columns = texts + (["syn_video"] + scores if args.use_syn else []) + (["misalignment"] if args.syn_types else [])
-    rows = common.keep_split(common.read_csv(path, columns, texts=texts), args.split, path)
+    rows = disk.keep_split(disk.read_csv(path, columns, texts=texts), args.split, path)
     return rows, phi_weights(rows, scores, args, path)
 
 
 def reader_skips(rows, path):
-    """common.read_csv's skipped rows (Rows.skipped: {problem: [lines]}) as skipped.csv's entries."""
+    """disk.read_csv's skipped rows (Rows.skipped: {problem: [lines]}) as skipped.csv's entries."""
     return [dict(file=path, line=line, videopath="", reason=problem)  # the reader keeps no cell of a bad row
             for problem, lines in rows.skipped.items() for line in lines]
 
@@ -350,7 +351,7 @@ def load_explanations(args):
     if not args.feedback_csv:
         return [], []
     texts = ["videopath", "neg_caption", "nle"]  # an empty one is a bad row of the reader, named and counted
-    rows = common.keep_split(common.read_csv(args.feedback_csv, texts, texts=texts), args.split, args.feedback_csv)
+    rows = disk.keep_split(disk.read_csv(args.feedback_csv, texts, texts=texts), args.split, args.feedback_csv)
     keep, skipped = [], reader_skips(rows, args.feedback_csv)
     for line, r in zip(rows.lines, rows):
         e = dict(kind="nle", file=args.feedback_csv, line=line, real=os.path.join(args.video_root, r["videopath"]),
@@ -426,24 +427,24 @@ def split_pair(name):
 
 
 def micro_batch_pairs(model, processor, batch, paths, frames, args):
-    """Every pair of a micro-batch (pair_specs), from ONE common.answer_states call: each video is
+    """Every pair of a micro-batch (pair_specs), from ONE shared_prefix.answer_states call: each video is
     vision-encoded and its prompt prefix run once for all of its pairs. paths, frames: the micro-batch's
     distinct videos (load_videos). Returns a Pair per spec, in order: a in float32; tokens = the
     logits and targets of the answer's K tokens (the word or the explanation, then the end token,
     teacher-forced), or None where no token loss is asked (t' pairs, and the entailment pairs under
     --answer_loss two_way)."""
-    hf, tok = common.unwrap(model), processor.tokenizer  # hf: the transformers model under LoRA (and DDP)
+    hf, tok = video_llm.unwrap(model), processor.tokenizer  # hf: the transformers model under LoRA (and DDP)
     text, _ = common.entailment_prompt(processor, hf.config.model_type, "", args.prompt)
     word = dict(zip(("Yes", "No"), common.answer_token_ids(tok, text)))  # the answers' first token ids
     specs = pair_specs(batch, processor, hf.config.model_type, word, args)
     where = {p: k for k, p in enumerate(paths)}  # a video's path -> its index in frames
-    states, logits = common.answer_states(
+    states, logits = shared_prefix.answer_states(
         model, processor, frames, [s.caption for s in specs], [where[s.video] for s in specs],
         hidden=[common.hidden_word_spans(s.caption, s.other_caption) if s.other_caption else None for s in specs],
         prompt=args.prompt, questions=[s.question or common.QUESTION for s in specs],
         answers=[s.answer or [] for s in specs])
     # states[i]: (K_i, hidden), logits[i]: (K_i, vocab); row j predicts answer token j (row 0: the word)
-    yes_no = common.answer_logits(model, torch.stack([h[0] for h in states]), [word["Yes"], word["No"]])  # (n, 2)
+    yes_no = shared_prefix.answer_logits(model, torch.stack([h[0] for h in states]), [word["Yes"], word["No"]])  # (n, 2)
     a = common.alignment_logit(yes_no[:, 0], yes_no[:, 1])  # (n,) Eq. (1)
     return [Pair(s.item, s.name, a[i], (z, torch.tensor(s.answer, device=z.device)) if s.answer else None)
             for i, (s, z) in enumerate(zip(specs, logits))]
@@ -451,16 +452,16 @@ def micro_batch_pairs(model, processor, batch, paths, frames, args):
 
 def drop_long_prompts(model, processor, items, skipped, args):
     """Leave out every triplet or explanation one of whose prompts runs past the LLM's positions
-    (common.max_positions): past them f(V, t) runs on positions the model never saw, and its scores and
+    (video_llm.max_positions): past them f(V, t) runs on positions the model never saw, and its scores and
     gradients are silently wrong. Each is named (file:line) in one printed line, listed in skipped.csv
     and counted in the summary. Returns (items, skipped)."""
-    limit = common.max_positions(model)
+    limit = video_llm.max_positions(model)
     if not math.isfinite(limit):  # a config that states no limit
         return items, skipped
     longest = prompt_positions(model, processor, items, args)  # (items,)
     over = [(it, n) for it, n in zip(items, longest) if n > limit]
-    if over:  # one line, as common.read_csv names its skipped rows
-        common.print0(f"{len(over)} row(s) skipped, prompt too long (past the model's {limit} positions): "
+    if over:  # one line, as disk.read_csv names its skipped rows
+        runs.print0(f"{len(over)} row(s) skipped, prompt too long (past the model's {limit} positions): "
                       + ", ".join(f"{it['file']}:{it['line']}" for it, _ in over[:20])
                       + (", ..." if len(over) > 20 else ""))
     skipped = skipped + [dict(file=it["file"], line=it["line"], videopath=os.path.relpath(it["real"], args.video_root),
@@ -474,9 +475,9 @@ def prompt_positions(model, processor, items, args):
     t^s and t' (hidden words still take their positions), the answer tokens teacher-forced under
     --answer_loss vocab; an explanation's question and answer): (items,) ints. One real video, read
     once, gives the video's tokens (one count for every video of a LLaVA family; Qwen-VL's follows
-    the video's size); common.prompt_lengths counts each distinct prompt once, with its own question
+    the video's size); shared_prefix.prompt_lengths counts each distinct prompt once, with its own question
     (an explanation asks another one than VideoCon's entailment question)."""
-    hf = common.unwrap(model)
+    hf = video_llm.unwrap(model)
     text, _ = common.entailment_prompt(processor, hf.config.model_type, "", args.prompt)
     word = dict(zip(("Yes", "No"), common.answer_token_ids(processor.tokenizer, text)))  # as micro_batch_pairs
     specs = pair_specs(items, processor, hf.config.model_type, word, args)
@@ -485,7 +486,7 @@ def prompt_positions(model, processor, items, args):
     unique = list(dict.fromkeys(keys))  # each measured once (t' and the twins' pairs repeat captions)
     captions, questions, fed = zip(*unique)  # fed: only the count of answer tokens matters here
     video = decode(items[0]["real"], items[0], args)
-    length = dict(zip(unique, common.prompt_lengths(model, processor, video, captions, args.prompt,
+    length = dict(zip(unique, shared_prefix.prompt_lengths(model, processor, video, captions, args.prompt,
                                                     [[0] * n for n in fed], questions)))  # last position + 1
     longest = [0] * len(items)
     for s, key in zip(specs, keys):
@@ -635,7 +636,7 @@ def main(args):
     from peft import LoraConfig, get_peft_model  # heavy imports, loaded only to train
     from transformers import get_cosine_schedule_with_warmup
 
-    dist = common.setup_distributed()  # torchrun's rank and world size; one process without torchrun
+    dist = runs.setup_distributed()  # torchrun's rank and world size; one process without torchrun
     cuda = dist.device.startswith("cuda")
     # ---- §6 data: the triplets with their twins and weights, and the explanations, in global batches ----
     triplets, skipped = load_triplets(args)  # every flag and input is checked before out_dir is touched
@@ -645,9 +646,9 @@ def main(args):
     check_out_dir(args)  # an earlier run's folder: only with --resume
 
     # ---- §6 model: the video LLM f(V, t), frozen, plus LoRA on its language model; AdamW, cosine decay ----
-    common.seed_everything(args.seed)  # the same LoRA initialisation on every rank
+    runs.seed_everything(args.seed)  # the same LoRA initialisation on every rank
     dtype = torch.bfloat16 if cuda and args.bf16 else torch.float32
-    model, processor = common.load_video_llm(args.model, dtype=dtype, device=dist.device)
+    model, processor = video_llm.load_video_llm(args.model, dtype=dtype, device=dist.device)
     items, skipped = drop_long_prompts(model, processor, items, skipped, args)  # past the LLM's positions
     plan, accum, total = micro_batch_plan(items, args, dist)  # the same global batches for any process count
     stop = min(total, args.max_steps) if args.max_steps else total  # --max_steps: as if killed there
@@ -701,7 +702,7 @@ def micro_batch_plan(items, args, dist):
     accum, rest = divmod(args.batch_size, max(args.micro_batch_size, 1) * dist.world_size)
     if rest or not accum or args.micro_batch_size < 2:
         raise common.UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
-                               f"{args.micro_batch_size} (at least 2: a triplet is 2 rows) x {common.plural(dist.world_size, 'process')}")
+                               f"{args.micro_batch_size} (at least 2: a triplet is 2 rows) x {runs.plural(dist.world_size, 'process')}")
     plan = [epoch_micro_batches(items, e, args) for e in range(args.num_epochs)]
     per_global = accum * dist.world_size  # micro-batches in one global batch
     total = sum(len(e) // per_global for e in plan)  # each epoch's tail that fills no global batch is dropped
@@ -742,7 +743,7 @@ def epoch_micro_batches(items, epoch, args):
     """Every micro-batch of epoch `epoch`: a permutation of the items seeded by (seed, epoch), the
     same on every rank (as DistributedSampler.set_epoch does), packed into micro-batches of
     --micro_batch_size released rows."""
-    g = torch.Generator().manual_seed(common.example_seed(args.seed, "epoch", epoch))  # a resume redraws it
+    g = torch.Generator().manual_seed(runs.example_seed(args.seed, "epoch", epoch))  # a resume redraws it
     return pack(torch.randperm(len(items), generator=g).tolist(), [it["rows"] for it in items], args.micro_batch_size)
 
 
@@ -793,10 +794,10 @@ def load_videos(batch, args, cache=None):
 
 
 def decode(path, item, args):
-    """common.read_video, where a video that cannot be read stops the run as a user's error naming
+    """video_io.read_video, where a video that cannot be read stops the run as a user's error naming
     the row of `item` (its file and line)."""
     try:
-        return common.read_video(path, args.num_frames, args.frame_sampling)
+        return video_io.read_video(path, args.num_frames, args.frame_sampling)
     except (OSError, ValueError) as e:  # read_video names the file and what failed
         raise common.UserError(f"{item['file']}:{item['line']}: {e}") from None
 
@@ -822,10 +823,10 @@ def print_data(items, skipped, total, accum, args, dist):
     problems = Counter(s["reason"].split(":")[0] for s in skipped if not s["reason"].startswith(NO_TWIN))
     by_problem = f" ({', '.join(f'{k}: {n}' for k, n in sorted(problems.items()))})" if problems else ""
     but = " but the twins --syn_types leaves out" if args.syn_types else ""  # Table 2's are not skipped
-    common.print0(f"{len(triplets)} triplets ({no_twin} without a twin, trained on L_real alone) and "
+    runs.print0(f"{len(triplets)} triplets ({no_twin} without a twin, trained on L_real alone) and "
                   f"{len(items) - len(triplets)} explanations; {sum(problems.values())} rows skipped{by_problem}"
-                  f"; all listed in skipped.csv{but}. {common.plural(total, 'step')} of {args.batch_size} rows = "
-                  f"{common.plural(dist.world_size, 'process')} x {common.plural(accum, 'micro-batch')} x {args.micro_batch_size}")
+                  f"; all listed in skipped.csv{but}. {runs.plural(total, 'step')} of {args.batch_size} rows = "
+                  f"{runs.plural(dist.world_size, 'process')} x {runs.plural(accum, 'micro-batch')} x {args.micro_batch_size}")
 
 
 def micro_step(loss_fn, ddp_model, processor, loaded, step, last, accum, args, dist):
@@ -836,10 +837,10 @@ def micro_step(loss_fn, ddp_model, processor, loaded, step, last, accum, args, d
     if isinstance(frames, common.UserError):  # a video of the micro-batch could not be decoded (load_videos)
         raise frames
     # the LoRA dropout's seed comes from the step and the rows, not the process: any rank count draws the same
-    torch.manual_seed(common.example_seed(args.seed, step, *[(r["kind"], r["line"]) for r in batch]))
+    torch.manual_seed(runs.example_seed(args.seed, step, *[(r["kind"], r["line"]) for r in batch]))
     # gradients are all-reduced only in the last micro-step's backward; the others accumulate locally
     with contextlib.nullcontext() if dist.world_size == 1 or last else ddp_model.no_sync():
-        # bf16 on GPU (--bf16); Eq. (1)'s logits are computed in float32 all the same (common.answer_logits)
+        # bf16 on GPU (--bf16); Eq. (1)'s logits are computed in float32 all the same (shared_prefix.answer_logits)
         with torch.autocast("cuda", torch.bfloat16, enabled=dist.device.startswith("cuda") and args.bf16):
             terms = loss_fn(micro_batch_pairs(ddp_model, processor, batch, paths, frames, args), batch, args)
         if not all(torch.isfinite(v) for v in terms.values()):  # stop at once, naming the rows to look at
@@ -861,9 +862,9 @@ def log_step(sums, step, lr, grad_norm, t0, accum, args, dist):
         line = dict(step=step + 1, **dict(zip(TERMS, sums.tolist())), lr=lr,
                     grad_norm=grad_norm.item(), rows_per_s=args.batch_size / (time.time() - t0))
         path = os.path.join(args.out_dir, "log.jsonl")
-        with common.naming_write_errors(path), open(path, "a", encoding="utf-8") as fh:  # a full disk names it
+        with disk.naming_write_errors(path), open(path, "a", encoding="utf-8") as fh:  # a full disk names it
             fh.write(json.dumps(line) + "\n")  # a line cut by a kill or a full disk: resume_log drops it
-        common.print0(" ".join(f"{k} {v:.4g}" for k, v in line.items()))
+        runs.print0(" ".join(f"{k} {v:.4g}" for k, v in line.items()))
 
 
 # ---- out_dir: settings, checkpoints (LoRA weights, optimizer, scheduler, step), the adapter ----
@@ -872,9 +873,9 @@ def checkpoint_settings(args, items):
     CSVs' content (sha256; one per --train_csv, in order) and the item count. --resume refuses a
     checkpoint with other settings."""
     # the CSVs by content, not by path: a changed weight column must not resume an older run
-    hashes = [common.file_hash(path) for path in args.train_csv]  # another list of CSVs is another run
+    hashes = [disk.file_hash(path) for path in args.train_csv]  # another list of CSVs is another run
     settings = {**asdict(args), "train_csv": hashes[0] if len(hashes) == 1 else hashes, "items": len(items),
-                "feedback_csv": common.file_hash(args.feedback_csv) if args.feedback_csv else ""}
+                "feedback_csv": disk.file_hash(args.feedback_csv) if args.feedback_csv else ""}
     if not args.syn_types:  # as a checkpoint written before --syn_types existed records it: absent
         del settings["syn_types"]
     return {k: v for k, v in settings.items() if k not in RUN_ONLY}
@@ -904,10 +905,10 @@ def start_out_dir(args, skipped, start, dist):
     record = asdict(args)  # Args(**record) gives these settings back
     if len(args.train_csv) == 1:  # one CSV as a path, as args.json held it before --train_csv took several
         record["train_csv"] = args.train_csv[0]
-    common.save_json(os.path.join(args.out_dir, "args.json"), record)
-    common.write_csv(os.path.join(args.out_dir, "skipped.csv"), skipped, ["file", "line", "videopath", "reason"])
+    disk.save_json(os.path.join(args.out_dir, "args.json"), record)
+    disk.write_csv(os.path.join(args.out_dir, "skipped.csv"), skipped, ["file", "line", "videopath", "reason"])
     if logged is not None:  # every kept line ends with a newline, so the next step appends a line of its own
-        with common.atomic_path(log_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        with disk.atomic_path(log_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(text + "\n" for step, text in logged if step <= start)
 
 
@@ -924,7 +925,7 @@ def resume_log(path):
             if n < len(lines):
                 raise common.UserError(f"{path}:{n}: not a line of this log ({text[:40]!r}); delete that line, "
                                        f"or pass another --out_dir") from None
-            common.print0(f"{path}:{n}: its last line was cut short (a kill or a full disk?); dropped: {text[:40]!r}")
+            runs.print0(f"{path}:{n}: its last line was cut short (a kill or a full disk?); dropped: {text[:40]!r}")
     return logged
 
 
@@ -932,7 +933,7 @@ def save_checkpoint(args, step, settings, model, optimizer, scheduler):
     """Write out_dir/checkpoints/step_NNNNNNN.pt atomically, then delete the older ones."""
     path = os.path.join(args.out_dir, "checkpoints", f"step_{step:07d}.pt")
     lora = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    with common.atomic_path(path) as tmp:  # the key "plan" holds the settings (the name older checkpoints use)
+    with disk.atomic_path(path) as tmp:  # the key "plan" holds the settings (the name older checkpoints use)
         torch.save(dict(step=step, plan=settings, lora=lora, optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict()), tmp)
     for old in glob.glob(os.path.join(args.out_dir, "checkpoints", "step_*.pt")):
@@ -948,10 +949,10 @@ def load_checkpoint(args, settings, model, optimizer, scheduler):
     from (seed, epoch); the data position is the step number itself."""
     paths = sorted(glob.glob(os.path.join(args.out_dir, "checkpoints", "step_*.pt")))
     if not paths:
-        common.print0(f"--resume: no checkpoint in {args.out_dir}/checkpoints, starting from step 0")
+        runs.print0(f"--resume: no checkpoint in {args.out_dir}/checkpoints, starting from step 0")
         return 0
     state = torch.load(paths[-1], map_location="cpu", weights_only=True)
-    if differ := common.settings_diff(state["plan"], settings):  # else the weights would mix two set-ups
+    if differ := disk.settings_diff(state["plan"], settings):  # else the weights would mix two set-ups
         raise common.UserError(f"{paths[-1]}: written with other settings ({differ}); resume with the same settings")
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -959,20 +960,20 @@ def load_checkpoint(args, settings, model, optimizer, scheduler):
                 p.copy_(state["lora"][n])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    common.print0(f"resumed from {paths[-1]} (step {state['step']})")
+    runs.print0(f"resumed from {paths[-1]} (step {state['step']})")
     return state["step"]
 
 
 def save_adapter(args, model, dist):
     """Rank 0: the LoRA adapter (peft save_pretrained) written aside, then renamed to out_dir/adapter
-    (common.atomic_path), so that no reader meets half an adapter and a full disk keeps the old one."""
+    (disk.atomic_path), so that no reader meets half an adapter and a full disk keeps the old one."""
     if not dist.master:
         return
     final = os.path.join(args.out_dir, "adapter")
-    with common.atomic_path(final) as tmp:
+    with disk.atomic_path(final) as tmp:
         model.save_pretrained(tmp)
-    common.print0(f"saved {final}")
+    runs.print0(f"saved {final}")
 
 
 if __name__ == "__main__":
-    common.run_stage(main, Args)  # a user's mistake: `error: ...`, exit 2
+    runs.run_stage(main, Args)  # a user's mistake: `error: ...`, exit 2

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 import common
+from synvita import disk, runs, shared_prefix, video_io, video_llm
 
 # Paper Table 3 (AUC / mAP / accuracy, %), printed beside our numbers.
 PAPER_TABLE3 = {
@@ -56,7 +57,7 @@ SCORE_COLUMNS = ["videopath", "caption", "score", "logit"]
 
 @dataclass
 class Args:
-    model: str = common.DEFAULT_MODEL
+    model: str = video_llm.DEFAULT_MODEL
     """the base video LLM f: hub id or local directory"""
     prompt: Literal[tuple(common.PROMPT_FORMATS)] = "llava_v1"
     """Video-LLaVA's prompt (common.PROMPT_FORMATS): 'llava_v1' = the released code's, with LLaVA's
@@ -92,7 +93,7 @@ class Args:
     """frame sampling: 'uniform' (Video-LLaVA) or 'middle' (VideoCon / mPLUG-Owl)"""
     batch_size: int = 64
     """captions packed after one copy of their video's prompt prefix in a row of a forward pass
-    (common.answer_states)"""
+    (shared_prefix.answer_states)"""
     video_batch: int = 4
     """videos vision-encoded and prefixed together (and decoded ahead, in as many threads)"""
     out_dir: str = "runs/eval"
@@ -194,7 +195,7 @@ def question_types(args):
     the statements file. Read before any scoring; ids and questions stripped, the type's case ignored
     (its first letter is the split: C causal, T temporal)."""
     path = args.atphard_types or os.path.join(os.path.dirname(args.atphard), "nextqa-atphard.csv")
-    rows = common.read_csv(path, ["video", "question", "type"], texts=("video", "question", "type"))
+    rows = disk.read_csv(path, ["video", "question", "type"], texts=("video", "question", "type"))
     return {(r["video"].strip(), r["question"].strip()): r["type"].strip().upper() for r in rows}
 
 
@@ -237,7 +238,7 @@ def read_task(name, path):
     columns = csv_header(path)  # read_csv below names the file if it cannot be read
     url_layout = name == "videocon_human" and "video_url" in columns and "videopath" not in columns
     where = "video_url" if url_layout else "videopath"
-    rows = common.read_csv(path, [where, "caption", *required], texts=(where, *texts))
+    rows = disk.read_csv(path, [where, "caption", *required], texts=(where, *texts))
     n_rows = len(rows) + sum(map(len, rows.skipped.values()))  # as read, bad rows included
     if where == "video_url":  # each row's videopath: its URL's file name, under --video_root
         videopaths_from_urls(path, rows)
@@ -300,7 +301,7 @@ def skip_rows(path, rows, why, skip):
     under `why` in rows.skipped (and so in results.json and <task>_skipped.csv)."""
     kept = rows.where(lambda line, r: not skip(line, r))  # read_csv's Rows: lines stay beside rows
     if lines := sorted(set(rows.lines) - set(kept.lines)):  # the lines left out
-        common.print0(f"{path}: {len(lines)} row(s) skipped, {why}: line(s) {', '.join(map(str, lines[:20]))}"
+        runs.print0(f"{path}: {len(lines)} row(s) skipped, {why}: line(s) {', '.join(map(str, lines[:20]))}"
                       + (", ..." if len(lines) > 20 else ""))
         rows.skipped[why] = rows.skipped.get(why, []) + lines  # one list: results.json and the skip file
     return kept
@@ -357,7 +358,7 @@ def one_answer_per_question(path, rows):
 
 
 def csv_header(path):
-    """The column names of a CSV file, as a set; empty if it cannot be read (common.read_csv then says why)."""
+    """The column names of a CSV file, as a set; empty if it cannot be read (disk.read_csv then says why)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             return set(next(csv.reader(fh), []))
@@ -381,27 +382,27 @@ def videopaths_from_urls(path, rows):
             raise common.UserError(f"{path}: lines {other[0]} and {line}: two video_urls with the file name "
                              f"{r['videopath']!r} ({other[1]}, {url})")
     # one line, so that a reader knows where the clips are looked for
-    common.print0(f"{path}: no videopath column: each video_url is read as <--video_root>/<its file name>, "
+    runs.print0(f"{path}: no videopath column: each video_url is read as <--video_root>/<its file name>, "
                   f"e.g. {rows[0]['video_url'].strip()} -> {rows[0]['videopath']}")
 
 
 # ---- §3 Eq. (1): f(V, t) for every (video, caption) pair of a task ----
 def prompts_too_long(path, pairs, model, processor, args):
     """f(V, t) (Eq. 1) read at positions the LLM never saw would be silently wrong: {pair: why} for
-    the pairs whose prompt runs past common.max_positions(model), named by file:line in one printed
+    the pairs whose prompt runs past video_llm.max_positions(model), named by file:line in one printed
     line. Measured once per task with its first readable video (Video-LLaVA: 8 x 257 video tokens
     whatever the video; Qwen-VL: by its size); none readable: {} (nothing is scored, main says why)."""
-    limit = common.max_positions(model)
+    limit = video_llm.max_positions(model)
     videos = (load_video(v, args)[1] for v in sorted({v for v, _ in pairs}))
     if (frames := next((f for f in videos if not isinstance(f, Exception)), None)) is None:
         return {}  # nothing will be scored either; check_scored says why
     captions = sorted({t for _, t in pairs})
     with torch.no_grad():  # the positions each caption's whole prompt takes with this video
-        lengths = dict(zip(captions, common.prompt_lengths(model, processor, frames, captions, args.prompt)))
+        lengths = dict(zip(captions, shared_prefix.prompt_lengths(model, processor, frames, captions, args.prompt)))
     long = {p: f"prompt of {lengths[p[1]]} positions, past the model's {limit}" for p in pairs if lengths[p[1]] > limit}
     if long:  # named by the task file's lines, as read_csv names the rows it skips
         lines = sorted({pairs[p] for p in long})
-        common.print0(f"{path}: {len(long)} pair(s) left out, their prompt runs past the model's {limit} "
+        runs.print0(f"{path}: {len(long)} pair(s) left out, their prompt runs past the model's {limit} "
                       f"positions: line(s) {', '.join(map(str, lines[:20]))}" + (", ..." if len(lines) > 20 else ""))
     return long
 
@@ -411,7 +412,7 @@ def score_task(name, pairs, model, processor, args, dist):
     rank's part file as it goes; rank 0 then merges everything into <task>_scores.csv.
 
     No collective: videos are sharded before the resume scan, so no rank needs to agree with the
-    others on what is done, and rank 0 waits for each rank's `finished` file (common.wait_for_files),
+    others on what is done, and rank 0 waits for each rank's `finished` file (runs.wait_for_files),
     which also carries that rank's unreadable videos, however far apart the shards finish."""
     todo = pairs_left(name, pairs, args, dist)  # this rank's {videopath: captions still unscored}
     videos = sorted(todo)
@@ -420,7 +421,7 @@ def score_task(name, pairs, model, processor, args, dist):
     os.makedirs(args.out_dir, exist_ok=True)
     with open(part, "a", encoding="utf-8") as fh:
         # lists of --video_batch videos; threads decode the next list while f runs on this one
-        chunks = common.progress(decoded_videos(videos, args), total=-(-len(videos) // args.video_batch), desc=name)
+        chunks = runs.progress(decoded_videos(videos, args), total=-(-len(videos) // args.video_batch), desc=name)
         for chunk in chunks:
             bad += [[v, str(frames)] for v, frames in chunk if isinstance(frames, Exception)]
             batch = [(v, frames) for v, frames in chunk if not isinstance(frames, Exception)]
@@ -432,7 +433,7 @@ def score_task(name, pairs, model, processor, args, dist):
             # §3 Eq. (1): each video encoded once, its prompt prefix run once per row of captions;
             # yes_no: (pairs, 2) = logit_Yes, logit_No where the answer starts; a: (pairs,)
             with torch.no_grad():
-                yes_no = common.yes_no_logits(model, processor, [frames for _, frames in batch], captions, index,
+                yes_no = shared_prefix.yes_no_logits(model, processor, [frames for _, frames in batch], captions, index,
                                               prompt=args.prompt, per_row=args.batch_size)
                 a = common.alignment_logit(yes_no[:, 0], yes_no[:, 1])  # f = alignment_score(a)
             # one record a line, [videopath, caption, f, a], f and a with 9 significant digits (a
@@ -457,7 +458,7 @@ def table3(results, label):
 
 def main(args):
     # ---- setup: the tasks asked for, the ranks, f = the video LLM (+ 03_train.py's adapter) ----
-    dist = common.setup_distributed()
+    dist = runs.setup_distributed()
     tasks = {name: getattr(args, name) for name in TASKS if getattr(args, name)}
     if not tasks:
         raise common.UserError(f"give a task file ({', '.join('--' + t for t in TASKS)})")
@@ -468,9 +469,9 @@ def main(args):
     if dist.world_size > 1:  # at startup, the ranks a moment apart: the only collective of this script
         torch.distributed.barrier()
     # --scores: the metrics of a score file, no model
-    model, processor = (None, None) if args.scores else common.load_video_llm(args.model, device=dist.device)
+    model, processor = (None, None) if args.scores else video_llm.load_video_llm(args.model, device=dist.device)
     if model is not None and args.adapter:  # the LoRA adapter of 03_train.py on the base model
-        model = common.load_adapter(model, args.adapter, args.model)
+        model = video_llm.load_adapter(model, args.adapter, args.model)
     results = {}
     for name, path in tasks.items():
         # ---- §6 datasets: the task file (and ATP-Hard's question types), every cell checked first ----
@@ -493,15 +494,15 @@ def main(args):
                          "pairs_too_long": len(too_long), "videos_failed": len(bad), "failed": [m for _, m in bad],
                          "skipped": skipped}
         # one line of its numbers and counts; the lists and dicts go to results.json only
-        common.print0(f"{name}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in
+        runs.print0(f"{name}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in
                                         results[name].items() if not isinstance(v, (dict, list)) and "file" not in k))
-        common.print0("".join(f"  unreadable video: {m}\n" for _, m in bad[:10]), end="")
+        runs.print0("".join(f"  unreadable video: {m}\n" for _, m in bad[:10]), end="")
     # ---- §6 Table 3: the paper's rows and ours; results.json ----
     if dist.master:  # our row's label: the score file's name, or e.g. "train/adapter"
         label = os.path.basename(args.scores) if args.scores else "/".join(
             os.path.normpath(args.adapter or args.model).split(os.sep)[-2:])
-        common.print0(table3(results, label))
-        common.save_json(os.path.join(args.out_dir, "results.json"), {"args": asdict(args), "results": results})
+        runs.print0(table3(results, label))
+        disk.save_json(os.path.join(args.out_dir, "results.json"), {"args": asdict(args), "results": results})
     if dist.world_size > 1:
         torch.distributed.destroy_process_group()
     return results
@@ -524,8 +525,8 @@ def write_skipped(name, path, rows_skipped, bad, too_long, pairs, args):
     out += [dict(file=path, line=pairs[p], videopath=p[0], reason=why) for p, why in too_long.items()]
     target = os.path.join(args.out_dir, f"{name}_skipped.csv")
     if out:  # the lines agree with the counts: they are the same lists
-        common.write_csv(target, out, ["file", "line", "videopath", "reason"])
-        common.print0(f"{name}: {len(out)} row(s), video(s) and pair(s) left out, each listed in {target}")
+        disk.write_csv(target, out, ["file", "line", "videopath", "reason"])
+        runs.print0(f"{name}: {len(out)} row(s), video(s) and pair(s) left out, each listed in {target}")
     elif os.path.exists(target):  # an earlier run's list; nothing is left out now
         os.remove(target)
     return len(out)
@@ -537,7 +538,7 @@ def check_scored(name, path, pairs, scores, score_file, bad, too_long):
     stops with one line that says why (a wrong --video_root, every prompt too long, a score file of
     another task) instead of "pairs_scored 0" and exit status 0."""
     if stray := sorted(scores.keys() - pairs.keys()):  # another task's rows, or other paths
-        common.print0(f"{score_file}: {len(stray)} score(s) match no pair of {path}, e.g. {stray[0]}")
+        runs.print0(f"{score_file}: {len(stray)} score(s) match no pair of {path}, e.g. {stray[0]}")
     if any(p in scores for p in pairs):
         return len(stray)
     if bad:  # every video unreadable: almost always a wrong folder, not broken files
@@ -595,7 +596,7 @@ def collect_scores(path, numbered):
         scores[key], first[key] = score, line
         rows.append(row)  # as read, for the merge of the parts
     if malformed:
-        common.print0(f"{path}: {len(malformed)} row(s) skipped, not videopath, caption, score in [0, 1]: "
+        runs.print0(f"{path}: {len(malformed)} row(s) skipped, not videopath, caption, score in [0, 1]: "
                       f"line(s) {', '.join(map(str, malformed[:20]))}" + (", ..." if len(malformed) > 20 else ""))
     return scores, rows, {"duplicates": duplicates, "malformed": len(malformed)}
 
@@ -620,7 +621,7 @@ def read_part(path):
 
 
 def part_files(name, args):
-    """The ranks' part files of a task (not a temporary file of common.atomic_path)."""
+    """The ranks' part files of a task (not a temporary file of disk.atomic_path)."""
     found = glob.glob(os.path.join(glob.escape(args.out_dir), f"{name}_scores.rank*.jsonl"))
     return sorted(p for p in found if re.fullmatch(r"rank\d+", p.rsplit(".", 2)[-2]))
 
@@ -629,28 +630,28 @@ def pairs_left(name, pairs, args, dist):
     """This rank's share of the pairs that no earlier run scored: {videopath: [captions]}.
 
     Checks first that the scores already in out_dir were made with these settings
-    (common.check_resume), and cuts a killed run's torn last record off this rank's part file."""
+    (disk.check_resume), and cuts a killed run's torn last record off this rank's part file."""
     final = os.path.join(args.out_dir, f"{name}_scores.csv")
     adapter = [os.path.join(args.adapter, f) for f in ("adapter_config.json", "adapter_model.safetensors")]
     # scores already in out_dir count only if made with the same task file, model and frames
-    common.check_resume(os.path.join(args.out_dir, f"{name}_settings.json"), {  # the scores here are of this
-        "task_file": common.file_hash(getattr(args, name)), "model": args.model, "prompt": args.prompt,
-        "adapter": [common.file_hash(f) for f in adapter if os.path.exists(f)] if args.adapter else "",
+    disk.check_resume(os.path.join(args.out_dir, f"{name}_settings.json"), {  # the scores here are of this
+        "task_file": disk.file_hash(getattr(args, name)), "model": args.model, "prompt": args.prompt,
+        "adapter": [disk.file_hash(f) for f in adapter if os.path.exists(f)] if args.adapter else "",
         **{k: getattr(args, k) for k in ("video_root", "strip_prefix", "num_frames", "sampling")}}, dist)
     part = os.path.join(args.out_dir, f"{name}_scores.rank{dist.rank}.jsonl")
     if os.path.exists(part) and (end := read_part(part)[3]) < os.path.getsize(part):
         data = open(part, "rb").read()[:end]  # a killed run's torn record: cut before anything is appended
-        with common.atomic_path(part) as tmp, open(tmp, "wb") as fh:
+        with disk.atomic_path(part) as tmp, open(tmp, "wb") as fh:
             fh.write(data)
     # done: every pair in the merged file or in any rank's part (a rerun may use another rank count)
     done = set(read_scores(final)[0]) if os.path.exists(final) else set()
     done = done.union(*(read_part(p)[0] for p in part_files(name, args)))
-    videos = set(common.shard(sorted({v for v, _ in pairs}), dist))  # by video, before the scan
+    videos = set(runs.shard(sorted({v for v, _ in pairs}), dist))  # by video, before the scan
     todo = defaultdict(list)  # videopath -> captions still to score on it (this rank's videos only)
     for video, caption in sorted(set(pairs) - done):
         if video in videos:
             todo[video].append(caption)
-    common.print0(f"{name}: {len(set(pairs) & done)} of {len(pairs)} pairs already scored; "
+    runs.print0(f"{name}: {len(set(pairs) & done)} of {len(pairs)} pairs already scored; "
                   f"{len(todo)} videos to run on rank 0 of {dist.world_size}")
     return todo
 
@@ -661,15 +662,15 @@ def merge_parts(name, bad, args, dist):
     Returns (<task>_scores.csv, the unreadable videos: this rank's, or on rank 0 every rank's)."""
     final = os.path.join(args.out_dir, f"{name}_scores.csv")
     finished = [os.path.join(args.out_dir, f"{name}_finished.rank{r}.json") for r in range(dist.world_size)]
-    common.save_json(finished[dist.rank], bad)  # this rank's part is complete
+    disk.save_json(finished[dist.rank], bad)  # this rank's part is complete
     if not dist.master:
         return final, bad
-    common.wait_for_files(finished)  # not a barrier: no timeout however far apart the shards finish
+    runs.wait_for_files(finished)  # not a barrier: no timeout however far apart the shards finish
     bad = [m for path in finished for m in json.load(open(path, encoding="utf-8"))]
     parts = part_files(name, args)
     # the rows as read: the earlier runs' merged file first, then each rank's complete records
     merged = (read_scores(final)[1] if os.path.exists(final) else []) + [r for p in parts for r in read_part(p)[1]]
-    common.write_csv(final, [dict(zip(SCORE_COLUMNS, r)) for r in merged], SCORE_COLUMNS)
+    disk.write_csv(final, [dict(zip(SCORE_COLUMNS, r)) for r in merged], SCORE_COLUMNS)
     list(map(os.remove, parts + finished))
     return final, bad
 
@@ -679,7 +680,7 @@ def load_video(path, args):
     # VideoCon's ATP-Hard file holds the authors' absolute paths: --strip_prefix maps them onto --video_root
     local = path[len(args.strip_prefix):] if args.strip_prefix and path.startswith(args.strip_prefix) else path
     try:
-        return path, common.read_video(os.path.join(args.video_root, local), args.num_frames, args.sampling)
+        return path, video_io.read_video(os.path.join(args.video_root, local), args.num_frames, args.sampling)
     except (OSError, ValueError) as e:  # a missing or broken video is reported, not fatal
         return path, e
 
@@ -697,4 +698,4 @@ def decoded_videos(paths, args):
 
 
 if __name__ == "__main__":
-    common.run_stage(main, Args)  # a user's mistake: `error: ...`, exit 2
+    runs.run_stage(main, Args)  # a user's mistake: `error: ...`, exit 2

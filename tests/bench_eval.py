@@ -24,7 +24,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-common, tiny = map(importlib.import_module, ("common", "tiny"))  # through the path above
+common, tiny, shared_prefix, video_llm = map(importlib.import_module, (
+    "common", "tiny", "synvita.shared_prefix", "synvita.video_llm"))  # through the path above
 
 spec = importlib.util.spec_from_file_location("stage04", os.path.join(os.path.dirname(HERE), "04_eval.py"))
 ev = sys.modules["stage04"] = importlib.util.module_from_spec(spec)
@@ -51,13 +52,13 @@ def main():
     torch.set_num_threads(args.threads)
     model_dir = args.model or tiny.tiny_video_llava(tempfile.mkdtemp(prefix="bench-tiny-video-llava-"),
                                                          frame_size=args.frame_size)
-    model, processor = common.load_video_llm(model_dir)
+    model, processor = video_llm.load_video_llm(model_dir)
     captions = captions49()
     frames = [tiny.moving_square(num_frames=8, size=args.frame_size, direction=1 - 2 * (k % 2), seed=k)
               for k in range(args.videos)]
     pairs = [(v, c) for v in range(args.videos) for c in captions]
     print(f"workload: {len(captions)} captions x {args.videos} videos = {len(pairs)} pairs, "
-          f"{common.encode_videos(model, processor, frames[:1]).shape[1]} video tokens per prompt, "
+          f"{shared_prefix.encode_videos(model, processor, frames[:1]).shape[1]} video tokens per prompt, "
           f"torch threads {torch.get_num_threads()}")
 
     # the three paths take turns on each group of --video_batch videos, so that load from other
@@ -70,7 +71,7 @@ def main():
         seconds[0] += time.perf_counter() - start
 
         start = time.perf_counter()
-        features = common.encode_videos(model, processor, [frames[v] for v in chunk])
+        features = shared_prefix.encode_videos(model, processor, [frames[v] for v in chunk])
         per_pair += [tiny.alignment_logits(model, processor, None, [c], features=features[k:k + 1])
                      for k in range(len(chunk)) for c in captions]
         seconds[1] += time.perf_counter() - start

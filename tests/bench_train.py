@@ -1,5 +1,5 @@
 """Benchmark (not a test; pytest does not collect it): one training micro-step of 03_train.py, where
-the six scores of every triplet come from ONE common.answer_states call (03's micro_batch_pairs) (each video decoded, vision-encoded
+the six scores of every triplet come from ONE shared_prefix.answer_states call (03's micro_batch_pairs) (each video decoded, vision-encoded
 and its prompt prefix run once, the six caption suffixes packed after the prefixes, the LM head on the
 answer positions only), against the released code's per-sequence way, where every (video, caption)
 pair is an independent full pass whose inputs the processor builds (the video decoded again, the
@@ -42,7 +42,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
-common, tiny, tiny_train = map(importlib.import_module, ("common", "tiny", "tiny_train"))  # through the path above
+common, tiny, tiny_train, video_io, video_llm = map(importlib.import_module, (
+    "common", "tiny", "tiny_train", "synvita.video_io", "synvita.video_llm"))  # through the path above
 
 spec = importlib.util.spec_from_file_location("train", os.path.join(ROOT, "03_train.py"))
 train = importlib.util.module_from_spec(spec)
@@ -52,13 +53,13 @@ spec.loader.exec_module(train)
 def per_sequence_logits(model, processor, batch, args):
     """The released code's way: every pair its own full pass, inputs built by the processor, the
     video read again for every pair; t' by zeroing the attention of the hidden caption tokens."""
-    hf = common.unwrap(model)
+    hf = video_llm.unwrap(model)
     out = {k: [] for k in ("rr", "rs", "ss", "sr", "r'", "s'")}
     for r in batch:
         for name, video, text, other in (("rr", "real", "caption", "neg"), ("rs", "real", "neg", "caption"),
                                          ("ss", "syn", "neg", "caption"), ("sr", "syn", "caption", "neg"),
                                          ("r'", "real", "caption", "neg"), ("s'", "syn", "neg", "caption")):
-            frames = common.read_video(r[video], args.num_frames, args.frame_sampling)
+            frames = video_io.read_video(r[video], args.num_frames, args.frame_sampling)
             prompt, start = common.entailment_prompt(processor, hf.config.model_type, r[text])
             inputs = processor(text=prompt, videos=[frames], return_tensors="pt").to(hf.device)
             if name.endswith("'"):  # hide the words outside LCS(t^r, t^s) after the video tokens
@@ -109,7 +110,7 @@ def child(opts):
     rows = train.load_triplets(args)[0][: opts.micro_batch_size]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model, processor = common.load_video_llm(opts.model, device=device)
+    model, processor = video_llm.load_video_llm(opts.model, device=device)
     model.activation_checkpointing_enable()
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                              target_modules=train.LORA_TARGETS)).train()

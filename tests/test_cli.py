@@ -9,6 +9,7 @@ import pytest
 import common
 import tiny
 from tiny import ROOT, assert_user_error, run_cli, run_main
+from synvita import disk, video_llm
 
 STAGES = ("01_generate.py", "02_weight.py", "03_train.py", "04_eval.py")
 
@@ -53,9 +54,9 @@ def test_a_folder_given_relatively_is_not_taken_for_a_hub_id(tmp_path, monkeypat
 
 
 def resolve_in_a_fresh_process(name, tmp_path, **env):
-    """common.resolve_model(name) in a new interpreter (huggingface_hub reads HF_HUB_OFFLINE, HF_HOME
+    """video_llm.resolve_model(name) in a new interpreter (huggingface_hub reads HF_HUB_OFFLINE, HF_HOME
     and HF_ENDPOINT when imported): what it returns, or its error's message."""
-    script = ("import common\ntry:\n    print(common.resolve_model(%r))\nexcept common.UserError as e:\n"
+    script = ("import common\nfrom synvita import video_llm\ntry:\n    print(video_llm.resolve_model(%r))\nexcept common.UserError as e:\n"
               "    print('UserError', e)\n" % name)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), **env}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -86,9 +87,9 @@ def test_a_cached_hub_id_loads_from_its_folder_with_no_network(tmp_path):
 
 
 def test_an_existing_folder_is_loaded_as_it_is(tmp_path):
-    assert common.resolve_model(str(tmp_path)) == str(tmp_path)
+    assert video_llm.resolve_model(str(tmp_path)) == str(tmp_path)
     with pytest.raises(common.UserError, match=r"--pipeline \./nowhere: no such folder"):
-        common.resolve_model("./nowhere", "--pipeline")
+        video_llm.resolve_model("./nowhere", "--pipeline")
 
 
 def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
@@ -99,7 +100,7 @@ def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(json, "dump", full)
     with pytest.raises(common.UserError, match=rf"{tmp_path}/out/args.json: cannot write it: No space left on device"):
-        common.save_json(str(tmp_path / "out" / "args.json"), {"a": 1})
+        disk.save_json(str(tmp_path / "out" / "args.json"), {"a": 1})
     assert os.listdir(tmp_path / "out") == []  # no temporary file left behind
 
 
@@ -110,14 +111,14 @@ def test_torch_save_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(common.UserError, match=r"state.pt: cannot write it \(is the disk full\?\)"):
-        with common.atomic_path(str(tmp_path / "state.pt")) as tmp:
+        with disk.atomic_path(str(tmp_path / "state.pt")) as tmp:
             torch.save({}, tmp)
 
 
 def test_a_bug_keeps_its_traceback(tmp_path):
     # run_stage turns only UserError into one line: any other exception is a bug and shows where
-    script = ("import common, dataclasses\n@dataclasses.dataclass\nclass Args:\n    x: int = 1\n"
-              "def main(args):\n    raise KeyError('bug')\ncommon.run_stage(main, Args)\n")
+    script = ("import dataclasses\nfrom synvita import runs\n@dataclasses.dataclass\nclass Args:\n    x: int = 1\n"
+              "def main(args):\n    raise KeyError('bug')\nruns.run_stage(main, Args)\n")
     path = tmp_path / "stage.py"
     path.write_text(script)
     done = subprocess.run([sys.executable, str(path)], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},

@@ -11,8 +11,8 @@ from transformers import AutoProcessor
 
 import common
 import tiny
-from common import (WEIGHTINGS, alignment_logit, alignment_score, hidden_word_spans, longest_common_subsequence,
-                    loss_real, loss_scr, loss_syn, token_visibility, total_loss)
+from common import WEIGHTINGS, alignment_logit, alignment_score, hidden_word_spans, longest_common_subsequence, loss_real, loss_scr, loss_syn, token_visibility, total_loss
+from synvita import disk, runs, shared_prefix, video_io, video_llm
 
 T = torch.tensor
 
@@ -219,19 +219,19 @@ def test_t_prime_maps_words_to_subword_tokens():
 
 # ---- plumbing -----------------------------------------------------------------------------------
 def test_frame_indices():
-    assert list(common.frame_indices(10, 4, "uniform")) == [0, 3, 6, 9]
-    assert list(common.frame_indices(32, 4, "middle")) == [4, 12, 20, 28]
-    assert list(common.frame_indices(3, 8, "uniform")) == [0, 0, 0, 0, 1, 1, 1, 2]  # short clips repeat
+    assert list(video_io.frame_indices(10, 4, "uniform")) == [0, 3, 6, 9]
+    assert list(video_io.frame_indices(32, 4, "middle")) == [4, 12, 20, 28]
+    assert list(video_io.frame_indices(3, 8, "uniform")) == [0, 0, 0, 0, 1, 1, 1, 2]  # short clips repeat
     # truncated, not rounded, as the released code's np.linspace(0, n - 1, 8, dtype=int)
-    assert list(common.frame_indices(300, 8, "uniform")) == [0, 42, 85, 128, 170, 213, 256, 299]
+    assert list(video_io.frame_indices(300, 8, "uniform")) == [0, 42, 85, 128, 170, 213, 256, 299]
     with pytest.raises(ValueError, match="unknown frame sampling"):
-        common.frame_indices(10, 4, "random")
+        video_io.frame_indices(10, 4, "random")
 
 
 def test_read_real_videocon_mp4(real_mp4):
-    frames = common.read_video(real_mp4, num_frames=8)
+    frames = video_io.read_video(real_mp4, num_frames=8)
     assert frames.shape == (8, 720, 1280, 3) and frames.dtype == np.uint8
-    assert common.read_video(real_mp4, num_frames=32, sampling="middle").shape[0] == 32
+    assert video_io.read_video(real_mp4, num_frames=32, sampling="middle").shape[0] == 32
     assert frames[0].std() > 0 and not np.array_equal(frames[0], frames[-1])  # real, moving content
 
 
@@ -258,16 +258,16 @@ def test_read_a_camera_like_mp4_made_here(tmp_path):
     def stamped(frames):  # the index each decoded frame carries
         return [int(np.argmax(f[:40].mean(axis=(0, 2))) // (w // n)) for f in frames]
     for num, sampling in ((8, "uniform"), (32, "middle"), (8, "uniform")):  # the last one seeks back
-        frames = common.read_video(path, num_frames=num, sampling=sampling)
+        frames = video_io.read_video(path, num_frames=num, sampling=sampling)
         assert frames.shape == (num, h, w, 3)
-        assert stamped(frames) == list(common.frame_indices(n, num, sampling))
+        assert stamped(frames) == list(video_io.frame_indices(n, num, sampling))
 
 
 def test_write_then_read_video(tmp_path):
     path = str(tmp_path / "clip.mp4")
     frames = tiny.moving_square(num_frames=12, size=32)
-    common.write_video(path, frames, fps=8)
-    back = common.read_video(path, num_frames=12)
+    video_io.write_video(path, frames, fps=8)
+    back = video_io.read_video(path, num_frames=12)
     assert back.shape == (12, 32, 32, 3)
     assert np.abs(back.astype(int) - frames.astype(int)).mean() < 12  # lossy codec, same picture
     assert os.listdir(tmp_path) == ["clip.mp4"]  # no temporary file left behind
@@ -286,7 +286,7 @@ def clips():
         yield f"{h}x{w}", frames
 
 
-# x264 in plain C, one thread (common.X264_PARAMS), from the pinned PyAV wheel (requirements.txt): the
+# x264 in plain C, one thread (video_io.X264_PARAMS), from the pinned PyAV wheel (requirements.txt): the
 # same bytes on every x86_64 machine, whatever its SIMD. Recorded on an AMD EPYC with AVX2 (2026-12-06);
 # CI's machines differ from session to session (some have AVX-512), so this compares machines.
 # Another PyAV (another libx264) may change them: record them anew.
@@ -300,9 +300,10 @@ torch.set_flush_denormal(True)  # another floating-point control state (FTZ/DAZ)
 x = torch.randn(512, 512)
 (x @ x).sum(), [torch.randn(1000, 1000) for _ in range(8)]  # torch ran, and freed blocks fill the heap
 os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})  # one CPU
-import common, test_common
+import test_common
+from synvita import video_io
 for name, frames in test_common.clips():
-    common.write_video(os.path.join({out!r}, name + ".mp4"), frames)
+    video_io.write_video(os.path.join({out!r}, name + ".mp4"), frames)
 """
 
 
@@ -315,7 +316,7 @@ def test_the_same_frames_give_the_same_bytes_in_any_process(tmp_path):
     import platform
     (tmp_path / "here").mkdir(), (tmp_path / "there").mkdir()
     for name, frames in clips():
-        common.write_video(str(tmp_path / "here" / f"{name}.mp4"), frames)
+        video_io.write_video(str(tmp_path / "here" / f"{name}.mp4"), frames)
     script = WRITE_IN_ANOTHER_STATE.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                            tests=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path / "there"))
     env = dict(os.environ, MALLOC_PERTURB_="165", OMP_NUM_THREADS="1")
@@ -332,37 +333,37 @@ def test_the_same_frames_give_the_same_bytes_in_any_process(tmp_path):
 
 def test_bad_videos_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.mp4"):
-        common.read_video(str(tmp_path / "nowhere.mp4"))
+        video_io.read_video(str(tmp_path / "nowhere.mp4"))
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video at all" * 10)
     with pytest.raises(ValueError, match="broken.mp4"):
-        common.read_video(str(broken))
+        video_io.read_video(str(broken))
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     target = str(tmp_path / "out.csv")
     with pytest.raises(RuntimeError):
-        with common.atomic_path(target) as tmp:
+        with disk.atomic_path(target) as tmp:
             open(tmp, "w").write("half")
             raise RuntimeError("killed")
     assert os.listdir(tmp_path) == []
-    common.write_csv(target, [{"a": 1, "b": 2}, {"a": 3, "c": 4}])
-    assert common.read_csv(target, required=["a"]) == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "", "c": "4"}]
+    disk.write_csv(target, [{"a": 1, "b": 2}, {"a": 3, "c": 4}])
+    assert disk.read_csv(target, required=["a"]) == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "", "c": "4"}]
     with pytest.raises(ValueError, match=r"out.csv: missing column\(s\) \['neg_caption'\]"):
-        common.read_csv(target, required=["a", "neg_caption"])
+        disk.read_csv(target, required=["a", "neg_caption"])
 
 
 def test_example_seed_depends_on_identity_only():
-    assert common.example_seed("v.mp4", "a cat") == common.example_seed("v.mp4", "a cat")
-    assert common.example_seed("v.mp4", "a cat") != common.example_seed("v.mp4", "a dog")
-    assert common.example_seed("v.mp4", "a cat", base=1) != common.example_seed("v.mp4", "a cat")
-    assert 0 <= common.example_seed("x") < 2**31
+    assert runs.example_seed("v.mp4", "a cat") == runs.example_seed("v.mp4", "a cat")
+    assert runs.example_seed("v.mp4", "a cat") != runs.example_seed("v.mp4", "a dog")
+    assert runs.example_seed("v.mp4", "a cat", base=1) != runs.example_seed("v.mp4", "a cat")
+    assert 0 <= runs.example_seed("x") < 2**31
 
 
 def test_setup_distributed_without_torchrun(monkeypatch):
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    d = common.setup_distributed()
+    d = runs.setup_distributed()
     assert (d.rank, d.world_size, d.master) == (0, 1, True)
 
 
@@ -383,7 +384,7 @@ CAPTIONS = ["a red square moves to the right", "a dog", "the square moves left a
 @pytest.mark.parametrize("family", ["video_llava_dir", "onevision_dir"])
 @torch.no_grad()
 def test_alignment_score_equals_full_softmax_ratio(family, request):
-    model, processor = common.load_video_llm(request.getfixturevalue(family))
+    model, processor = video_llm.load_video_llm(request.getfixturevalue(family))
     videos = [tiny.moving_square(seed=0), tiny.moving_square(direction=-1, color=(0, 0, 255), seed=1)]
     index = [0, 1, 1]  # three captions of different lengths (left padding) on two videos
     f = alignment_score(tiny.alignment_logits(model, processor, videos, CAPTIONS, video_index=index))
@@ -394,7 +395,7 @@ def test_alignment_score_equals_full_softmax_ratio(family, request):
 
 @torch.no_grad()
 def test_t_prime_equals_an_explicit_attention_mask(video_llava_dir):
-    model, processor = common.load_video_llm(video_llava_dir)
+    model, processor = video_llm.load_video_llm(video_llava_dir)
     video = tiny.moving_square()
     caption, other = PAIRS[1][1], PAIRS[1][2]
     spans = hidden_word_spans(caption, other)
@@ -432,7 +433,7 @@ def test_video_llava_prompt_is_the_released_llava_v1_by_default(video_llava_dir)
 
 
 def test_scores_have_gradients_for_training(video_llava_dir):
-    model, processor = common.load_video_llm(video_llava_dir)
+    model, processor = video_llm.load_video_llm(video_llava_dir)
     a = tiny.alignment_logits(model, processor, [tiny.moving_square()], ["a red square"])
     loss_real(a, -a).backward()
     assert model.lm_head.weight.grad is not None
@@ -454,16 +455,16 @@ def test_parse_args_reads_types_defaults_and_field_docstrings(capsys):
         """the ensemble"""
         out: str = "runs"
 
-    args = common.parse_args(Args, ["--lambda_scr", "0.01", "--no-use_syn", "--models", "x", "y", "z"])
+    args = runs.parse_args(Args, ["--lambda_scr", "0.01", "--no-use_syn", "--models", "x", "y", "z"])
     assert args == Args(lambda_scr=0.01, steps=3, use_syn=False, models=["x", "y", "z"], out="runs")
     with pytest.raises(SystemExit):
-        common.parse_args(Args, ["--help"])
+        runs.parse_args(Args, ["--help"])
     assert "lambda_scr of Eq. (7) (default: 1.0)" in capsys.readouterr().out
 
 
 def test_shard_covers_every_item_once():
     items = list(range(10))
-    parts = [common.shard(items, common.Dist(rank=r, world_size=3)) for r in range(3)]
+    parts = [runs.shard(items, runs.Dist(rank=r, world_size=3)) for r in range(3)]
     assert sorted(sum(parts, [])) == items and parts[1] == [1, 4, 7]
 
 
@@ -471,8 +472,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_THREADS = """
 import os, sys
 sys.path.insert(0, {root!r})
-import common
-dist = common.setup_distributed()
+from synvita import runs
+dist = runs.setup_distributed()
 import transformers.modeling_utils  # imports torch.distributed.fsdp, as loading any model does
 import torch
 torch.distributed.barrier()
@@ -496,9 +497,9 @@ def test_no_gloo_thread_outlives_destroy_process_group(tmp_path):
 
 
 def test_prompt_lengths_count_the_video_tokens_and_the_caption(video_llava_dir):
-    model, processor = common.load_video_llm(video_llava_dir)
+    model, processor = video_llm.load_video_llm(video_llava_dir)
     video = tiny.moving_square()
-    short, long = common.prompt_lengths(model, processor, video, ["a red square", "a red square " * 400])
-    prefix = common.video_prefixes(model, processor, [video], *common.prompt_suffixes(
+    short, long = shared_prefix.prompt_lengths(model, processor, video, ["a red square", "a red square " * 400])
+    prefix = shared_prefix.video_prefixes(model, processor, [video], *shared_prefix.prompt_suffixes(
         processor, model, ["x"], None, "llava_v1", None, None)[:2])[2][0]  # where the text after the video starts
-    assert prefix < short < common.max_positions(model) == 1024 < long
+    assert prefix < short < video_llm.max_positions(model) == 1024 < long

@@ -14,6 +14,7 @@ import torch
 
 import common
 import tiny
+from synvita import disk, runs, shared_prefix, video_io, video_llm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("stage04", os.path.join(ROOT, "04_eval.py"))
@@ -99,11 +100,11 @@ def test_retrieval_drops_and_names_incomplete_queries():
 def test_bad_task_input_is_named_or_counted(tmp_path):
     task = str(tmp_path / "t.csv")
     rows = [{"videopath": "a", "caption": prompt("q"), "match": 1}, {"videopath": "b", "caption": "q", "match": 0}]
-    common.write_csv(task, rows + rows[:1])  # an exact duplicate row: dropped and counted
+    disk.write_csv(task, rows + rows[:1])  # an exact duplicate row: dropped and counted
     rows_read, report, pairs = ev.read_task("ssv2_events", task)
     assert report["rows_skipped"] == {"exact duplicate of an earlier row": 1} and len(rows_read) == 2
     assert pairs == {("a", "q"): 2, ("b", "q"): 6}  # each pair and the line of its first row (a prompt: 4 lines)
-    common.write_csv(task, rows + [{**rows[1], "match": 1}])  # b is both a match and a non-match for q
+    disk.write_csv(task, rows + [{**rows[1], "match": 1}])  # b is both a match and a non-match for q
     with pytest.raises(common.UserError, match=r"t.csv: lines 6 and 7 conflict: \('b', 'q'\) is 0 on one, 1 on"):
         ev.read_task("ssv2_events", task)  # before any scoring, not after it
     with pytest.raises(common.UserError, match="--scores is the scores of one task; 2 task files were given"):
@@ -172,7 +173,7 @@ def test_atp_accuracy_by_hand():
 def videocon_calc_ssv2(task, scores_path, vid_per_caption):
     """VideoCon's src/calc_ssv2.py (Hritikbansal/videocon), its pandas merge/sort/groupby done by hand:
     per caption, candidates sorted by videopath, ranks = np.argsort(-pred) (default kind)."""
-    match = {(r["videopath"], r["caption"]): int(r["match"]) for r in common.read_csv(task)}
+    match = {(r["videopath"], r["caption"]): int(r["match"]) for r in disk.read_csv(task)}
     groups = defaultdict(list)
     for row in csv.reader(open(scores_path, newline="")):
         if (row[0], row[1]) in match:
@@ -224,7 +225,7 @@ def test_final_test_example_scores(tmp_path):
     scores = need("final_test_scores.csv")
     rows = [(r[0], ev.description(r[1])) for r in csv.reader(open(scores, newline=""))]
     task = tmp_path / "final_test_pair.csv"  # test.csv's two captions as one contract row
-    common.write_csv(str(task), [{"videopath": rows[0][0], "caption": rows[0][1], "neg_caption": rows[1][1]}])
+    disk.write_csv(str(task), [{"videopath": rows[0][0], "caption": rows[0][1], "neg_caption": rows[1][1]}])
     res = ev.main(ev.Args(videocon_llm=str(task), scores=scores, out_dir=str(tmp_path)))["videocon_llm"]
     assert (res["auc"], res["items"]) == (100.0, 2)  # f = 0.90625 for the soccer caption, 0.0849609375 for basketball
 
@@ -237,7 +238,7 @@ CAPTIONS = ["a red square moves to the right", "a dog", "the square moves left a
 @pytest.mark.parametrize("batch_size", [3, 64])  # batches that split a video's captions, and one batch
 @torch.no_grad()
 def test_fast_path_equals_the_per_pair_path(video_llava_dir, batch_size):
-    model, processor = common.load_video_llm(video_llava_dir)
+    model, processor = video_llm.load_video_llm(video_llava_dir)
     videos = [tiny.moving_square(seed=0), tiny.moving_square(direction=-1, color=(0, 0, 255), seed=1)]
     index = [1, 0, 0, 1, 1, 0, 0]
     captions = [CAPTIONS[k % 4] for k in range(len(index))]
@@ -251,11 +252,11 @@ def write_toy_task(tmp_path, with_missing=True):
     """Two captions x three real mp4 videos (plus a missing one) in the SSv2 layout."""
     root = tmp_path / "videos"
     for k in range(3):
-        common.write_video(str(root / f"{k}.mp4"), tiny.moving_square(num_frames=8, direction=1 - 2 * (k % 2), seed=k))
+        video_io.write_video(str(root / f"{k}.mp4"), tiny.moving_square(num_frames=8, direction=1 - 2 * (k % 2), seed=k))
     videos = [f"{k}.mp4" for k in range(3)] + (["gone.mp4"] if with_missing else [])
     rows = [{"videopath": v, "caption": prompt(c), "match": int(k == j)}
             for j, c in enumerate(CAPTIONS[:2]) for k, v in enumerate(videos)]
-    common.write_csv(str(tmp_path / "events.csv"), rows)
+    disk.write_csv(str(tmp_path / "events.csv"), rows)
     return str(tmp_path / "events.csv"), str(root)
 
 
@@ -273,8 +274,8 @@ def test_main_scores_resumes_and_reports_bad_videos(video_llava_dir, tmp_path, c
     assert "unreadable video" in capsys.readouterr().out
     final = str(tmp_path / "out" / "ssv2_events_scores.csv")
     first = scores_of(final)
-    model, processor = common.load_video_llm(video_llava_dir)  # spot-check one pair the long way
-    frames = common.read_video(os.path.join(root, "1.mp4"))
+    model, processor = video_llm.load_video_llm(video_llava_dir)  # spot-check one pair the long way
+    frames = video_io.read_video(os.path.join(root, "1.mp4"))
     a = tiny.alignment_logits(model, processor, [frames], [CAPTIONS[0]])
     assert first[("1.mp4", CAPTIONS[0])] == pytest.approx(torch.sigmoid(a).item(), abs=1e-5)
     # summary and skip file agree: gone.mp4 is one unreadable video, named with its task line
@@ -311,12 +312,12 @@ def write_human_task(tmp_path):
     rows = []
     for k, (clip, hard) in enumerate(HUMAN):
         if clip != "v_gone":
-            common.write_video(str(root / f"{clip}.mp4"), tiny.moving_square(num_frames=8, direction=1 - 2 * (k % 2),
+            video_io.write_video(str(root / f"{clip}.mp4"), tiny.moving_square(num_frames=8, direction=1 - 2 * (k % 2),
                                                                               seed=k))
         url = HUMAN_URL.format(clip) + ("?X-Goog-Signature=ab%2Fc&X-Goog-Expires=600" if clip == "v_def" else "")
         rows.append({"video_url": url, "caption": CAPTIONS[k % 2], "neg_caption": CAPTIONS[2 + k % 2],
                      "nle": "the video shows something else", "hard": str(hard)})  # pandas writes True / False
-    common.write_csv(str(tmp_path / "videocon_human.csv"), rows)
+    disk.write_csv(str(tmp_path / "videocon_human.csv"), rows)
     return str(tmp_path / "videocon_human.csv"), str(root)
 
 
@@ -324,7 +325,7 @@ def test_videocon_human_as_released_reads_each_url_as_a_local_file_with_scores(t
     task, _ = write_human_task(tmp_path)
     scores = tmp_path / "scores.csv"  # f(V, t) by the clips' file names; v_gone.mp4 has none
     f = {"v_abc": (0.9, 0.3), "v_def": (0.4, 0.6), "v_ghi": (0.7, 0.8)}  # (caption, neg_caption)
-    common.write_csv(str(scores), [{"videopath": f"{clip}.mp4", "caption": CAPTIONS[k % 2 + 2 * j], "score": f[clip][j]}
+    disk.write_csv(str(scores), [{"videopath": f"{clip}.mp4", "caption": CAPTIONS[k % 2 + 2 * j], "score": f[clip][j]}
                                    for k, (clip, _) in enumerate(HUMAN[:3]) for j in (0, 1)])
     res = ev.main(ev.Args(videocon_human=task, scores=str(scores), out_dir=str(tmp_path / "out")))["videocon_human"]
     # positives .9 .4 .7 against negatives .3 .6 .8: 3 + 1 + 2 of 9 pairs; hard (v_abc, v_ghi): .9 > .3 .8, .7 > .3
@@ -355,21 +356,21 @@ def test_videocon_human_as_released_scored_by_a_model_counts_a_missing_clip(vide
 
 def test_other_layouts_keep_videopath(tmp_path, capsys):
     task, _ = write_human_task(tmp_path)
-    rows = common.read_csv(task)
+    rows = disk.read_csv(task)
     both = str(tmp_path / "both.csv")  # a videopath column wins: read as before
-    common.write_csv(both, [{"videopath": f"local/{k}.mp4", **r} for k, r in enumerate(rows)])
+    disk.write_csv(both, [{"videopath": f"local/{k}.mp4", **r} for k, r in enumerate(rows)])
     assert [r["videopath"] for r in ev.read_task("videocon_human", both)[0]] == [f"local/{k}.mp4" for k in range(4)]
     assert "no videopath column" not in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"missing column\(s\) \['videopath'\]"):  # only Human reads video_url
         ev.read_task("videocon_llm", task)
-    common.write_csv(task, rows + [{**rows[1], "video_url": "https://elsewhere.org/x/v_abc.mp4"}])
+    disk.write_csv(task, rows + [{**rows[1], "video_url": "https://elsewhere.org/x/v_abc.mp4"}])
     with pytest.raises(ValueError, match=r"lines 2 and 6: two video_urls with the file name 'v_abc.mp4'"):
         ev.read_task("videocon_human", task)
 
 
 def test_lora_adapter_loads_and_changes_scores(video_llava_dir, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
-    model, processor = common.load_video_llm(video_llava_dir)
+    model, processor = video_llm.load_video_llm(video_llava_dir)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(0)
     for name, p in peft_model.named_parameters():
@@ -385,8 +386,8 @@ def test_lora_adapter_loads_and_changes_scores(video_llava_dir, tmp_path):
     assert s_base.keys() == s_tuned.keys() and max(abs(s_base[k] - s_tuned[k]) for k in s_base) > 1e-3
     assert base["ssv2_events"]["pairs_scored"] == tuned["ssv2_events"]["pairs_scored"] == 6
     # the fast path runs through the LoRA layers exactly as the per-pair path does
-    loaded = PeftModel.from_pretrained(common.load_video_llm(video_llava_dir)[0], str(tmp_path / "adapter")).eval()
-    frames = common.read_video(os.path.join(root, "2.mp4"))
+    loaded = PeftModel.from_pretrained(video_llm.load_video_llm(video_llava_dir)[0], str(tmp_path / "adapter")).eval()
+    frames = video_io.read_video(os.path.join(root, "2.mp4"))
     with torch.no_grad():
         a = tiny.alignment_logits(loaded, processor, [frames], [CAPTIONS[1]])
     assert s_tuned[("2.mp4", CAPTIONS[1])] == pytest.approx(torch.sigmoid(a).item(), abs=1e-5)
@@ -405,7 +406,7 @@ def test_lora_adapter_loads_and_changes_scores(video_llava_dir, tmp_path):
 def test_two_torchrun_ranks_give_the_one_rank_scores(video_llava_dir, tmp_path):
     task, root = write_toy_task(tmp_path)
     flags = ["--model", video_llava_dir, "--ssv2_events", task, "--candidates", "3", "--video_root", root]
-    ev.main(common.parse_args(ev.Args, flags + ["--out_dir", str(tmp_path / "one")]))
+    ev.main(runs.parse_args(ev.Args, flags + ["--out_dir", str(tmp_path / "one")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "04_eval.py"), *flags, "--out_dir", str(tmp_path / "two")]
@@ -423,10 +424,10 @@ def test_ranks_end_through_files_not_collectives(video_llava_dir, tmp_path, monk
     task, root = write_toy_task(tmp_path)
     args = ev.Args(model=video_llava_dir, ssv2_events=task, candidates=3, video_root=root, out_dir=str(tmp_path / "out"))
     _, _, pairs = ev.read_task("ssv2_events", task)
-    model, processor = common.load_video_llm(video_llava_dir)
+    model, processor = video_llm.load_video_llm(video_llava_dir)
     for rank in (1, 0):
         monkeypatch.setenv("RANK", str(rank))
-        final, bad = ev.score_task("ssv2_events", pairs, model, processor, args, common.Dist(rank, rank, 2, "cpu", rank == 0))
+        final, bad = ev.score_task("ssv2_events", pairs, model, processor, args, runs.Dist(rank, rank, 2, "cpu", rank == 0))
     assert len(scores_of(final)) == 6 and len(bad) == 1 and "gone.mp4" in bad[0]  # gone.mp4 is rank 1's
     assert sorted(os.listdir(tmp_path / "out")) == ["ssv2_events_scores.csv", "ssv2_events_settings.json"]
 
@@ -449,28 +450,28 @@ def test_atphard_cells_types_and_conflicts(tmp_path):
     task, types = tmp_path / "atp.csv", tmp_path / "types.csv"
     rows = [{"videopath": " /x/1.mp4", "question": "why ", "answer": " 2", "option": f"{k}.0", "caption": f"s{k}"}
             for k in range(5)]
-    common.write_csv(str(task), rows)
+    disk.write_csv(str(task), rows)
     types.write_text("video,question,type\n1 , why,cw\n")  # an id and a question with spaces, a type in lower case
     args = ev.Args(atphard=str(task), atphard_types=str(types))
     read, _, pairs = ev.read_task("atphard", str(task))
     scores = {p: 0.9 if p[1] == "s2" else 0.1 for p in pairs}
     out = ev.task_metrics("atphard", read, scores, args, ev.question_types(args))
     assert (out["accuracy"], out["accuracy_C"], out["questions_without_type"]) == (100.0, 100.0, 0)
-    common.write_csv(str(task), rows[:4] + [{**rows[4], "answer": "3"}])  # one question, two correct answers
+    disk.write_csv(str(task), rows[:4] + [{**rows[4], "answer": "3"}])  # one question, two correct answers
     with pytest.raises(common.UserError, match=r"atp.csv: lines 2 and 6 conflict: /x/1.mp4, question 'why': "
                                                r"answer 2 and answer 3"):
         ev.read_task("atphard", str(task))
-    common.write_csv(str(task), rows[:4] + [{**rows[4], "option": "1"}])  # option 1 twice
+    disk.write_csv(str(task), rows[:4] + [{**rows[4], "option": "1"}])  # option 1 twice
     with pytest.raises(common.UserError, match=r"atp.csv: lines 3 and 6 conflict: .*: option 1 twice"):
         ev.read_task("atphard", str(task))
-    common.write_csv(str(task), rows[:4] + [{**rows[4], "option": "5"}])
+    disk.write_csv(str(task), rows[:4] + [{**rows[4], "option": "5"}])
     with pytest.raises(common.UserError, match=r"atp.csv:6: column option: '5' is not an integer from 0 to 4"):
         ev.read_task("atphard", str(task))
 
 
 def test_entailment_duplicates_counted_conflicts_refused_split_and_hard_read_as_meant(tmp_path, capsys):
     task = tmp_path / "llm.csv"
-    common.write_csv(str(task), [{"videopath": v, "caption": c, "neg_caption": n, "split": split} for v, c, n, split in
+    disk.write_csv(str(task), [{"videopath": v, "caption": c, "neg_caption": n, "split": split} for v, c, n, split in
                                  [("v1", "a dog", "a cat", " Test"), ("v1", prompt("a dog"), "a cat", "test"),
                                   ("v2", "a dog", "a cat", "train"), ("v3", "a fox", "a cow", "TEST")]])
     rows, report, pairs = ev.read_task("videocon_llm", str(task))
@@ -496,16 +497,16 @@ def fake_yes_no_logits(model, processor, videos, captions, index, prompt="", per
 def test_resume_after_a_cut_at_every_byte_of_the_last_records(tmp_path, monkeypatch):
     """Issue 26: a part file cut anywhere (after a CRLF inside a caption, inside a UTF-8 character,
     before the line end of a record that parses) resumes to the scores and AUC of an uninterrupted run."""
-    monkeypatch.setattr(common, "yes_no_logits", fake_yes_no_logits)
+    monkeypatch.setattr(shared_prefix, "yes_no_logits", fake_yes_no_logits)
     root = tmp_path / "videos"
     for k in range(3):
-        common.write_video(str(root / f"{k}.mp4"), tiny.moving_square(num_frames=8, seed=k))
+        video_io.write_video(str(root / f"{k}.mp4"), tiny.moving_square(num_frames=8, seed=k))
     task = str(tmp_path / "llm.csv")
-    common.write_csv(task, [{"videopath": "0.mp4", "caption": "a dog\r\nruns", "neg_caption": "a cat"},
+    disk.write_csv(task, [{"videopath": "0.mp4", "caption": "a dog\r\nruns", "neg_caption": "a cat"},
                             {"videopath": "1.mp4", "caption": "un café", "neg_caption": "a dog\r\nruns"},
                             {"videopath": "2.mp4", "caption": "a fox", "neg_caption": "deux cafés\r\n"}])
     rows, _, pairs = ev.read_task("videocon_llm", task)
-    dist = common.Dist()
+    dist = runs.Dist()
 
     def run(out):  # score_task's merged scores and the entailment AUC over them
         args = ev.Args(videocon_llm=task, video_root=str(root), out_dir=str(out), video_batch=1)
@@ -531,8 +532,8 @@ def test_resume_after_a_cut_at_every_byte_of_the_last_records(tmp_path, monkeypa
 def write_long_task(tmp_path, captions):
     root = tmp_path / "videos"
     for k in range(2):
-        common.write_video(str(root / f"{k}.mp4"), tiny.moving_square(num_frames=8, seed=k))
-    common.write_csv(str(tmp_path / "events.csv"), [{"videopath": f"{k}.mp4", "caption": c, "match": int(j == k)}
+        video_io.write_video(str(root / f"{k}.mp4"), tiny.moving_square(num_frames=8, seed=k))
+    disk.write_csv(str(tmp_path / "events.csv"), [{"videopath": f"{k}.mp4", "caption": c, "match": int(j == k)}
                                                     for j, c in enumerate(captions) for k in range(2)])
     return str(tmp_path / "events.csv"), str(root)
 
@@ -571,6 +572,6 @@ def test_a_wrong_video_root_stops_naming_the_task_and_an_example(video_llava_dir
 
 def test_help_shows_the_atphard_types_default_once(capsys):
     with pytest.raises(SystemExit):
-        common.parse_args(ev.Args, ["--help"])
+        runs.parse_args(ev.Args, ["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
     assert text.count("(default: nextqa-atphard.csv beside --atphard)") == 1 and "(default: )" not in text

@@ -11,8 +11,8 @@ import types
 import numpy as np
 import pytest
 
-import common
 import tiny
+from synvita import disk, video_io
 
 weight = importlib.import_module("02_weight")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -28,8 +28,8 @@ def write_run(folder, broken_syn=True):
     for k in range(8):
         kind = ("action", "flip")[k % 2]
         real, syn = f"videos/real_{k}.mp4", f"videos/syn_{k}.mp4"
-        common.write_video(str(folder / real), tiny.moving_square(color=(255, 0, 0), seed=k))
-        common.write_video(str(folder / syn), tiny.moving_square(color=(0, 0, 255), direction=-1, seed=k))
+        video_io.write_video(str(folder / real), tiny.moving_square(color=(255, 0, 0), seed=k))
+        video_io.write_video(str(folder / syn), tiny.moving_square(color=(0, 0, 255), direction=-1, seed=k))
         ft, fr = 0.9 - 0.1 * k, 0.1 + 0.1 * k
         rows.append({"videopath": real, "caption": f"a red square moves right {k}",
                      "neg_caption": f"a red square moves left {k}", "misalignment": kind, "syn_video": syn,
@@ -53,7 +53,7 @@ def make_gallery(folder, per_type=1, video_root=None):
     args = types.SimpleNamespace(generated_csv="generated.csv", models=NAMES, vqascore="first_token",
                                  weighting="difference", num_frames=4, split="train", gallery_per_type=per_type,
                                  video_root=str(folder) if video_root is None else video_root)
-    scored = [r for r in common.read_csv(out_csv) if r["weight"]]
+    scored = [r for r in disk.read_csv(out_csv) if r["weight"]]
     table = weight.fig2_table([{**r, "score_syn_target": float(r["score_syn_target"]),
                                 "score_syn_real": float(r["score_syn_real"])} for r in scored])
     return weight.write_gallery(args, out_csv, NAMES, str(folder), table)

@@ -17,6 +17,7 @@ import torch
 import common
 import tiny_generate
 from tiny import assert_user_error, run_main
+from synvita import runs, video_io
 
 gen = importlib.import_module("01_generate")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,10 +86,10 @@ def test_one_decodable_video_per_good_row_with_its_seed(first_run):
     assert [[r[c] for c in HEADER] for r in out] == GOOD[:3]  # input columns kept, file order
     videos = []
     for r in out:
-        assert int(r["seed"]) == common.example_seed(r["videopath"], r["neg_caption"], base=0)
+        assert int(r["seed"]) == runs.example_seed(r["videopath"], r["neg_caption"], base=0)
         path = os.path.join(args.out_dir, r["syn_video"])  # relative to the CSV's folder
         assert len(decord.VideoReader(path)) == 9
-        frames = common.read_video(path, num_frames=9)
+        frames = video_io.read_video(path, num_frames=9)
         assert frames.shape == (9, 32, 64, 3)
         videos.append(frames.astype(float))
     assert final_mp4s(args.out_dir) == sorted(os.path.join(args.out_dir, r["syn_video"]) for r in out)
@@ -165,7 +166,6 @@ KILL_SECOND_VIDEO = """
 import importlib, os, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import av
-import common
 gen = importlib.import_module("01_generate")
 real_open, opened = av.open, []
 def open_then_die(path, mode="r", **kw):  # the 2nd mp4 gets one frame on disk, then the process dies
@@ -208,7 +208,7 @@ def test_a_killed_run_leaves_no_partial_video_marked_done(tmp_path, tiny_pipe, f
     rows = read_out(out)
     assert [r["videopath"] for r in rows] == [r[0] for r in GOOD[:3]]
     for r in rows:
-        assert common.read_video(os.path.join(out, r["syn_video"]), num_frames=9).shape == (9, 32, 64, 3)
+        assert video_io.read_video(os.path.join(out, r["syn_video"]), num_frames=9).shape == (9, 32, 64, 3)
     assert partial[0] not in final_mp4s(out)  # never listed nor counted as a video
     assert_same_bytes(first_run[0].out_dir, out, rows)  # the killed-and-resumed run wrote the uninterrupted one's bytes
 
@@ -229,13 +229,13 @@ def test_sharding_and_seeds_do_not_depend_on_the_number_of_ranks(tmp_path, tiny_
     rendered.clear()
     for rank in (1, 0):
         monkeypatch.setenv("RANK", str(rank))  # print0 / progress read RANK
-        monkeypatch.setattr(gen, "setup_distributed", lambda: common.Dist(rank, rank, 2, "cpu", rank == 0))
+        monkeypatch.setattr(gen, "setup_distributed", lambda: runs.Dist(rank, rank, 2, "cpu", rank == 0))
         run(args_for(path, tmp_path / "two", tiny_pipe))
     assert rendered == [GOOD[1][2], GOOD[3][2], GOOD[0][2], GOOD[2][2]]  # rank 1: rows 1, 3; rank 0: rows 0, 2
     one, two = read_out(tmp_path / "one"), read_out(tmp_path / "two")
     assert one == two and len({r["seed"] for r in one}) == 4
     for r in two:
-        painted = common.read_video(os.path.join(tmp_path / "two", r["syn_video"]), num_frames=9)
+        painted = video_io.read_video(os.path.join(tmp_path / "two", r["syn_video"]), num_frames=9)
         assert abs(painted.mean() - int(r["seed"]) % 251) < 2  # the video was drawn with the CSV's seed
 
 
@@ -256,7 +256,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, tiny_pipe, first_run
 
 
 def assert_same_bytes(dir_a, dir_b, rows):
-    """Each row's mp4 in two output folders is the same file, byte for byte (common.write_video)."""
+    """Each row's mp4 in two output folders is the same file, byte for byte (video_io.write_video)."""
     for r in rows:
         a, b = (open(os.path.join(d, r["syn_video"]), "rb").read() for d in (dir_a, dir_b))
         assert a == b, f"{r['syn_video']} differs between {dir_a} and {dir_b}"
@@ -290,7 +290,7 @@ def test_ltx_videos_frame_count_is_checked_too(tmp_path):
     """LTX-Video names its VAE's time stride vae_temporal_compression_ratio (8), not vae_scale_factor_temporal."""
     args = gen.Args(pipeline=tiny_generate.tiny_ltx(str(tmp_path)), height=64, width=64, num_frames=10)
     with pytest.raises(ValueError, match="--num_frames 10: LTXPipeline renders 1 \\+ a multiple of 8 frames, e.g. 9"):
-        gen.load_generator(args, common.setup_distributed(), gen.resolve_settings(args)[1])
+        gen.load_generator(args, runs.setup_distributed(), gen.resolve_settings(args)[1])
 
 
 def test_wan_keeps_its_vae_in_float32_and_renders(tmp_path):
@@ -298,7 +298,7 @@ def test_wan_keeps_its_vae_in_float32_and_renders(tmp_path):
     args = gen.Args(pipeline=tiny_generate.tiny_wan(str(tmp_path)), dtype="bfloat16", height=32, width=32,
                     num_frames=9, num_inference_steps=1)
     settings = gen.resolve_settings(args)[1]
-    pipe = gen.load_generator(args, common.setup_distributed(), settings)
+    pipe = gen.load_generator(args, runs.setup_distributed(), settings)
     assert (pipe.vae.dtype, pipe.transformer.dtype, pipe.text_encoder.dtype) == (torch.float32,) + (torch.bfloat16,) * 2
     assert gen.generate(pipe, ["A dog runs to the left."], [0], settings)[0].shape == (9, 32, 32, 3)
 
@@ -402,11 +402,11 @@ def test_a_rows_call_of_g_does_not_depend_on_the_gpu_count_or_a_rerun(tmp_path, 
     # two ranks, which meet only through files in 01: rank 1 renders the second call (row 3), then
     # rank 0 the first (rows 1-2) and writes the CSV; the same as torchrun runs them, without its start-up
     for rank in (1, 0):
-        monkeypatch.setattr(gen, "setup_distributed", lambda rank=rank: common.Dist(rank, rank, 2, "cpu", rank == 0))
+        monkeypatch.setattr(gen, "setup_distributed", lambda rank=rank: runs.Dist(rank, rank, 2, "cpu", rank == 0))
         printed = run(args_for(path, tmp_path / "two", tiny_pipe, **batched))
     assert "rank 0: 2 of its 2 rows to render" in printed and mp4_bytes(tmp_path / "two") == one
     # a kill that left row 2's video unwritten: the rerun renders rows 1-2 together again, writes row 2 only
-    monkeypatch.setattr(gen, "setup_distributed", common.Dist)
+    monkeypatch.setattr(gen, "setup_distributed", runs.Dist)
     os.remove(tmp_path / "one" / read_out(tmp_path / "one")[1]["syn_video"])
     assert "rank 0: 1 of its 3 rows to render, 2 on disk already" in run(args_for(path, tmp_path / "one", tiny_pipe, **batched))
     assert mp4_bytes(tmp_path / "one") == one

@@ -3,10 +3,10 @@
 import importlib
 import json
 
-import common
 import tiny
 import tiny_generate
 import tiny_weight
+from synvita import disk, video_io
 
 generate, weight, train, evaluate = (importlib.import_module(m) for m in
                                      ("01_generate", "02_weight", "03_train", "04_eval"))
@@ -19,23 +19,23 @@ def test_the_four_stages_chain_through_one_folder(tmp_path, video_llava_dir):
     for k, (colour, rgb) in enumerate([("red", (255, 0, 0)), ("blue", (0, 0, 255))] * 2):
         direction = 1 if k < 2 else -1
         side, other = ("right", "left") if direction > 0 else ("left", "right")
-        common.write_video(str(videos / f"real_{k}.mp4"), tiny.moving_square(color=rgb, direction=direction, seed=k))
+        video_io.write_video(str(videos / f"real_{k}.mp4"), tiny.moving_square(color=rgb, direction=direction, seed=k))
         rows.append(dict(videopath=f"real_{k}.mp4", caption=f"a {colour} square moves to the {side}",
                          neg_caption=f"a {colour} square moves to the {other}", misalignment="action", split="train"))
-    common.write_csv(str(tmp_path / "videocon.csv"), rows)
+    disk.write_csv(str(tmp_path / "videocon.csv"), rows)
 
     # §4: one synthetic video per negative caption
     pipe = tiny_generate.tiny_cogvideox(str(tmp_path / "tiny-cogvideox"))
     gen_dir = tmp_path / "gen"
     generate.main(generate.Args(input_csv=str(tmp_path / "videocon.csv"), out_dir=str(gen_dir), pipeline=pipe,
                                 height=32, width=64, num_frames=9, num_inference_steps=2))
-    generated = common.read_csv(str(gen_dir / "generated.csv"), required=["syn_video", "seed"])
+    generated = disk.read_csv(str(gen_dir / "generated.csv"), required=["syn_video", "seed"])
     assert len(generated) == 4 and all((gen_dir / r["syn_video"]).exists() for r in generated)
 
     # §4 Fig. 2, §5 Eq. (4): VQAScores and the weights phi
     vqa = tiny_weight.tiny_llava(str(tmp_path / "tiny-llava"))
     weight.main(weight.Args(generated_csv=str(gen_dir / "generated.csv"), models=[vqa]))
-    weighted = common.read_csv(str(gen_dir / "weighted.csv"), required=["score_syn_target", "score_syn_real", "weight"])
+    weighted = disk.read_csv(str(gen_dir / "weighted.csv"), required=["score_syn_target", "score_syn_real", "weight"])
     for r in weighted:  # the default weighting is Table 4's row 3, §6.2's for Video-LLaVA (issue 25)
         assert float(r["weight"]) == float(r["score_syn_target"]) * (1 - float(r["score_syn_real"]))
 
@@ -49,13 +49,13 @@ def test_the_four_stages_chain_through_one_folder(tmp_path, video_llava_dir):
 
     # §6: evaluate base and fine-tuned model on an entailment set; the adapter changes the scores
     test_csv = tmp_path / "test.csv"
-    common.write_csv(str(test_csv), [{k: r[k] for k in ("videopath", "caption", "neg_caption")} for r in rows])
+    disk.write_csv(str(test_csv), [{k: r[k] for k in ("videopath", "caption", "neg_caption")} for r in rows])
     results = {}
     for name, adapter in (("base", ""), ("tuned", str(train_dir / "adapter"))):
         evaluate.main(evaluate.Args(model=video_llava_dir, adapter=adapter, videocon_llm=str(test_csv),
                                     video_root=str(videos), out_dir=str(tmp_path / f"eval_{name}")))
         results[name] = json.load(open(tmp_path / f"eval_{name}" / "results.json"))
-        scores = common.read_csv(str(tmp_path / f"eval_{name}" / "videocon_llm_scores.csv"), required=["score"])
+        scores = disk.read_csv(str(tmp_path / f"eval_{name}" / "videocon_llm_scores.csv"), required=["score"])
         results[name]["scores"] = [float(s["score"]) for s in scores]
     assert len(results["base"]["scores"]) == 8  # 4 videos x (caption, negative)
     for name in results:

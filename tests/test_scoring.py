@@ -1,4 +1,4 @@
-"""common.answer_states / alignment_logits (Eq. 1, each video's prompt prefix once, the caption
+"""shared_prefix.answer_states / alignment_logits (Eq. 1, each video's prompt prefix once, the caption
 suffixes packed after it) against a plain forward of each whole prompt, for the four model families:
 scores, t' masking, gradients under activation checkpointing, teacher-forced answer logits; and
 Qwen2.5-VL (3-D rotary positions) through 03_train.py, one process and two."""
@@ -14,6 +14,7 @@ import tiny
 
 import test_train
 from test_train import ROOT, train
+from synvita import shared_prefix, video_llm
 
 one_thread, toy = test_train.one_thread, test_train.toy  # test_train's fixtures: one torch thread, the 8-row toy set
 
@@ -43,29 +44,8 @@ def videos_for(family):
     return [tiny.moving_square(seed=0), tiny.moving_square(size=big, direction=-1, color=(0, 0, 255), seed=1)]
 
 
-def plain_logits(model, processor, video, caption, hidden=None, question=common.QUESTION, answer=()):
-    """The long way: the processor builds the whole prompt (+ the answer tokens), one sequence, every
-    position, the whole vocabulary; t' by zeroing the attention of its hidden tokens; positions as the
-    model computes them without a mask (Qwen-VL: get_rope_index). Returns the logits (k, vocab) where
-    the model predicts the answer tokens, k = max(1, len(answer))."""
-    text, start = common.entailment_prompt(processor, model.config.model_type, caption, question=question)
-    inputs = processor(text=text, videos=[video], return_tensors="pt")
-    enc = processor.tokenizer(text, return_offsets_mapping=True)
-    after = enc["input_ids"][::-1].index(model.config.video_token_id)  # tokens after the (last) video placeholder
-    assert inputs["input_ids"][0, -after:].tolist() == enc["input_ids"][-after:]
-    spans = [(s + start, e + start) for s, e in hidden or []]
-    visible = torch.tensor(common.token_visibility(enc["offset_mapping"][-after:], spans), dtype=torch.long)
-    inputs["attention_mask"][0, -after:] *= visible
-    extra = torch.tensor([list(answer)], dtype=torch.long)
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        if key in inputs:
-            inputs[key] = torch.cat([inputs[key], extra if key == "input_ids" else torch.ones_like(extra) * (key != "mm_token_type_ids")], 1)
-    if hasattr(model.model, "get_rope_index"):
-        grids = {k: inputs[k] for k in ("video_grid_thw", "second_per_grid_ts") if k in inputs}
-        inputs["position_ids"], _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], **grids)
-    logits = model(**inputs).logits[0].float()
-    end = logits.shape[0] - len(answer)  # the position after the prompt's last token
-    return logits[end - 1:end - 1 + max(1, len(answer))]
+# the long way, by definition: the processor builds each whole prompt, one forward a pair
+plain_logits = common.plain_answer_logits
 
 
 def yes_no(processor, model, caption):
@@ -76,8 +56,8 @@ def yes_no(processor, model, caption):
 @pytest.mark.parametrize("per_row, window", [(0, 256), (2, 256), (0, 7)])  # rows of 2; attention windows of 7
 @torch.no_grad()
 def test_packed_scores_equal_a_plain_forward_of_each_prompt(family, per_row, window, family_dir, monkeypatch):
-    monkeypatch.setattr(common, "SUFFIX_WINDOW", window)  # 7: windows that cut suffixes (see shared_prefix_attention)
-    model, processor = common.load_video_llm(family_dir(family))
+    monkeypatch.setattr(shared_prefix, "SUFFIX_WINDOW", window)  # 7: windows that cut suffixes (see shared_prefix_attention)
+    model, processor = video_llm.load_video_llm(family_dir(family))
     videos, index = videos_for(family), [1, 0, 0, 1, 1, 0, 1]
     captions = [CAPTIONS[k % 5] for k in range(len(index))]
     hidden = [common.hidden_word_spans(c, "a square moves") if k in (2, 6) else None for k, c in enumerate(captions)]
@@ -96,13 +76,13 @@ def test_packed_scores_equal_a_plain_forward_of_each_prompt(family, per_row, win
 def test_teacher_forced_answer_logits_equal_a_plain_forward(family, family_dir):
     """Per-pair questions (another template, e.g. an explanation row's) and answer token ids fed after
     the prompt: the logits where the model predicts each answer token, full vocabulary."""
-    model, processor = common.load_video_llm(family_dir(family))
+    model, processor = video_llm.load_video_llm(family_dir(family))
     videos, index = videos_for(family), [0, 1, 0]
     questions = [common.QUESTION, 'Why does this video not show "{caption}"?', common.QUESTION]
     tok = processor.tokenizer
     answers = [tok(" Yes", add_special_tokens=False)["input_ids"],
                tok(" Because the square moves to the left.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], []]
-    states, logits = common.answer_states(model, processor, videos, CAPTIONS[:3], index, questions=questions, answers=answers)
+    states, logits = shared_prefix.answer_states(model, processor, videos, CAPTIONS[:3], index, questions=questions, answers=answers)
     for i, (v, c) in enumerate(zip(index, CAPTIONS[:3])):
         expected = plain_logits(model, processor, videos[v], c, question=questions[i], answer=answers[i])
         assert logits[i].shape == expected.shape == (max(1, len(answers[i])), model.config.get_text_config().vocab_size)
@@ -115,7 +95,7 @@ def test_teacher_forced_answer_logits_equal_a_plain_forward(family, family_dir):
 def test_gradients_equal_a_plain_forward_under_activation_checkpointing(family, family_dir):
     """Training mode, checkpointed layers: the gradients of a loss over packed scores are those of the
     same loss over plain forwards, in a layer that only the prefix's keys reach (layer 0) and the LM head."""
-    model, processor = common.load_video_llm(family_dir(family))
+    model, processor = video_llm.load_video_llm(family_dir(family))
     model.activation_checkpointing_enable()
     model.train()
     videos, index, captions = videos_for(family), [0, 1, 1, 0], CAPTIONS[:4]
@@ -141,7 +121,7 @@ def test_gradients_equal_a_plain_forward_under_activation_checkpointing(family, 
 @torch.no_grad()
 def test_other_attention_implementations_take_the_whole_square_mask(implementation, family_dir):
     from transformers import AutoModelForImageTextToText
-    model, processor = common.load_video_llm(family_dir("video_llava"))
+    model, processor = video_llm.load_video_llm(family_dir("video_llava"))
     other = AutoModelForImageTextToText.from_pretrained(family_dir("video_llava"), attn_implementation=implementation)
     videos, index = videos_for("video_llava"), [0, 1, 1, 0]
     hidden = [None, common.hidden_word_spans(CAPTIONS[1], "a cat"), None, None]
@@ -151,9 +131,9 @@ def test_other_attention_implementations_take_the_whole_square_mask(implementati
 
 
 def test_prompts_that_share_no_prefix_are_refused(family_dir):
-    model, processor = common.load_video_llm(family_dir("video_llava"))
+    model, processor = video_llm.load_video_llm(family_dir("video_llava"))
     with pytest.raises(ValueError, match="share one prefix"):
-        common.answer_states(model, processor, videos_for("video_llava")[:1], ["a dog"], questions=["{caption} <video>"])
+        shared_prefix.answer_states(model, processor, videos_for("video_llava")[:1], ["a dog"], questions=["{caption} <video>"])
 
 
 # ---- Qwen2.5-VL through 03_train.py -------------------------------------------------------------
@@ -185,10 +165,10 @@ def test_qwen_vl_trains_and_two_processes_match_one(family_dir, toy, tmp_path):
 def test_yes_no_logits_are_float32_on_a_bf16_model(video_llava_dir):
     """Issue 13 item 6: in bf16 the two LM-head rows are applied in float32 to the final hidden state,
     so the scores are not the bf16 logits' coarse grid (which ties retrieval candidates)."""
-    model, processor = common.load_video_llm(video_llava_dir, dtype=torch.bfloat16)
+    model, processor = video_llm.load_video_llm(video_llava_dir, dtype=torch.bfloat16)
     videos, captions = [tiny.moving_square(seed=0)], [CAPTIONS[k % 5] + " " * (k // 5) for k in range(20)]
     a = tiny.alignment_logits(model, processor, videos, captions, [0] * 20)
-    states, logits = common.answer_states(model, processor, videos, captions, [0] * 20)
+    states, logits = shared_prefix.answer_states(model, processor, videos, captions, [0] * 20)
     yes, no = yes_no(processor, model, captions[0])
     head = model.lm_head.weight[[yes, no]].float()
     exact = torch.stack([s[0].float() @ head.T for s in states])  # (20, 2), float32 from the bf16 states

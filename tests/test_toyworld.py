@@ -15,6 +15,7 @@ from toyworld import generator as tg
 from toyworld import models as tm
 from toyworld import run as tr
 from toyworld import world as tw
+from synvita import disk, video_io, video_llm
 
 
 def scenes(n=300, seed=0):
@@ -136,7 +137,7 @@ def test_word_tokenizer_covers_every_caption_in_the_stages_prompt():
 @pytest.mark.parametrize("kind, ask", [("video", True), ("video", False), ("vqa", True)])
 def test_pretraining_runs_saves_and_loads(tmp_path, kind, ask):
     out = tm.pretrain(str(tmp_path / "models" / kind), kind, steps=2, batch_size=2, pool=6, log_every=1, ask=ask)
-    model, processor = common.load_video_llm(out)
+    model, processor = video_llm.load_video_llm(out)
     assert type(model).__name__ == {"video": "VideoLlavaForConditionalGeneration", "vqa": "LlavaForConditionalGeneration"}[kind]
     log = json.load(open(tmp_path / "models" / kind / "pretrain.json"))["log"]
     assert [sorted(r) for r in log] == [["answer", "lm", "prefix", "step"]] * 2
@@ -192,18 +193,18 @@ def test_the_biased_world_names_its_concepts_only_in_training_negatives(tmp_path
     """The negative-only concepts (Fig. 1): never in a training positive nor shown by a training
     clip, named by training negatives and by test positives; the control world has no such bias."""
     biased = tw.write_world(str(tmp_path / "biased"), seed=0, n_train=200, n_test=60, ssv2_groups=1, atp_questions=2)
-    train, test = common.read_csv(biased["train"]), common.read_csv(biased["videocon_llm"])
+    train, test = disk.read_csv(biased["train"]), disk.read_csv(biased["videocon_llm"])
     assert not any(tw.names_negative_only(r["caption"]) for r in train)
     assert sum(tw.names_negative_only(r["neg_caption"]) for r in train) >= 10
     assert sum(tw.names_negative_only(r["caption"]) for r in test) >= 5
     control = tw.write_world(str(tmp_path / "control"), seed=0, n_train=200, n_test=60, ssv2_groups=1, atp_questions=2,
                              bias=False)
-    control_train = common.read_csv(control["train"])
+    control_train = disk.read_csv(control["train"])
     assert sum(tw.names_negative_only(r["caption"]) for r in control_train) >= 20  # shown and named as positives
-    assert common.read_csv(control["videocon_llm"]) == test  # both worlds share the test sets
+    assert disk.read_csv(control["videocon_llm"]) == test  # both worlds share the test sets
     for files in (biased, control):  # no exact duplicate rows, no empty field
         for path in files.values():
-            rows = [tuple(r.values()) for r in common.read_csv(path)]
+            rows = [tuple(r.values()) for r in disk.read_csv(path)]
             assert len(set(rows)) == len(rows) and all(all(v.strip() for v in r) for r in rows), path
 
 
@@ -213,7 +214,7 @@ def test_world_files_have_the_real_layouts(tmp_path):
     import importlib
     evaluate = importlib.import_module("04_eval")
     files = tw.write_world(str(tmp_path), seed=3, n_train=12, n_test=10, ssv2_groups=2, atp_questions=4)
-    train = common.read_csv(files["train"])
+    train = disk.read_csv(files["train"])
     assert len(train) == 12 and {"videopath", "caption", "neg_caption", "misalignment"} <= set(train[0])
     assert all(tw.parse_caption(r["caption"]) and tw.parse_caption(r["neg_caption"]) for r in train)
     rows, _, pairs = evaluate.read_task("ssv2_temporal", files["ssv2_temporal"])
@@ -227,9 +228,9 @@ def test_world_files_have_the_real_layouts(tmp_path):
     per_query = {q: sum(m == [q] for m in matches.values()) for q in {r["caption"] for r in rows}}
     assert all(per_query[q] == (4 if len(tw.parse_caption(q).things) == 1 else 2) for q in per_query)
     atp, _, _ = evaluate.read_task("atphard", files["atphard"])
-    truth = {r["videopath"]: r for r in common.read_csv(files["atphard"]) if r["option"] == r["answer"]}
+    truth = {r["videopath"]: r for r in disk.read_csv(files["atphard"]) if r["option"] == r["answer"]}
     scores = {(r["videopath"], r["caption"]): float(r["caption"] == truth[r["videopath"]]["caption"]) for r in atp}
-    types = {(r["video"], r["question"]): r["type"] for r in common.read_csv(str(tmp_path / "nextqa-atphard.csv"))}
+    types = {(r["video"], r["question"]): r["type"] for r in disk.read_csv(str(tmp_path / "nextqa-atphard.csv"))}
     acc = evaluate.atp_accuracy(atp, scores, types)
     assert acc["questions"] == 4 and acc["accuracy"] == 100.0 and acc["accuracy_T"] == 100.0
     assert len(os.listdir(tmp_path / "videos")) == 12 + 10 + 2 * 16 * 2 + 4
@@ -246,10 +247,10 @@ def test_01_generate_runs_the_toy_generator_by_name(tmp_path):
         kwargs = {"failure_rates": rates, "palette": False, "texture": 0, "noise": 0}
         generate.main(generate.Args(input_csv=files["train"], out_dir=str(out), pipeline="toyworld.generator:ToyGenerator",
                                     pipeline_kwargs=json.dumps(kwargs)))
-        rows = common.read_csv(str(out / "generated.csv"))
+        rows = disk.read_csv(str(out / "generated.csv"))
         assert len(rows) == 8 and json.load(open(out / "generate_args.json"))["resolved"]["num_frames"] == tw.FRAMES
         for r in rows:
-            clip = common.read_video(str(out / r["syn_video"]), tw.FRAMES).astype(float)
+            clip = video_io.read_video(str(out / r["syn_video"]), tw.FRAMES).astype(float)
             scene = tg.corrupt(tw.parse_caption(r["neg_caption"]), rates, random.Random(int(r["seed"])))[0]
             if drawn:  # a perfect generator draws the negative caption itself
                 assert scene == tw.parse_caption(r[drawn])
@@ -285,7 +286,7 @@ def test_the_one_command_at_reduced_size(tmp_path):
     again = tiny.run_main("04_eval.py", *logged, cwd=tr.ROOT)  # the stage's own entry point, in this process
     assert again.returncode == 0, again.stderr[-3000:]
     for name in ("videocon_llm_scores.csv", "ssv2_temporal_scores.csv"):
-        assert sorted(common.read_csv(os.path.join(ev, name)), key=str) == sorted(common.read_csv(str(tmp_path / "again" / name)), key=str)
+        assert sorted(disk.read_csv(os.path.join(ev, name)), key=str) == sorted(disk.read_csv(str(tmp_path / "again" / name)), key=str)
 
 
 def test_paired_differences_mark_only_what_the_seeds_can_tell():
@@ -341,7 +342,7 @@ def test_committed_toy_models_are_pretrained():
     info = json.load(open(os.path.join(base, "pretrain.json")))
     assert (info["steps"], info["types"], info["pool"], info["prompt"], info["ask"]) == (
         args.base_steps, list(tm.BASE_TYPES), args.pool, tw.PROMPT, False)
-    model, processor = common.load_video_llm(base)
+    model, processor = video_llm.load_video_llm(base)
     auc = tm.entailment_auc(model, processor, n=128)
     # measured: all 66.3, action 52.0, attribute 82.1, count 72.2, relation 88.0; names direction 100 %
     assert auc["all"] < 75 and auc["action"] < 60 and min(auc["attribute"], auc["relation"]) > 70, auc
@@ -354,7 +355,7 @@ def test_committed_toy_models_are_pretrained():
         member = os.path.join(args.models, f"vqa_{i}")
         info = json.load(open(os.path.join(member, "pretrain.json")))
         assert (info["steps"], info["types"], info["direction_weight"]) == (args.vqa_steps, tm.VQA_TYPES, tm.VQA_DIRECTION_WEIGHT)
-        vqa, vqa_processor = common.load_video_llm(member)
+        vqa, vqa_processor = video_llm.load_video_llm(member)
         p_yes = weight.vqa_scores(vqa, vqa_processor, frames + frames, texts, pairs_per_forward=64).numpy()
         # > 0.8: vqa_1, pretrained with direction edits 4x as often, measured 0.84 here (random: 0.5)
         assert roc_auc_score([1] * 32 + [0] * 32, p_yes) > 0.8, (member, p_yes)
@@ -376,19 +377,19 @@ def test_a_stopped_run_ends_its_workers(tmp_path):
     import signal
     import subprocess
     import time
-    runs = {}
+    started = {}
     for sig in ("SIGTERM", "SIGKILL"):
         models = tmp_path / sig / "models"
         argv = ["--out_dir", str(tmp_path / sig / "run"), "--models", str(models), "--seeds", "0", "--pool", "8",
                 "--base_steps", str(10**6), "--vqa_steps", str(10**6)]
-        runs[sig] = models, subprocess.Popen([sys.executable, "-m", "toyworld.run", *argv], cwd=tr.ROOT,
+        started[sig] = models, subprocess.Popen([sys.executable, "-m", "toyworld.run", *argv], cwd=tr.ROOT,
                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     outs, workers = {}, {}
 
     def busy(log):  # a worker in its pretraining loop: its progress bar is up
         return log.exists() and "pretrain toy" in log.read_text()
     try:
-        for sig, (models, proc) in runs.items():
+        for sig, (models, proc) in started.items():
             deadline = time.time() + 240
             while len([m for m in tm.MEMBERS if busy(models / "logs" / f"{m}.log")]) < 2:
                 assert proc.poll() is None and time.time() < deadline, "pretraining never started"
@@ -399,7 +400,7 @@ def test_a_stopped_run_ends_its_workers(tmp_path):
             outs[sig], _ = proc.communicate(timeout=60)
             assert proc.returncode != 0
     finally:
-        for _, proc in runs.values():
+        for _, proc in started.values():
             proc.kill()
     out = outs["SIGTERM"]
     assert "stopped: 1 of " in out and "the same command goes on" in out, out[-2000:]

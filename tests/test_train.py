@@ -15,6 +15,7 @@ import torch
 import common
 import tiny
 import tiny_train
+from synvita import disk, runs, video_io, video_llm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("train", os.path.join(ROOT, "03_train.py"))
@@ -95,22 +96,22 @@ def test_global_batches_do_not_depend_on_the_number_of_processes():
     plan = [train.epoch_micro_batches(items, e, args) for e in range(3)]
     assert all(len(e) == 8 for e in plan)
     for step in range(6):  # 3 epochs of 2 steps
-        one = train.micro_batches(plan, step, 4, common.Dist())
-        two = [train.micro_batches(plan, step, 2, common.Dist(rank=r, world_size=2)) for r in (0, 1)]
+        one = train.micro_batches(plan, step, 4, runs.Dist())
+        two = [train.micro_batches(plan, step, 2, runs.Dist(rank=r, world_size=2)) for r in (0, 1)]
         assert one == two[0] + two[1]  # the same micro-batches, rank 0 takes the first half
-    epoch = sum((sum(train.micro_batches(plan, s, 4, common.Dist()), []) for s in (2, 3)), [])
+    epoch = sum((sum(train.micro_batches(plan, s, 4, runs.Dist()), []) for s in (2, 3)), [])
     assert sorted(epoch) == list(range(10))  # an epoch visits every item once
-    assert epoch != sum((sum(train.micro_batches(plan, s, 4, common.Dist()), []) for s in (0, 1)), [])
+    assert epoch != sum((sum(train.micro_batches(plan, s, 4, runs.Dist()), []) for s in (0, 1)), [])
     with pytest.raises(IndexError):
-        train.micro_batches(plan, 6, 4, common.Dist())
+        train.micro_batches(plan, 6, 4, runs.Dist())
 
 
 def test_explanations_are_read_like_videocon_prepares_them(toy, tmp_path):
-    rows = common.read_csv(feedback(toy))
+    rows = disk.read_csv(feedback(toy))
     rows[1]["split"] = "test"  # another split: not read
     rows[2]["nle"] = " "  # an empty explanation: the reader's bad row, named and counted
     rows[3]["videopath"] = "gone.mp4"
-    common.write_csv(tmp_path / "fb.csv", rows)
+    disk.write_csv(tmp_path / "fb.csv", rows)
     kept, skipped = train.load_explanations(train.Args(feedback_csv=str(tmp_path / "fb.csv"), video_root=toy[1]))
     assert [e["line"] for e in kept] == [2, 6, 7, 8, 9] and all(e["rows"] == 1 and e["kind"] == "nle" for e in kept)
     assert kept[0]["neg"] == rows[0]["neg_caption"] and kept[0]["nle"] == rows[0]["nle"]
@@ -125,10 +126,10 @@ def test_no_row_of_another_split_reaches_a_batch(toy, tmp_path, capsys):
     holds anything else."""
     splits = ["train", "val", "test", " Train", "train", "test", "TRAIN ", "train"]
     for name, source, order in (("w.csv", toy[0], splits), ("fb.csv", feedback(toy), splits[::-1])):
-        rows = common.read_csv(source)
+        rows = disk.read_csv(source)
         for r, split in zip(rows, order):
             r["split"] = split
-        common.write_csv(tmp_path / name, rows)
+        disk.write_csv(tmp_path / name, rows)
     args = train.Args(train_csv=str(tmp_path / "w.csv"), feedback_csv=str(tmp_path / "fb.csv"), video_root=toy[1],
                       batch_size=4, micro_batch_size=2, num_epochs=3)
     items = train.load_triplets(args)[0] + train.load_explanations(args)[0]
@@ -138,7 +139,7 @@ def test_no_row_of_another_split_reaches_a_batch(toy, tmp_path, capsys):
     allowed = {("triplet", 2 + i) for i, s in enumerate(splits) if s.strip().lower() == "train"}
     allowed |= {("nle", 2 + i) for i, s in enumerate(splits[::-1]) if s.strip().lower() == "train"}
     assert {(it["kind"], it["line"]) for it in items} == allowed
-    plan, _, _ = train.micro_batch_plan(items, args, common.Dist())
+    plan, _, _ = train.micro_batch_plan(items, args, runs.Dist())
     batched = {(items[i]["kind"], items[i]["line"]) for epoch in plan for micro_batch in epoch for i in micro_batch}
     assert batched and batched <= allowed
 
@@ -156,7 +157,7 @@ def test_weights_from_the_csv_or_recomputed(toy, weighting):
 
 
 def test_rows_without_a_twin_train_on_l_real_and_bad_rows_are_a_counted_skip(toy):
-    rows = common.read_csv(toy[0])
+    rows = disk.read_csv(toy[0])
     rows[1]["weight"] = ""  # missing weight: no usable twin
     rows[2]["weight"] = "nan"
     rows[3]["videopath"] = "nowhere.mp4"  # no real video: skipped
@@ -164,7 +165,7 @@ def test_rows_without_a_twin_train_on_l_real_and_bad_rows_are_a_counted_skip(toy
     rows[5]["weight"] = "-0.3"  # phi < 0 is clamped to 0
     rows[6]["syn_video"] = ""  # 01_generate.py did not render it
     csv = os.path.join(os.path.dirname(toy[0]), "bad.csv")  # syn_video is relative to the CSV's folder
-    common.write_csv(csv, rows)
+    disk.write_csv(csv, rows)
     kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     assert [r["line"] for r in kept] == [2, 3, 4, 6, 7, 8, 9]  # the file's lines: the header is line 1
     assert [r["line"] for r in kept if r["syn"] is None] == [3, 4, 6, 8]
@@ -177,14 +178,14 @@ def test_rows_without_a_twin_train_on_l_real_and_bad_rows_are_a_counted_skip(toy
         (8, no_twin + "no syn_video")]
     for r in rows:
         r["videopath"] = "nowhere.mp4"
-    common.write_csv(csv, rows)
+    disk.write_csv(csv, rows)
     with pytest.raises(ValueError, match="bad.csv: no row can be trained on"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     with pytest.raises(ValueError, match="--weighting 'nope'"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], weighting="nope"))
     # the VideoCon baseline needs no synthetic columns at all
-    rows = common.read_csv(toy[0])
-    common.write_csv(csv, [{k: r[k] for k in ("videopath", "caption", "neg_caption")} for r in rows])
+    rows = disk.read_csv(toy[0])
+    disk.write_csv(csv, [{k: r[k] for k in ("videopath", "caption", "neg_caption")} for r in rows])
     kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], use_syn=False))
     assert len(kept) == 8 and skipped == [] and all(r["syn"] is None for r in kept)
 
@@ -193,9 +194,9 @@ def test_bad_training_rows_are_named_by_line(toy, tmp_path, capsys):
     """Issue 14 items 7, 8, 9, 12, 13, 14: empty captions, exact duplicates and rows with a wrong field
     count are named by line and skipped; weights above 1 or VQAScores outside [0, 1], bytes that are
     not UTF-8 and header-only files stop the run, naming file and line."""
-    rows = common.read_csv(toy[0])
+    rows = disk.read_csv(toy[0])
     csv = os.path.join(os.path.dirname(toy[0]), "bad.csv")
-    common.write_csv(csv, rows + [rows[0], {**rows[1], "caption": " "}])  # lines 10 and 11
+    disk.write_csv(csv, rows + [rows[0], {**rows[1], "caption": " "}])  # lines 10 and 11
     kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     assert len(kept) == 8 and sum(r["caption"] == rows[0]["caption"] for r in kept) == 1
     printed = capsys.readouterr().out
@@ -206,26 +207,26 @@ def test_bad_training_rows_are_named_by_line(toy, tmp_path, capsys):
         (csv, 10, "exact duplicate of an earlier row"), (csv, 11, "empty caption")]
     # the same triplet again with another weight (or twin) is no conflict (MSR-VTT repeats captions
     # of a clip): both rows train, as in the released code, each with its own twin and phi
-    common.write_csv(csv, rows + [{**rows[0], "weight": "0.5", "syn_video": rows[1]["syn_video"]}])
+    disk.write_csv(csv, rows + [{**rows[0], "weight": "0.5", "syn_video": rows[1]["syn_video"]}])
     kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     again = [t for t in kept if (t["caption"], t["neg"]) == (rows[0]["caption"], rows[0]["neg_caption"])]
     assert len(kept) == 9 and skipped == [] and [t["line"] for t in again] == [2, 10]
     assert [t["w"] for t in again] == [float(rows[0]["weight"]), 0.5]
-    common.write_csv(csv, rows[:2] + [{**rows[2], "weight": "7.5"}, {**rows[3], "weight": "2"}])
+    disk.write_csv(csv, rows[:2] + [{**rows[2], "weight": "7.5"}, {**rows[3], "weight": "2"}])
     with pytest.raises(common.UserError, match=r"bad.csv:4: weight 7.5 outside \[-inf, 1\] \(and 1 more row"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
-    common.write_csv(csv, rows[:2] + [{**rows[2], "weight": "0,5"}])  # a decimal comma is no missing score
+    disk.write_csv(csv, rows[:2] + [{**rows[2], "weight": "0,5"}])  # a decimal comma is no missing score
     with pytest.raises(common.UserError, match=r"bad.csv:4: weight '0,5' is not a number$"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
-    common.write_csv(csv, rows[:2] + [{**rows[2], "score_syn_real": "-0.5"}])
+    disk.write_csv(csv, rows[:2] + [{**rows[2], "score_syn_real": "-0.5"}])
     with pytest.raises(common.UserError, match=r"bad.csv:4: score_syn_real -0.5 outside \[0, 1\]$"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], weighting="difference"))
-    common.write_csv(csv, rows[:2])
+    disk.write_csv(csv, rows[:2])
     with open(csv, "ab") as fh:
         fh.write(",".join(rows[2].values()).replace("square", "carr\xe9").encode("latin-1") + b"\r\n")
     with pytest.raises(ValueError, match=r"bad.csv:4: byte 0xe9 is not UTF-8"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
-    common.write_csv(csv, [], fieldnames=list(rows[0]))
+    disk.write_csv(csv, [], fieldnames=list(rows[0]))
     with pytest.raises(ValueError, match=r"bad.csv: no usable row \(only a header\)"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
 
@@ -243,7 +244,7 @@ def plain_logits(model, processor, video, question, caption, answer=()):
 
 @torch.no_grad()
 def test_one_call_equals_each_pair_scored_alone(video_llava_dir, toy):
-    model, processor = common.load_video_llm(video_llava_dir)
+    model, processor = video_llm.load_video_llm(video_llava_dir)
     args = train.Args(train_csv=toy[0], video_root=toy[1], feedback_csv=feedback(toy), answer_loss="vocab")
     triplets, _ = train.load_triplets(args)
     triplets[1]["syn"], triplets[1]["w"] = None, 0.0  # a triplet without its twin
@@ -391,8 +392,8 @@ def test_kill_and_resume_reaches_the_same_weights(video_llava_dir, toy, referenc
         train.main(make_args(video_llava_dir, *toy, tmp_path, resume=True, batch_size=16, feedback_csv=fb))
     # the rest with decoded videos kept in memory (--cache_videos): epoch 2 reads them from the cache
     calls = []
-    read = common.read_video
-    monkeypatch.setattr(common, "read_video", lambda path, *a: calls.append(path) or read(path, *a))
+    read = video_io.read_video
+    monkeypatch.setattr(video_io, "read_video", lambda path, *a: calls.append(path) or read(path, *a))
     train.main(make_args(video_llava_dir, *toy, tmp_path, resume=True, feedback_csv=fb, cache_videos=True))
     # each video decoded once in training (calls[0]: the one read that measures the prompts' positions)
     assert len(calls) - 1 == len(set(calls[1:])) > 0
@@ -406,7 +407,7 @@ def test_kill_and_resume_reaches_the_same_weights(video_llava_dir, toy, referenc
 def test_saved_adapter_loads_with_peft_and_gives_the_same_scores(video_llava_dir, toy, reference):
     from peft import PeftModel
     out, trained = reference
-    base, processor = common.load_video_llm(video_llava_dir)
+    base, processor = video_llm.load_video_llm(video_llava_dir)
     videos = [tiny_train.tiny.moving_square(color=(255, 0, 0)), tiny_train.tiny.moving_square(direction=-1)]
     captions = ["a red square moves to the right", "a red square moves to the left", "a square moves to the left"]
     with torch.no_grad():
@@ -423,12 +424,12 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_scores(video_llava_dir
 
 
 def test_second_family_trains_through_the_same_code(onevision_dir, toy, tmp_path):
-    rows = common.read_csv(toy[0])  # plus a row whose video is missing: skipped, counted, listed
-    common.write_csv(tmp_path / "rows.csv", rows + [{**rows[0], "videopath": "gone.mp4"}])
+    rows = disk.read_csv(toy[0])  # plus a row whose video is missing: skipped, counted, listed
+    disk.write_csv(tmp_path / "rows.csv", rows + [{**rows[0], "videopath": "gone.mp4"}])
     csv = os.path.join(os.path.dirname(toy[0]), "plus_one.csv")  # syn_video is relative to this folder
     os.replace(tmp_path / "rows.csv", csv)
     model = train.main(make_args(onevision_dir, csv, toy[1], tmp_path / "out", max_steps=1))
-    assert common.read_csv(tmp_path / "out" / "skipped.csv") == [
+    assert disk.read_csv(tmp_path / "out" / "skipped.csv") == [
         {"file": csv, "line": "10", "videopath": "gone.mp4", "reason": "video not found: " + os.path.join(toy[1], "gone.mp4")}]
     (line,) = read_log(tmp_path / "out")
     assert all(math.isfinite(line[k]) and line[k] > 0 for k in train.TERMS if k != "l_nle")
@@ -438,7 +439,7 @@ def test_second_family_trains_through_the_same_code(onevision_dir, toy, tmp_path
 
 
 def test_a_nan_loss_stops_the_run_naming_step_and_rows(video_llava_dir, toy, tmp_path):
-    model, processor = common.load_video_llm(video_llava_dir)
+    model, processor = video_llm.load_video_llm(video_llava_dir)
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))
     model.save_pretrained(tmp_path / "nan-model")
@@ -463,13 +464,13 @@ def test_a_prompt_past_the_model_positions_is_skipped_named_and_counted(video_ll
     positions: each is left out, named by file:line in one printed line, listed in skipped.csv and
     counted in the summary beside the reader's exact duplicate, each row once. The measure counts the
     answer token fed under --answer_loss vocab."""
-    rows, fb_rows, words = common.read_csv(toy[0]), common.read_csv(feedback(toy)), " ".join(["red"] * 5000)
+    rows, fb_rows, words = disk.read_csv(toy[0]), disk.read_csv(feedback(toy)), " ".join(["red"] * 5000)
     csv, fb = os.path.join(os.path.dirname(toy[0]), "long.csv"), str(tmp_path / "long_fb.csv")
-    common.write_csv(csv, rows + [rows[1], {**rows[0], "caption": words}])  # line 10: a duplicate; 11: too long
-    common.write_csv(fb, fb_rows + [{**fb_rows[0], "nle": words}])  # line 10: too long
+    disk.write_csv(csv, rows + [rows[1], {**rows[0], "caption": words}])  # line 10: a duplicate; 11: too long
+    disk.write_csv(fb, fb_rows + [{**fb_rows[0], "nle": words}])  # line 10: too long
     capsys.readouterr()
     train.main(make_args(video_llava_dir, csv, toy[1], tmp_path / "out", feedback_csv=fb, max_steps=1))
-    skipped = common.read_csv(tmp_path / "out" / "skipped.csv")
+    skipped = disk.read_csv(tmp_path / "out" / "skipped.csv")
     assert [(s["file"], s["line"], s["videopath"], s["reason"][:16]) for s in skipped] == [
         (csv, "10", "", "exact duplicate "), (csv, "11", "real_0.mp4", "prompt too long:"),
         (fb, "10", "real_0.mp4", "prompt too long:")]
@@ -479,7 +480,7 @@ def test_a_prompt_past_the_model_positions_is_skipped_named_and_counted(video_ll
     assert ("8 triplets (0 without a twin, trained on L_real alone) and 8 explanations; 3 rows skipped (exact "
             "duplicate of an earlier row: 1, prompt too long: 2); all listed in skipped.csv. 6 steps of 8 rows = "
             "1 process x 2 micro-batches x 4") in printed
-    model, processor = common.load_video_llm(video_llava_dir)
+    model, processor = video_llm.load_video_llm(video_llava_dir)
     items = train.load_triplets(train.Args(train_csv=toy[0], video_root=toy[1]))[0][:2]
     items += train.load_explanations(train.Args(feedback_csv=fb, video_root=toy[1]))[0][:1]
     two_way, vocab = (train.prompt_positions(model, processor, items, train.Args(answer_loss=loss))
@@ -490,10 +491,10 @@ def test_a_prompt_past_the_model_positions_is_skipped_named_and_counted(video_ll
 def test_an_undecodable_video_stops_the_run_naming_its_row(video_llava_dir, toy, tmp_path):
     """Issue 26: a video that exists but cannot be decoded, met in a DataLoader worker mid-run, stops
     the run with one line naming the CSV's file:line and the video (no worker traceback in it)."""
-    rows = common.read_csv(toy[0])
+    rows = disk.read_csv(toy[0])
     open(tmp_path / "broken.mp4", "wb").write(b"not a video")
     csv = os.path.join(os.path.dirname(toy[0]), "undecodable.csv")  # videopath: absolute, beside no other video
-    common.write_csv(csv, rows[:5] + [{**rows[5], "videopath": str(tmp_path / "broken.mp4")}] + rows[6:])
+    disk.write_csv(csv, rows[:5] + [{**rows[5], "videopath": str(tmp_path / "broken.mp4")}] + rows[6:])
     with pytest.raises(common.UserError, match=f"undecodable.csv:7: {tmp_path}/broken.mp4: cannot decode video") as e:
         train.main(make_args(video_llava_dir, csv, toy[1], tmp_path / "out", num_epochs=1, num_workers=1))
     assert "Traceback" not in str(e.value) and "\n" not in str(e.value)
@@ -536,8 +537,8 @@ def test_every_check_runs_before_out_dir_is_touched(toy, tmp_path, bad):
     """Issue 26: a bad flag or input stops the run before the model loads (--model names no model
     here) and before anything is written to --out_dir (argparse refuses bad choices on the command
     line first; main(args) from Python refuses them too)."""
-    rows, csv = common.read_csv(toy[0]), os.path.join(os.path.dirname(toy[0]), f"bad_{bad}.csv")
-    common.write_csv(csv, {"column": [{k: v for k, v in r.items() if k != "weight"} for r in rows]}.get(bad, rows))
+    rows, csv = disk.read_csv(toy[0]), os.path.join(os.path.dirname(toy[0]), f"bad_{bad}.csv")
+    disk.write_csv(csv, {"column": [{k: v for k, v in r.items() if k != "weight"} for r in rows]}.get(bad, rows))
     kw, needle = {"prompt": (dict(prompt="Card"), "--prompt 'Card': use one of"),
                   "syn_types": (dict(syn_types=["acton"]), "--syn_types ['acton']: no row"),
                   "batch": (dict(micro_batch_size=3), "--batch_size 8 is not a multiple of --micro_batch_size 3"),
@@ -600,9 +601,9 @@ def test_resume_checks_the_data_and_bad_schedules_are_refused(video_llava_dir, t
     """Issue 14 items 4, 11, 16: --resume after the CSV's content changed (same row count) stops
     naming it; a 1-step run with a warm-up (lr 0) and --micro_batch_size 0 are refused with a message."""
     tmp_path = two_steps
-    rows = common.read_csv(toy[0])
+    rows = disk.read_csv(toy[0])
     csv = os.path.join(os.path.dirname(toy[0]), "changed.csv")  # same rows, one weight changed
-    common.write_csv(csv, [{**rows[0], "weight": "0.125"}] + rows[1:])
+    disk.write_csv(csv, [{**rows[0], "weight": "0.125"}] + rows[1:])
     with pytest.raises(ValueError, match=r"written with other settings \(train_csv: '[0-9a-f]{64}' then, "):
         train.main(make_args(video_llava_dir, csv, toy[1], tmp_path, resume=True))
     with pytest.raises(ValueError, match="1 optimizer step with --warmup_steps 1: it runs at lr 0"):
@@ -646,12 +647,12 @@ def test_syn_types_keeps_every_real_triplet_and_the_twins_of_its_types(toy, caps
     """Issue 25 item 4: --syn_types action trains every real triplet on L_real, and the twins of the
     action rows only (w as in the CSV); the others train without a twin, counted in one line by type,
     not skipped. A type that no row has is refused, naming the file's types."""
-    rows = common.read_csv(toy[0])
+    rows = disk.read_csv(toy[0])
     kinds = ["action", "attribute", "object", " Action", "count", "action", "attribute", "object"]
     for r, kind in zip(rows, kinds):
         r["misalignment"] = kind
     csv = os.path.join(os.path.dirname(toy[0]), "types.csv")  # syn_video is relative to the CSV's folder
-    common.write_csv(csv, rows)
+    disk.write_csv(csv, rows)
     capsys.readouterr()
     kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action"]))
     assert [t["line"] for t in kept] == list(range(2, 10)) and skipped == []  # every triplet, none skipped
@@ -673,17 +674,17 @@ def test_syn_types_keeps_every_real_triplet_and_the_twins_of_its_types(toy, caps
     with pytest.raises(ValueError, match=r"--syn_types \['acton'\]: no row of .*types.csv has this misalignment; "
                                          r"its types: \[' Action', 'action', 'attribute', 'count', 'object'\]"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action", "acton"]))
-    common.write_csv(csv, [{k: v for k, v in r.items() if k != "misalignment"} for r in rows])
+    disk.write_csv(csv, [{k: v for k, v in r.items() if k != "misalignment"} for r in rows])
     with pytest.raises(ValueError, match=r"types.csv: missing column\(s\) \['misalignment'\]"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action"]))
     with pytest.raises(ValueError, match="needs --use_syn"):
         train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action"], use_syn=False))
     # the flags as typed: lists of names; one CSV is the same Args whether given as a str or a list
     monkeypatch.setitem(sys.modules, "train", train)  # where parse_args reads the fields' --help from
-    args = common.parse_args(train.Args, ["--syn_types", "action", "object", "--train_csv", "a.csv", "b.csv"])
+    args = runs.parse_args(train.Args, ["--syn_types", "action", "object", "--train_csv", "a.csv", "b.csv"])
     assert args.syn_types == ["action", "object"] and args.train_csv == ["a.csv", "b.csv"]
     assert train.Args(train_csv="a.csv") == train.Args(train_csv=["a.csv"])
-    assert common.parse_args(train.Args, []).train_csv == ["runs/generate/weighted.csv"]
+    assert runs.parse_args(train.Args, []).train_csv == ["runs/generate/weighted.csv"]
 
 
 @pytest.fixture(scope="module")
@@ -701,7 +702,7 @@ def test_several_csvs_merge_into_one_triplet_with_a_twin_from_each(toy, second_g
     capsys.readouterr()
     kept, skipped = train.load_triplets(train.Args(train_csv=[toy[0], second_generator], video_root=toy[1]))
     assert [t["line"] for t in kept] == list(range(2, 10)) and skipped == []
-    one, two = common.read_csv(toy[0]), common.read_csv(second_generator)
+    one, two = disk.read_csv(toy[0]), disk.read_csv(second_generator)
     for t, a, b in zip(kept, one, two):
         assert (t["caption"], t["neg"]) == (a["caption"], a["neg_caption"]) and t["rows"] == 2  # its real part once
         assert train.twins(t) == [(os.path.join(gen, a["syn_video"]), float(a["weight"])),
@@ -710,11 +711,11 @@ def test_several_csvs_merge_into_one_triplet_with_a_twin_from_each(toy, second_g
     assert "2 --train_csv files merged into 8 triplets; twins per triplet: {2: 8}" in capsys.readouterr().out
     # (b) CSV a has triplets 0-5, CSV b triplets 2-7, its row of triplet 3 without a usable twin
     a_csv, b_csv = str(tmp_path / "a.csv"), str(tmp_path / "b.csv")
-    common.write_csv(a_csv, [{**r, "syn_video": os.path.join(gen, r["syn_video"])} for r in one[:6]])
-    common.write_csv(b_csv, [{**r, "syn_video": os.path.join(gen, r["syn_video"])} for r in two[2:]])
-    rows = common.read_csv(b_csv)
+    disk.write_csv(a_csv, [{**r, "syn_video": os.path.join(gen, r["syn_video"])} for r in one[:6]])
+    disk.write_csv(b_csv, [{**r, "syn_video": os.path.join(gen, r["syn_video"])} for r in two[2:]])
+    rows = disk.read_csv(b_csv)
     rows[1]["weight"] = ""  # triplet 3's twin in b: no weight
-    common.write_csv(b_csv, rows)
+    disk.write_csv(b_csv, rows)
     kept, skipped = train.load_triplets(train.Args(train_csv=[a_csv, b_csv], video_root=toy[1]))
     assert [t["caption"] for t in kept] == [r["caption"] for r in one]  # a's order, then b's new ones
     assert [t["line"] for t in kept] == [2, 3, 4, 5, 6, 7, 6, 7]  # lines of the first CSV that lists it
@@ -730,7 +731,7 @@ def test_several_csvs_merge_into_one_triplet_with_a_twin_from_each(toy, second_g
 def test_every_twin_is_run_in_the_same_call(video_llava_dir, toy, second_generator):
     """A triplet with 2 twins runs rr, rs, ss, sr, r', s' and twin 1's ss1, sr1, s'1 (r' once), each
     equal to its pair scored alone; --answer_loss vocab feeds twin 1's answer tokens too."""
-    model, processor = common.load_video_llm(video_llava_dir)
+    model, processor = video_llm.load_video_llm(video_llava_dir)
     args = train.Args(train_csv=[toy[0], second_generator], video_root=toy[1], answer_loss="vocab")
     triplets, _ = train.load_triplets(args)
     batch, paths, frames = train.load_videos(triplets[:1], args)
@@ -835,4 +836,4 @@ def test_several_csvs_train_and_resume_only_with_the_same_list(video_llava_dir, 
     assert json.load(open(tmp_path / "args.json"))["train_csv"] == toy[0]  # one CSV: a path, as before
     # one CSV records its hash as before --train_csv took a list, and no --syn_types: older checkpoints resume
     settings = train.checkpoint_settings(train.Args(train_csv=toy[0]), [])
-    assert settings["train_csv"] == common.file_hash(toy[0]) and "syn_types" not in settings
+    assert settings["train_csv"] == disk.file_hash(toy[0]) and "syn_types" not in settings

@@ -20,6 +20,7 @@ import common
 import tiny
 import tiny_weight
 from common import WEIGHTINGS
+from synvita import disk, video_io, video_llm
 
 weight = importlib.import_module("02_weight")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,10 +52,10 @@ def make_generated(folder, n=3, missing=(), corrupt=()):
         if i in corrupt:
             open(path, "wb").write(b"this is not an mp4")
         elif i not in missing:
-            common.write_video(path, tiny.moving_square(8, 32, color=(255, 60 * i, 0), direction=1 - 2 * (i % 2), seed=i))
+            video_io.write_video(path, tiny.moving_square(8, 32, color=(255, 60 * i, 0), direction=1 - 2 * (i % 2), seed=i))
         rows.append({"videopath": f"real/{i}.mp4", "caption": f"{CAPTION} {i}", "neg_caption": f"{NEG} {i}",
                      "misalignment": kinds[i % 4], "syn_video": f"videos/{i}.mp4", "seed": str(i)})
-    common.write_csv(os.path.join(folder, "generated.csv"), rows)
+    disk.write_csv(os.path.join(folder, "generated.csv"), rows)
     return os.path.join(folder, "generated.csv")
 
 
@@ -71,10 +72,10 @@ def test_only_training_rows_are_weighed_and_the_default_weighting_is_video_llava
     """02 weighs the --split rows only (counted in one line), with Table 4's row 3 by default: §6.2,
     "For Video-LLaVA, we use (3)", fbar(Vs,ts) (1 - fbar(Vs,tr))."""
     path = make_generated(str(tmp_path), n=3)
-    rows = common.read_csv(path)
+    rows = disk.read_csv(path)
     for r, split in zip(rows, ["train", "test", "Train"]):
         r["split"] = split
-    common.write_csv(path, rows)
+    disk.write_csv(path, rows)
     got = read(run(path, [llava_dir]))
     assert [r["videopath"] for r in got] == ["real/0.mp4", "real/2.mp4"]
     assert f"{path}: 1 row(s) of other splits left out (--split 'train'" in capsys.readouterr().out
@@ -88,7 +89,7 @@ def test_only_training_rows_are_weighed_and_the_default_weighting_is_video_llava
 # which is what a model's own loss gives with those labels (t2v_metrics' recipe)
 @pytest.mark.parametrize("vqascore", ["first_token", "t2v_metrics"])
 def test_vqascore_decoder_only_from_the_full_softmax(llava_dir, frames, vqascore):
-    model, processor = common.load_video_llm(llava_dir)
+    model, processor = video_llm.load_video_llm(llava_dir)
     prompt = f'USER: <image>\nDoes this figure show "{CAPTION}"? Please answer yes or no. ASSISTANT:'
     inputs = processor(images=[frames[0]], text=[prompt], return_tensors="pt")
     yes, no = processor.tokenizer.convert_tokens_to_ids(["▁Yes", "▁No"])
@@ -117,7 +118,7 @@ def clip_flant5_dir(tmp_path_factory):
 @pytest.mark.parametrize("vqascore", ["first_token", "t2v_metrics"])
 @pytest.mark.parametrize("which, form", [("instructblip_dir", "Question: {}"), ("blip2_dir", "Question: {} Answer:")])
 def test_vqascore_encoder_decoder_from_the_decoders_softmax(which, form, vqascore, frames, request):
-    model, processor = common.load_video_llm(request.getfixturevalue(which))
+    model, processor = video_llm.load_video_llm(request.getfixturevalue(which))
     prompt = form.format(f'Does this figure show "{CAPTION}"? Please answer yes or no.')
     inputs = processor(images=[frames[1]], text=[prompt], return_tensors="pt")
     yes = processor.tokenizer.convert_tokens_to_ids("▁yes")
@@ -266,7 +267,7 @@ def test_help_lists_the_papers_three_members():
 
 
 def test_a_nan_score_is_an_error_not_a_weight(llava_dir, frames, monkeypatch):
-    model, processor = common.load_video_llm(llava_dir)
+    model, processor = video_llm.load_video_llm(llava_dir)
     monkeypatch.setattr(weight, "frame_scores", lambda *a, **k: torch.tensor([[0.5] * 4, [0.5] * 3 + [float("nan")]]))
     with pytest.raises(ValueError, match="non-finite"):
         weight.score_video(model, processor, frames, NEG, CAPTION)
@@ -291,8 +292,8 @@ def hand_made_run(folder, weighting, extra=()):
         with open(os.path.join(folder, "members", member, "config.json"), "w") as fh:
             json.dump({"model_type": "llava"}, fh)
     generated = make_generated(folder, n=3, missing=(0, 1, 2))
-    rows = common.read_csv(generated)
-    common.write_csv(generated, rows + [{**rows[i], **change} for i, change in extra])
+    rows = disk.read_csv(generated)
+    disk.write_csv(generated, rows + [{**rows[i], **change} for i, change in extra])
     for name, scores in CACHE.items():
         os.makedirs(os.path.join(folder, "weighted_cache", name))
         with open(os.path.join(folder, "weighted_cache", name, "rank0.jsonl"), "w") as fh:
@@ -372,7 +373,7 @@ def test_a_video_that_cannot_be_scored_keeps_its_real_triplet(llava_dir, tmp_pat
     weighted.json and in the skip list); 03_train.py's loader then trains those triplets on L_real alone."""
     generated = make_generated(str(tmp_path), n=4, missing=(1,), corrupt=(3,))
     for i in range(4):  # the real videos V^r, which 03 needs
-        common.write_video(str(tmp_path / "real" / f"{i}.mp4"), tiny.moving_square(8, 32, seed=10 + i))
+        video_io.write_video(str(tmp_path / "real" / f"{i}.mp4"), tiny.moving_square(8, 32, seed=10 + i))
     out = read(run(generated, [llava_dir]))
     assert [r["videopath"] for r in out] == [f"real/{i}.mp4" for i in range(4)]  # every row, in order
     columns = [c for c in out[0] if c.startswith(("vqascore_", "score_")) or c == "weight"]
@@ -409,9 +410,9 @@ def scored_row(kind, target, real):
 def test_fig2_only_pools_several_runs_without_a_model(tmp_path, capsys, monkeypatch):
     a = hand_made_run(str(tmp_path / "a"), "difference")  # 02's own output: object +0.35, flip -0.35, action 0
     b, c = str(tmp_path / "b" / "weighted.csv"), str(tmp_path / "c" / "weighted.csv")
-    common.write_csv(b, [scored_row("flip", 0.2, 0.5), scored_row("object", 0.9, 0.1),
+    disk.write_csv(b, [scored_row("flip", 0.2, 0.5), scored_row("object", 0.9, 0.1),
                          scored_row("hallucination", 0.3, 0.4)])
-    common.write_csv(c, [scored_row("flip", 0.6, 0.4), scored_row("action", "", "")])  # the second: no scores
+    disk.write_csv(c, [scored_row("flip", 0.6, 0.4), scored_row("action", "", "")])  # the second: no scores
     monkeypatch.setattr(weight, "load_member", lambda *a, **k: pytest.fail("--fig2_only loaded a model"))
     capsys.readouterr()
     out = weight.main(weight.Args(fig2_only=[a, b, c], out_csv=str(tmp_path / "all" / "weighted.csv")))
@@ -442,19 +443,19 @@ def test_fig2_only_pools_several_runs_without_a_model(tmp_path, capsys, monkeypa
 
 def test_fig2_only_bad_input_names_the_file(tmp_path):
     good = str(tmp_path / "good.csv")
-    common.write_csv(good, [scored_row("flip", 0.2, 0.5)])
+    disk.write_csv(good, [scored_row("flip", 0.2, 0.5)])
     generated = make_generated(str(tmp_path / "gen"), n=1)  # 01's CSV: no score columns
     with pytest.raises(ValueError, match=rf"{generated}: missing column\(s\) \['score_syn_target', 'score_syn_real'\]"):
         weight.main(weight.Args(fig2_only=[good, generated], out_csv=str(tmp_path / "all.csv")))
     bad = str(tmp_path / "bad.csv")
-    common.write_csv(bad, [scored_row("flip", 0.2, 0.5), scored_row("object", "n/a", 0.5)])
+    disk.write_csv(bad, [scored_row("flip", 0.2, 0.5), scored_row("object", "n/a", 0.5)])
     with pytest.raises(ValueError, match=rf"{bad}:3: score_syn_target 'n/a', score_syn_real '0.5': not two numbers"):
         weight.main(weight.Args(fig2_only=[good, bad], out_csv=str(tmp_path / "all.csv")))
     with pytest.raises(ValueError, match="needs --out_csv"):
         weight.main(weight.Args(fig2_only=[good]))
     with pytest.raises(ValueError, match="would be overwritten"):  # a run's own figure and JSON
         weight.main(weight.Args(fig2_only=[good], out_csv=good))
-    common.write_csv(bad, [scored_row("flip", "", "")])
+    disk.write_csv(bad, [scored_row("flip", "", "")])
     with pytest.raises(ValueError, match="no row has scores"):
         weight.main(weight.Args(fig2_only=[bad], out_csv=str(tmp_path / "all.csv")))
 
@@ -463,7 +464,7 @@ def test_fig2_only_from_the_command_line(tmp_path):
     runs = []
     for k in range(3):  # one weighted.csv per generator
         runs.append(str(tmp_path / f"gen{k}" / "weighted.csv"))
-        common.write_csv(runs[-1], [scored_row("flip", 0.1 * k, 0.5), scored_row("object", 0.9, 0.1 * k)])
+        disk.write_csv(runs[-1], [scored_row("flip", 0.1 * k, 0.5), scored_row("object", 0.9, 0.1 * k)])
     proc = tiny.run_main("02_weight.py", "--fig2_only", *runs, "--out_csv", tmp_path / "all" / "weighted.csv")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "all" / "weighted.json").read_text())
@@ -555,8 +556,8 @@ def test_a_run_that_weighed_nothing_stops_and_its_corrected_rerun_runs(llava_dir
         run(str(moved), [llava_dir])
     assert sorted(os.listdir(moved.parent)) == ["generated.csv", "weighted_cache"]
     assert os.listdir(moved.parent / "weighted_cache") == ["finished.rank0"]  # no member's record or errors
-    rows = common.read_csv(str(moved))  # the fix: syn_video made to point at the videos
-    common.write_csv(str(moved), [{**r, "syn_video": "../" + r["syn_video"]} for r in rows])
+    rows = disk.read_csv(str(moved))  # the fix: syn_video made to point at the videos
+    disk.write_csv(str(moved), [{**r, "syn_video": "../" + r["syn_video"]} for r in rows])
     assert all(r["weight"] != "" for r in read(run(str(moved), [llava_dir])))
 
 
@@ -574,9 +575,9 @@ def test_a_caption_past_a_members_context_is_left_unscored_named_and_counted(
         message = weight.past_context(model, processor, frames[0], {"neg_caption": long, "caption": CAPTION})
         assert message.startswith("its neg_caption makes a prompt of ") and message.endswith(": not scored"), message
     generated = make_generated(str(tmp_path), n=2)
-    rows = common.read_csv(generated)
+    rows = disk.read_csv(generated)
     rows[1]["neg_caption"] = long
-    common.write_csv(generated, rows)
+    disk.write_csv(generated, rows)
     written = []
     monkeypatch.setattr(weight.tqdm, "write", lambda line, *a, **k: written.append(line))
     out = read(run(generated, models))

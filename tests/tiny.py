@@ -32,9 +32,10 @@ SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<video>", "<image>", "<|im_start|>"
 
 
 def alignment_logits(model, processor, *args, **kwargs):
-    """Eq. (1)'s a = logit_Yes - logit_No of each pair: common.yes_no_logits, then common.alignment_logit."""
+    """Eq. (1)'s a = logit_Yes - logit_No of each pair: shared_prefix.yes_no_logits, then common.alignment_logit."""
     import common
-    yes_no = common.yes_no_logits(model, processor, *args, **kwargs)  # (n, 2)
+    from synvita import shared_prefix
+    yes_no = shared_prefix.yes_no_logits(model, processor, *args, **kwargs)  # (n, 2)
     return common.alignment_logit(yes_no[:, 0], yes_no[:, 1])
 
 
@@ -263,7 +264,7 @@ def run_cli(script, *argv, timeout=600, env=None, cwd=None):
 
 
 def run_main(script, *argv, env=None, cwd=None):
-    """`python <script> argv...` in this process: the stage's own entry point (common.run_stage on its
+    """`python <script> argv...` in this process: the stage's own entry point (runs.run_stage on its
     main and Args, sys.argv set), its stdout and stderr captured, its exit status taken from SystemExit;
     the same CompletedProcess as run_cli, without a new interpreter's 2-5 s of imports. For what a
     subprocess proves nothing more about: a user's mistake, --help. Any other exception is raised."""
@@ -271,7 +272,7 @@ def run_main(script, *argv, env=None, cwd=None):
     import importlib
     import io
     import subprocess
-    import common
+    from synvita import runs
     stage = importlib.import_module(os.path.splitext(script)[0])  # "01_generate.py" -> module 01_generate
     out, err, code = io.StringIO(), io.StringIO(), 0
     saved = {k: os.environ.get(k) for k in env or {}}
@@ -281,7 +282,7 @@ def run_main(script, *argv, env=None, cwd=None):
         os.chdir(cwd or here)
         sys.argv = [script, *map(str, argv)]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            common.run_stage(stage.main, stage.Args)
+            runs.run_stage(stage.main, stage.Args)
     except SystemExit as e:  # run_stage's exit 2, argparse's 0 (--help) or 2 (a bad choice)
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:

@@ -16,23 +16,23 @@ import sys
 import tiny
 import tiny_generate
 import tiny_weight
+from synvita import disk, video_io
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 
 
 def videocon_rows(root, n=16, n_test=4):
     """n clips and their triplets; t^s names the other direction (VideoCon's "action" type)."""
-    import common
     rows = []
     for k in range(n):
         name, direction = list(COLOURS)[k % 4], 1 if (k // 4) % 2 == 0 else -1
         path = os.path.join(root, "videos", f"real_{k}.mp4")
-        common.write_video(path, tiny.moving_square(color=COLOURS[name], direction=direction, seed=k))
+        video_io.write_video(path, tiny.moving_square(color=COLOURS[name], direction=direction, seed=k))
         side, other = ("right", "left") if direction > 0 else ("left", "right")
         rows.append(dict(videopath=f"real_{k}.mp4", caption=f"a {name} square moves to the {side}",
                          neg_caption=f"a {name} square moves to the {other}", misalignment="action",
                          split="test" if k >= n - n_test else "train"))
-    common.write_csv(os.path.join(root, "videocon.csv"), rows)
+    disk.write_csv(os.path.join(root, "videocon.csv"), rows)
 
 
 def main(root):

@@ -7,8 +7,8 @@ Layout (as the stages lay it out): <root>/videos/real_K.mp4 (the --video_root) a
 """
 import os
 
-import common
 import tiny
+from synvita import disk, video_io
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 
@@ -40,14 +40,14 @@ def write_toy_set(root, n=8, weights=None, name="weighted.csv", twin="syn", twin
         colour, direction = COLOURS[r.pop("colour")], r.pop("direction")
         real, syn = os.path.join(root, "videos", r["videopath"]), os.path.join(root, "gen", r["syn_video"])
         if not os.path.exists(real):
-            common.write_video(real, tiny.moving_square(color=colour, direction=direction, seed=k))
+            video_io.write_video(real, tiny.moving_square(color=colour, direction=direction, seed=k))
         if not os.path.exists(syn):  # the "generated" twin shows t^s: same square, the other way, another background
-            common.write_video(syn, tiny.moving_square(color=colour, direction=-direction, seed=twin_seed + k))
+            video_io.write_video(syn, tiny.moving_square(color=colour, direction=-direction, seed=twin_seed + k))
         if weights is not None:
             r["weight"] = weights[k]
     csv_path = os.path.join(root, "gen", name)
-    common.write_csv(csv_path, rows)
-    common.write_csv(os.path.join(root, "feedback.csv"), [
+    disk.write_csv(csv_path, rows)
+    disk.write_csv(os.path.join(root, "feedback.csv"), [
         dict(videopath=r["videopath"], caption=r["caption"], neg_caption=r["neg_caption"], split="train",
              nle=f"the square moves to the {r['caption'].split()[-1]}, not to the {r['neg_caption'].split()[-1]}")
         for r in rows])

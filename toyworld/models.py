@@ -125,7 +125,7 @@ VQA_QUESTION = 'Does this figure show "{caption}"? Please answer yes or no.'  # 
 def clip_pool(root, n, seed):
     """n real clips (scenes of random_scene) written under root and decoded again with the stages'
     reader (H.264 changes the pixels a little) -> (scenes, uint8 array (n, FRAMES, SIZE, SIZE, 3))."""
-    from common import read_video
+    from synvita.video_io import read_video
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(n)]
     paths = [write_clip(root, f"pool_{i:05d}", s, rng.randrange(2**31)) for i, s in enumerate(scenes)]
@@ -150,10 +150,11 @@ def pretraining_batch(scenes, clips, rng, n, easy, types=TYPES):
 def build_text_batch(model, processor, captions, num_video_tokens, hidden=None, prompt="llava_v1"):
     """Token ids of whole entailment prompts, one per row, the video placeholder expanded to
     num_video_tokens, left-padded so that the answer position is the last one for every row (a plain
-    full forward, for pretraining; the stages score with common.answer_states).
+    full forward, for pretraining; the stages score with shared_prefix.answer_states).
     Returns input_ids, attention_mask, position_ids, (yes, no)."""
     import torch
-    from common import answer_token_ids, prompt_tokens, unwrap
+    from common import answer_token_ids, prompt_tokens
+    from synvita.video_llm import unwrap
     hf = unwrap(model)
     rows, masks = [], []
     for i, text in enumerate(captions):
@@ -221,7 +222,8 @@ def video_llm_losses(model, processor, clips, pos, neg, weights=None, ask=True):
     Eq. (2) and no prefix loss after the caption: the entailment question is never answered."""
     import torch
     from transformers.modeling_outputs import BaseModelOutputWithPooling
-    from common import encode_videos, loss_real
+    from common import loss_real
+    from synvita.shared_prefix import encode_videos
     features = encode_videos(model, processor, list(clips))  # (B, L, hidden)
     ids, mask, positions, (yes, no) = build_text_batch(model, processor, pos + neg, features.shape[1], prompt=PROMPT)
     video = BaseModelOutputWithPooling(pooler_output=torch.cat([features, features]))
@@ -270,7 +272,8 @@ def pretrain(out_dir, kind="video", steps=3000, batch_size=16, lr=1e-3, pool=300
     this recipe measured."""
     import math
     import torch
-    from common import progress, save_json, seed_everything
+    from synvita.disk import save_json
+    from synvita.runs import progress, seed_everything
     seed_everything(seed)
     patch = sizes.pop("patch", 8)
     new = new_video_llava if kind == "video" else new_llava
@@ -318,7 +321,8 @@ def entailment_auc(model, processor, n=256, seed=12345):
     """A quick check of a base video LLM: per_type_auc of f on n freshly rendered clips, each with
     its caption and one negative of a random applicable type."""
     import torch
-    from common import alignment_logit, yes_no_logits
+    from common import alignment_logit
+    from synvita.shared_prefix import yes_no_logits
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(n)]
     kinds = [rng.choice(negative_types(s)) for s in scenes]
@@ -338,7 +342,7 @@ def direction_naming(model, processor, n=128, seed=54321):
     carry, read without the entailment answer."""
     import torch
     from transformers.modeling_outputs import BaseModelOutputWithPooling
-    from common import encode_videos
+    from synvita.shared_prefix import encode_videos
     rng = random.Random(seed)
     scenes = [random_scene(rng, "single") for _ in range(n)]
     tok = processor.tokenizer

@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 
-from common import read_csv
+from synvita.disk import read_csv
 from toyworld.generator import corrupt
 from toyworld.world import TYPES, names_negative_only, parse_caption
 

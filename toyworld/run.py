@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from toyworld import world as tw
 from toyworld.generator import FAILURE_RATES
+from synvita import runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)  # the repository: the stage scripts
@@ -197,9 +198,8 @@ def run_in_worker(target, argv, log):
         os.dup2(fh.fileno(), 1), os.dup2(fh.fileno(), 2)
         try:
             if target.endswith(".py"):
-                import common
                 module = importlib.import_module(target[:-3])
-                module.main(common.parse_args(module.Args, argv))
+                module.main(runs.parse_args(module.Args, argv))
             else:
                 module, name = target.split(":")
                 getattr(importlib.import_module(module), name)(**argv)
@@ -346,7 +346,7 @@ RUN_ONLY = ("seeds", "rows", "all_rows", "table2_rows", "jobs")  # the flags tha
 def check_settings(args):
     """Reruns reuse what an out_dir holds, so its settings must be the same: an error names the
     flags that differ (pick another --out_dir) instead of mixing two worlds in one table."""
-    from common import save_json
+    from synvita.disk import save_json
     path = os.path.join(args.out_dir, "toyworld_args.json")
     now = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     if os.path.exists(path):
@@ -430,7 +430,7 @@ def main(args):
     title = f"Toy world ({'biased' if args.bias else 'control'})"
     report.plot_table(methods, per_seed, os.path.join(args.out_dir, "table.png"), title)
     report.plot_fig2(fig2s, os.path.join(args.out_dir, "fig2.png"), title)
-    from common import save_json
+    from synvita.disk import save_json
     save_json(os.path.join(args.out_dir, "results.json"), {"args": vars(args), "seconds": wall, "methods": methods,
                                                            "results": per_seed, "fig2": fig2s,
                                                            "paired_differences": per_seed_differences})
@@ -438,6 +438,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from common import parse_args
+    from synvita.runs import parse_args
     sys.path[:0] = [] if ROOT in sys.path else [ROOT]
     main(parse_args(Args))

@@ -265,7 +265,7 @@ def render(scene, seed=0, palette=None, texture=0.0, noise=0.0):
 # =================================================================================================
 def write_clip(root, name, scene, seed):
     """Render a real clip of `scene` to <root>/videos/<name>.mp4 (skipped if there); its videopath."""
-    from common import write_video
+    from synvita.video_io import write_video
     path = f"videos/{name}.mp4"
     if not os.path.exists(os.path.join(root, path)):
         write_video(os.path.join(root, path), render(scene, seed=seed), fps=8)
@@ -353,7 +353,7 @@ def write_world(root, seed, n_train=400, n_test=300, ssv2_groups=8, atp_question
     train_s<seed>.csv (real triplets; with `bias`, no clip moves up or down), and, the same for
     every seed and both worlds (drawn from seed 10**6): videocon_test.csv, ssv2_temporal.csv (16
     candidates a query), atphard.csv + nextqa-atphard.csv (see world_files)."""
-    from common import write_csv
+    from synvita.disk import write_csv
     files = world_files(root, seed)
     if not os.path.exists(files["train"]):
         write_csv(files["train"], triplets(root, f"train_s{seed}_", n_train, random.Random(seed), "train", bias))
