@@ -35,6 +35,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.
 tiny_generate = importlib.import_module("tiny_generate")  # through the path above
 
 gen = importlib.import_module("01_generate")
+generator = importlib.import_module("synvita.generator")  # G's caches: CACHES, cache_config
 BLOCK = re.compile(r"^(transformer_blocks|blocks)\.\d+\.")  # a layer inside a transformer block
 # (tiny builder, frame size: 9 frames, the VAEs' smallest sizes that decode)
 PIPELINES = {"CogVideoXPipeline": (tiny_generate.tiny_cogvideox, dict(height=32, width=64)),
@@ -95,14 +96,14 @@ def bench(name, path, size, repeats):
     settings = dict(gen.PIPELINE_DEFAULTS[name], num_frames=9, **size)  # 50 steps, the default guidance
     configs = {}
     for label, cache, kwargs in SETTINGS:
-        if name not in gen.CACHE_PIPELINES.get(cache, (name,)):
+        if name not in generator.CACHE_PIPELINES.get(cache, (name,)):
             continue  # refused by 01 (fastercache: CogVideoX only)
         args = gen.Args(cache=cache, cache_kwargs=f'{{"mag_ratios": {calibrate(pipe, settings)}}}' if kwargs is None else kwargs)
         configs[label] = args
     results = {label: [] for label in configs}
     for _ in range(repeats):
         for label, args in configs.items():
-            config, _ = gen.cache_config(args, settings["num_inference_steps"], lambda: pipe.current_timestep)
+            config, _ = generator.cache_config(args, settings["num_inference_steps"], lambda: pipe.current_timestep)
             if config:
                 pipe.transformer.enable_cache(config)
             results[label].append(render(pipe, settings))

@@ -42,8 +42,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
-common, tiny, tiny_train, video_io, video_llm = map(importlib.import_module, (
-    "common", "tiny", "tiny_train", "synvita.video_io", "synvita.video_llm"))  # through the path above
+common, tiny, tiny_train, triplets, training, video_io, video_llm = map(importlib.import_module, (
+    "common", "tiny", "tiny_train", "synvita.triplets", "synvita.training", "synvita.video_io",
+    "synvita.video_llm"))  # through the path above
 
 spec = importlib.util.spec_from_file_location("train", os.path.join(ROOT, "03_train.py"))
 train = importlib.util.module_from_spec(spec)
@@ -78,7 +79,7 @@ def per_sequence_logits(model, processor, batch, args):
 def step(variant, model, processor, rows, args):
     """One micro-step: decode, score, Eq. (7), backward. Returns the loss."""
     if variant == "ours":
-        pairs = train.micro_batch_pairs(model, processor, *train.load_videos(rows, args), args)
+        pairs = train.micro_batch_pairs(model, processor, *training.load_videos(rows, args), args)
     else:
         pairs = per_sequence_logits(model, processor, rows, args)
     loss = train.objective(pairs, rows, args)["loss"]
@@ -107,7 +108,7 @@ def child(opts):
     from peft import LoraConfig, get_peft_model
     torch.set_num_threads(opts.threads)
     args = train.Args(train_csv=opts.csv, video_root=opts.video_root, lora_dropout=0.0)
-    rows = train.load_triplets(args)[0][: opts.micro_batch_size]
+    rows = triplets.load_triplets(args)[0][: opts.micro_batch_size]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model, processor = video_llm.load_video_llm(opts.model, device=device)

@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 tiny, tiny_weight = map(importlib.import_module, ("tiny", "tiny_weight"))  # through the path above
 
-weight = importlib.import_module("02_weight")
+vqa, clip_t5 = map(importlib.import_module, ("synvita.vqa", "synvita.clip_t5"))  # 02_weight.py's VQAScore, its members
 CAPTIONS = ["a blue circle jumps over the box", "a red square moves to the right and then stops"]  # t^s, t^r
 T = 4  # frames of V^s (the paper's)
 
@@ -104,13 +104,13 @@ DEFAULT_TOWERS = {"instructblip": {}, "clip-flant5": {}, "llava": {}}  # --defau
 
 def per_pair(model, processor, frames):
     """Today's way (t2v_metrics'): every (frame, caption) pair a full forward, 8 pairs in one call."""
-    return weight.vqa_scores(model, processor, [f for _ in CAPTIONS for f in frames],
-                             [c for c in CAPTIONS for _ in frames], 2 * T).view(2, T)
+    return vqa.vqa_scores(model, processor, [f for _ in CAPTIONS for f in frames],
+                          [c for c in CAPTIONS for _ in frames], 2 * T).view(2, T)
 
 
 def shared(model, processor, frames):
     """score_video's way: each frame encoded once for both captions, the 4 frames in one call."""
-    return weight.frame_scores(model, processor, frames, CAPTIONS, T)
+    return vqa.frame_scores(model, processor, frames, CAPTIONS, T)
 
 
 def tower_share(model, processor, frames, tower, repeats):
@@ -132,11 +132,11 @@ def bench(members, repeats, real):
     times, worst = {}, 0.0
     with tempfile.TemporaryDirectory() as folder:
         for name, (build, sizes, stands_for, tower) in members.items():
-            model, processor = weight.load_member(build(os.path.join(folder, name), **sizes))
+            model, processor = clip_t5.load_member(build(os.path.join(folder, name), **sizes))
             for vqascore in ("first_token", "t2v_metrics"):  # the same scores, both definitions
-                a = weight.vqa_scores(model, processor, [f for _ in CAPTIONS for f in frames],
-                                      [c for c in CAPTIONS for _ in frames], 1, vqascore).view(2, T)
-                worst = max(worst, float((a - weight.frame_scores(model, processor, frames, CAPTIONS, T, vqascore)).abs().max()))
+                a = vqa.vqa_scores(model, processor, [f for _ in CAPTIONS for f in frames],
+                                   [c for c in CAPTIONS for _ in frames], 1, vqascore).view(2, T)
+                worst = max(worst, float((a - vqa.frame_scores(model, processor, frames, CAPTIONS, T, vqascore)).abs().max()))
             for way in (per_pair, shared):  # warm-up
                 way(model, processor, frames)
             runs = {per_pair: [], shared: []}

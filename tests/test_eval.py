@@ -14,7 +14,8 @@ import torch
 
 import common
 import tiny
-from synvita import disk, runs, shared_prefix, video_io, video_llm
+from synvita import disk, runs, shared_prefix, tasks, video_io, video_llm
+from synvita import scores as score_files  # a module: the tests name their score dicts `scores`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("stage04", os.path.join(ROOT, "04_eval.py"))
@@ -39,19 +40,19 @@ def test_read_scores_both_layouts_duplicates_and_a_truncated_line(tmp_path):
         csv.writer(fh).writerows([["v1", prompt("a cat"), "0.5", "0.5", "0.5"],
                                   ["v1", prompt("a cat"), "0.5", "0.5", "0.5"],
                                   ["v2", prompt("a dog"), "0.25", "0.25", "0.75"]])
-    scores, _, report = ev.read_scores(str(theirs))
+    scores, _, report = score_files.read(str(theirs))
     assert scores == {("v1", "a cat"): 0.5, ("v2", "a dog"): 0.25} and report == {"duplicates": 1, "malformed": 0}
     ours = tmp_path / "ours.csv"
     ours.write_text("videopath,caption,score,logit\r\nv1,a cat,0.75,1.0986\r\nv2,a d")  # killed mid-row
-    scores, rows, report = ev.read_scores(str(ours))
+    scores, rows, report = score_files.read(str(ours))
     assert scores == {("v1", "a cat"): 0.75} and report["malformed"] == 1
     assert rows == [["v1", "a cat", "0.75", "1.0986"]]
     ours.write_text("v1,a cat,0.75\nv1,a cat,0.5\n")
     with pytest.raises(common.UserError, match=r"ours.csv: lines 1 and 2 score \('v1', 'a cat'\) as 0.75 and 0.5"):
-        ev.read_scores(str(ours))
+        score_files.read(str(ours))
     # issue 26: a BOM and no header: the first key is v1, not \ufeffv1; a score that is no f in [0, 1] is named
     ours.write_bytes("v1,a cat,0.75\r\nv2,a dog,1.5\r\n".encode("utf-8-sig"))
-    scores, _, report = ev.read_scores(str(ours))
+    scores, _, report = score_files.read(str(ours))
     assert scores == {("v1", "a cat"): 0.75} and report["malformed"] == 1
 
 
@@ -101,12 +102,12 @@ def test_bad_task_input_is_named_or_counted(tmp_path):
     task = str(tmp_path / "t.csv")
     rows = [{"videopath": "a", "caption": prompt("q"), "match": 1}, {"videopath": "b", "caption": "q", "match": 0}]
     disk.write_csv(task, rows + rows[:1])  # an exact duplicate row: dropped and counted
-    rows_read, report, pairs = ev.read_task("ssv2_events", task)
+    rows_read, report, pairs = tasks.read("ssv2_events", task)
     assert report["rows_skipped"] == {"exact duplicate of an earlier row": 1} and len(rows_read) == 2
     assert pairs == {("a", "q"): 2, ("b", "q"): 6}  # each pair and the line of its first row (a prompt: 4 lines)
     disk.write_csv(task, rows + [{**rows[1], "match": 1}])  # b is both a match and a non-match for q
     with pytest.raises(common.UserError, match=r"t.csv: lines 6 and 7 conflict: \('b', 'q'\) is 0 on one, 1 on"):
-        ev.read_task("ssv2_events", task)  # before any scoring, not after it
+        tasks.read("ssv2_events", task)  # before any scoring, not after it
     with pytest.raises(common.UserError, match="--scores is the scores of one task; 2 task files were given"):
         ev.main(ev.Args(ssv2_events=task, atphard=task, scores=task, out_dir=str(tmp_path)))
 
@@ -117,7 +118,7 @@ def test_degenerate_and_broken_task_files_are_named(tmp_path, capsys):
     task = tmp_path / "t.csv"
     task.write_text('videopath,caption,neg_caption\nv1,"a dog\nruns",a cat\nv2,,a cat\nv3,a cat,a cat\n'
                     "v4,a cat,a dog,extra\nv5,a bird\nv6,a fish,a frog\n")
-    rows, report, pairs = ev.read_task("videocon_llm", str(task))
+    rows, report, pairs = tasks.read("videocon_llm", str(task))
     assert [r["videopath"] for r in rows] == ["v1", "v6"] and ("v2", "a cat") not in pairs
     printed = capsys.readouterr().out
     assert f"{task}: 1 row(s) skipped, empty caption: line(s) 4" in printed  # line 2-3 is one quoted row
@@ -125,13 +126,13 @@ def test_degenerate_and_broken_task_files_are_named(tmp_path, capsys):
     assert f"{task}: 2 row(s) skipped, not 3 fields as in the header: line(s) 6, 7" in printed
     task.write_text("videopath,caption,match\na,q,1\nb,q,1\n")
     with pytest.raises(ValueError, match="t.csv: every row has match = 1"):
-        ev.read_task("ssv2_events", str(task))
+        tasks.read("ssv2_events", str(task))
     task.write_text("videopath,caption,match\n")
     with pytest.raises(ValueError, match=r"t.csv: no usable row \(only a header\)"):
-        ev.read_task("ssv2_events", str(task))
+        tasks.read("ssv2_events", str(task))
     task.write_bytes("videopath,caption,match\na,caf\u00e9,1\nb,th\xe9,0\n".encode("latin-1"))
     with pytest.raises(ValueError, match="t.csv:2: byte 0xe9 is not UTF-8"):
-        ev.read_task("ssv2_events", str(task))
+        tasks.read("ssv2_events", str(task))
 
 
 def test_entailment_auc_against_sklearn_and_by_hand():
@@ -261,7 +262,7 @@ def write_toy_task(tmp_path, with_missing=True):
 
 
 def scores_of(path):
-    return ev.read_scores(path)[0]
+    return score_files.read(path)[0]
 
 
 def test_main_scores_resumes_and_reports_bad_videos(video_llava_dir, tmp_path, capsys):
@@ -359,13 +360,13 @@ def test_other_layouts_keep_videopath(tmp_path, capsys):
     rows = disk.read_csv(task)
     both = str(tmp_path / "both.csv")  # a videopath column wins: read as before
     disk.write_csv(both, [{"videopath": f"local/{k}.mp4", **r} for k, r in enumerate(rows)])
-    assert [r["videopath"] for r in ev.read_task("videocon_human", both)[0]] == [f"local/{k}.mp4" for k in range(4)]
+    assert [r["videopath"] for r in tasks.read("videocon_human", both)[0]] == [f"local/{k}.mp4" for k in range(4)]
     assert "no videopath column" not in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"missing column\(s\) \['videopath'\]"):  # only Human reads video_url
-        ev.read_task("videocon_llm", task)
+        tasks.read("videocon_llm", task)
     disk.write_csv(task, rows + [{**rows[1], "video_url": "https://elsewhere.org/x/v_abc.mp4"}])
     with pytest.raises(ValueError, match=r"lines 2 and 6: two video_urls with the file name 'v_abc.mp4'"):
-        ev.read_task("videocon_human", task)
+        tasks.read("videocon_human", task)
 
 
 def test_lora_adapter_loads_and_changes_scores(video_llava_dir, tmp_path):
@@ -423,7 +424,7 @@ def test_ranks_end_through_files_not_collectives(video_llava_dir, tmp_path, monk
     rank 0 starts: no barrier or gather to time out; rank 0 merges both parts and rank 1's failures."""
     task, root = write_toy_task(tmp_path)
     args = ev.Args(model=video_llava_dir, ssv2_events=task, candidates=3, video_root=root, out_dir=str(tmp_path / "out"))
-    _, _, pairs = ev.read_task("ssv2_events", task)
+    _, _, pairs = tasks.read("ssv2_events", task)
     model, processor = video_llm.load_video_llm(video_llava_dir)
     for rank in (1, 0):
         monkeypatch.setenv("RANK", str(rank))
@@ -440,9 +441,9 @@ def test_match_cells_that_mean_the_same_are_read_the_same(tmp_path, value, read)
     task.write_text(f"videopath,caption,match\na,q,0\n b ,q,{value}\nc,q,1\n")
     if read is None:  # refused on reading, before any scoring, naming file:line and column
         with pytest.raises(common.UserError, match=rf"t.csv:3: column match: {re.escape(repr(value))} is not 0 or 1"):
-            ev.read_task("ssv2_events", str(task))
+            tasks.read("ssv2_events", str(task))
         return
-    rows, _, pairs = ev.read_task("ssv2_events", str(task))
+    rows, _, pairs = tasks.read("ssv2_events", str(task))
     assert rows[1]["match"] == read and ("b", "q") in pairs  # the id stripped, the cell an integer
 
 
@@ -453,20 +454,20 @@ def test_atphard_cells_types_and_conflicts(tmp_path):
     disk.write_csv(str(task), rows)
     types.write_text("video,question,type\n1 , why,cw\n")  # an id and a question with spaces, a type in lower case
     args = ev.Args(atphard=str(task), atphard_types=str(types))
-    read, _, pairs = ev.read_task("atphard", str(task))
+    read, _, pairs = tasks.read("atphard", str(task))
     scores = {p: 0.9 if p[1] == "s2" else 0.1 for p in pairs}
-    out = ev.task_metrics("atphard", read, scores, args, ev.question_types(args))
+    out = ev.task_metrics("atphard", read, scores, args, tasks.question_types(args))
     assert (out["accuracy"], out["accuracy_C"], out["questions_without_type"]) == (100.0, 100.0, 0)
     disk.write_csv(str(task), rows[:4] + [{**rows[4], "answer": "3"}])  # one question, two correct answers
     with pytest.raises(common.UserError, match=r"atp.csv: lines 2 and 6 conflict: /x/1.mp4, question 'why': "
                                                r"answer 2 and answer 3"):
-        ev.read_task("atphard", str(task))
+        tasks.read("atphard", str(task))
     disk.write_csv(str(task), rows[:4] + [{**rows[4], "option": "1"}])  # option 1 twice
     with pytest.raises(common.UserError, match=r"atp.csv: lines 3 and 6 conflict: .*: option 1 twice"):
-        ev.read_task("atphard", str(task))
+        tasks.read("atphard", str(task))
     disk.write_csv(str(task), rows[:4] + [{**rows[4], "option": "5"}])
     with pytest.raises(common.UserError, match=r"atp.csv:6: column option: '5' is not an integer from 0 to 4"):
-        ev.read_task("atphard", str(task))
+        tasks.read("atphard", str(task))
 
 
 def test_entailment_duplicates_counted_conflicts_refused_split_and_hard_read_as_meant(tmp_path, capsys):
@@ -474,7 +475,7 @@ def test_entailment_duplicates_counted_conflicts_refused_split_and_hard_read_as_
     disk.write_csv(str(task), [{"videopath": v, "caption": c, "neg_caption": n, "split": split} for v, c, n, split in
                                  [("v1", "a dog", "a cat", " Test"), ("v1", prompt("a dog"), "a cat", "test"),
                                   ("v2", "a dog", "a cat", "train"), ("v3", "a fox", "a cow", "TEST")]])
-    rows, report, pairs = ev.read_task("videocon_llm", str(task))
+    rows, report, pairs = tasks.read("videocon_llm", str(task))
     assert [r["videopath"] for r in rows] == ["v1", "v3"] and report["rows_in_split_test"] == 2
     assert report["rows_skipped"] == {"of another split than test": 1, "the same item as an earlier row": 1}
     printed = capsys.readouterr().out
@@ -482,11 +483,11 @@ def test_entailment_duplicates_counted_conflicts_refused_split_and_hard_read_as_
     assert "1 row(s) skipped, of another split than test: line(s) 7" in printed  # the prompt spans lines 3-6
     task.write_text("videopath,caption,neg_caption\nv1,a dog,a cat\nv1,a cat,a cow\n")  # a cat: match 0 and 1
     with pytest.raises(common.UserError, match=r"llm.csv: lines 2 and 3 conflict: \('v1', 'a cat'\) is neg_caption"):
-        ev.read_task("videocon_llm", str(task))
+        tasks.read("videocon_llm", str(task))
     task.write_text("videopath,caption,neg_caption,hard\nv1,a dog,a cat, TRUE \nv2,a dog,a cat,0\nv3,a dog,a cat,Yes\n"
                     "v4,a dog,a cat,maybe\n")
     with pytest.raises(common.UserError, match=r"llm.csv:5: column hard: 'maybe' is not True or False"):
-        ev.read_task("videocon_human", str(task))
+        tasks.read("videocon_human", str(task))
 
 
 def fake_yes_no_logits(model, processor, videos, captions, index, prompt="", per_row=0):
@@ -505,19 +506,19 @@ def test_resume_after_a_cut_at_every_byte_of_the_last_records(tmp_path, monkeypa
     disk.write_csv(task, [{"videopath": "0.mp4", "caption": "a dog\r\nruns", "neg_caption": "a cat"},
                             {"videopath": "1.mp4", "caption": "un café", "neg_caption": "a dog\r\nruns"},
                             {"videopath": "2.mp4", "caption": "a fox", "neg_caption": "deux cafés\r\n"}])
-    rows, _, pairs = ev.read_task("videocon_llm", task)
+    rows, _, pairs = tasks.read("videocon_llm", task)
     dist = runs.Dist()
 
     def run(out):  # score_task's merged scores and the entailment AUC over them
         args = ev.Args(videocon_llm=task, video_root=str(root), out_dir=str(out), video_batch=1)
-        scores = ev.read_scores(ev.score_task("videocon_llm", pairs, None, None, args, dist)[0])[0]
+        scores = score_files.read(ev.score_task("videocon_llm", pairs, None, None, args, dist)[0])[0]
         return scores, ev.entailment_auc(rows, scores)["auc"]
     whole = run(tmp_path / "whole")
-    merge = ev.merge_parts  # the part file as a run leaves it just before the merge
-    monkeypatch.setattr(ev, "merge_parts", lambda *a: (None, []))
+    merge = score_files.merge_parts  # the part file as a run leaves it just before the merge
+    monkeypatch.setattr(score_files, "merge_parts", lambda *a: (None, []))
     ev.score_task("videocon_llm", pairs, None, None, ev.Args(videocon_llm=task, video_root=str(root),
                                                              out_dir=str(tmp_path / "cut"), video_batch=1), dist)
-    monkeypatch.setattr(ev, "merge_parts", merge)
+    monkeypatch.setattr(score_files, "merge_parts", merge)
     part = tmp_path / "cut" / "videocon_llm_scores.rank0.jsonl"
     data = part.read_bytes()
     assert data.count(b"\n") == 6 and b"caf\\u00e9" in data  # one record a line

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import tiny
-from synvita import disk, video_io
+from synvita import disk, gallery, video_io
 
 weight = importlib.import_module("02_weight")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -56,7 +56,7 @@ def make_gallery(folder, per_type=1, video_root=None):
     scored = [r for r in disk.read_csv(out_csv) if r["weight"]]
     table = weight.fig2_table([{**r, "score_syn_target": float(r["score_syn_target"]),
                                 "score_syn_real": float(r["score_syn_real"])} for r in scored])
-    return weight.write_gallery(args, out_csv, NAMES, str(folder), table)
+    return gallery.write_gallery(args, out_csv, NAMES, str(folder), table)
 
 
 def test_the_page_shows_the_highest_middle_and_lowest_phi_of_each_type(tmp_path):
@@ -87,7 +87,7 @@ def test_the_header_shows_paths_below_the_working_folder_relative(tmp_path, monk
     args = types.SimpleNamespace(generated_csv=str(tmp_path / "generated.csv"), models=[str(tmp_path / "vqa" / "m0"), "org/m1"],
                                  vqascore="first_token", weighting="difference", num_frames=4, split="train",
                                  gallery_per_type=1, video_root="")
-    page = open(weight.write_gallery(args, out_csv, NAMES, str(tmp_path), {}), encoding="utf-8").read()
+    page = open(gallery.write_gallery(args, out_csv, NAMES, str(tmp_path), {}), encoding="utf-8").read()
     header = page.split("</style>")[1].split("<h2>")[0]  # the title and the settings table
     assert str(tmp_path) not in header
     assert "<h1>weighted.csv</h1>" in page and "<td>generated.csv</td>" in page and "[&#x27;vqa/m0&#x27;, &#x27;org/m1&#x27;]" in page

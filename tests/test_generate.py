@@ -17,7 +17,7 @@ import torch
 import common
 import tiny_generate
 from tiny import assert_user_error, run_main
-from synvita import runs, video_io
+from synvita import generator, runs, video_io
 
 gen = importlib.import_module("01_generate")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,7 +146,7 @@ def test_second_run_generates_nothing_new(first_run, monkeypatch):
     args, _ = first_run
     before = {p: os.stat(p).st_mtime_ns for p in final_mp4s(args.out_dir)}
     csv_before = read_out(args.out_dir)
-    monkeypatch.setattr(gen, "load_generator", lambda *a: pytest.fail("the generator was loaded again"))
+    monkeypatch.setattr(generator, "load_generator", lambda *a: pytest.fail("the generator was loaded again"))
     printed = run(args)
     assert "rank 0: 0 of its 3 rows to render" in printed
     assert {p: os.stat(p).st_mtime_ns for p in final_mp4s(args.out_dir)} == before
@@ -229,7 +229,7 @@ def test_sharding_and_seeds_do_not_depend_on_the_number_of_ranks(tmp_path, tiny_
     rendered.clear()
     for rank in (1, 0):
         monkeypatch.setenv("RANK", str(rank))  # print0 / progress read RANK
-        monkeypatch.setattr(gen, "setup_distributed", lambda: runs.Dist(rank, rank, 2, "cpu", rank == 0))
+        monkeypatch.setattr(runs, "setup_distributed", lambda: runs.Dist(rank, rank, 2, "cpu", rank == 0))
         run(args_for(path, tmp_path / "two", tiny_pipe))
     assert rendered == [GOOD[1][2], GOOD[3][2], GOOD[0][2], GOOD[2][2]]  # rank 1: rows 1, 3; rank 0: rows 0, 2
     one, two = read_out(tmp_path / "one"), read_out(tmp_path / "two")
@@ -290,7 +290,7 @@ def test_ltx_videos_frame_count_is_checked_too(tmp_path):
     """LTX-Video names its VAE's time stride vae_temporal_compression_ratio (8), not vae_scale_factor_temporal."""
     args = gen.Args(pipeline=tiny_generate.tiny_ltx(str(tmp_path)), height=64, width=64, num_frames=10)
     with pytest.raises(ValueError, match="--num_frames 10: LTXPipeline renders 1 \\+ a multiple of 8 frames, e.g. 9"):
-        gen.load_generator(args, runs.setup_distributed(), gen.resolve_settings(args)[1])
+        generator.load_generator(args, runs.setup_distributed(), gen.resolve_settings(args)[1])
 
 
 def test_wan_keeps_its_vae_in_float32_and_renders(tmp_path):
@@ -298,7 +298,7 @@ def test_wan_keeps_its_vae_in_float32_and_renders(tmp_path):
     args = gen.Args(pipeline=tiny_generate.tiny_wan(str(tmp_path)), dtype="bfloat16", height=32, width=32,
                     num_frames=9, num_inference_steps=1)
     settings = gen.resolve_settings(args)[1]
-    pipe = gen.load_generator(args, runs.setup_distributed(), settings)
+    pipe = generator.load_generator(args, runs.setup_distributed(), settings)
     assert (pipe.vae.dtype, pipe.transformer.dtype, pipe.text_encoder.dtype) == (torch.float32,) + (torch.bfloat16,) * 2
     assert gen.generate(pipe, ["A dog runs to the left."], [0], settings)[0].shape == (9, 32, 32, 3)
 
@@ -402,11 +402,11 @@ def test_a_rows_call_of_g_does_not_depend_on_the_gpu_count_or_a_rerun(tmp_path, 
     # two ranks, which meet only through files in 01: rank 1 renders the second call (row 3), then
     # rank 0 the first (rows 1-2) and writes the CSV; the same as torchrun runs them, without its start-up
     for rank in (1, 0):
-        monkeypatch.setattr(gen, "setup_distributed", lambda rank=rank: runs.Dist(rank, rank, 2, "cpu", rank == 0))
+        monkeypatch.setattr(runs, "setup_distributed", lambda rank=rank: runs.Dist(rank, rank, 2, "cpu", rank == 0))
         printed = run(args_for(path, tmp_path / "two", tiny_pipe, **batched))
     assert "rank 0: 2 of its 2 rows to render" in printed and mp4_bytes(tmp_path / "two") == one
     # a kill that left row 2's video unwritten: the rerun renders rows 1-2 together again, writes row 2 only
-    monkeypatch.setattr(gen, "setup_distributed", runs.Dist)
+    monkeypatch.setattr(runs, "setup_distributed", runs.Dist)
     os.remove(tmp_path / "one" / read_out(tmp_path / "one")[1]["syn_video"])
     assert "rank 0: 1 of its 3 rows to render, 2 on disk already" in run(args_for(path, tmp_path / "one", tiny_pipe, **batched))
     assert mp4_bytes(tmp_path / "one") == one
@@ -418,14 +418,14 @@ def test_cache_kwargs_become_the_diffusers_config():
     """Lists become the tuples the config wants, dtype names torch dtypes; the step count and the
     timestep come from 01, not from --cache_kwargs."""
     args = gen.Args(cache="pab", cache_kwargs='{"spatial_attention_timestep_skip_range": [50, 900]}')
-    config, settings = gen.cache_config(args, 50, lambda: 7)
+    config, settings = generator.cache_config(args, 50, lambda: 7)
     assert config.spatial_attention_timestep_skip_range == (50, 900) and config.current_timestep_callback() == 7
     assert settings == {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": [50, 900]}
-    config, _ = gen.cache_config(gen.Args(cache="taylorseer", cache_kwargs='{"taylor_factors_dtype": "float32"}'), 50, None)
+    config, _ = generator.cache_config(gen.Args(cache="taylorseer", cache_kwargs='{"taylor_factors_dtype": "float32"}'), 50, None)
     assert config.taylor_factors_dtype == torch.float32
-    config, _ = gen.cache_config(gen.Args(cache="magcache", cache_kwargs='{"mag_ratios": [1.0, 0.9]}'), 4, None)
+    config, _ = generator.cache_config(gen.Args(cache="magcache", cache_kwargs='{"mag_ratios": [1.0, 0.9]}'), 4, None)
     assert config.num_inference_steps == 4 and len(config.mag_ratios) == 4  # spread over the 4 steps
-    assert gen.cache_config(gen.Args(), 50, None) == (None, {})
+    assert generator.cache_config(gen.Args(), 50, None) == (None, {})
 
 
 @pytest.mark.parametrize("argv, needles", [

@@ -15,7 +15,7 @@ from toyworld import generator as tg
 from toyworld import models as tm
 from toyworld import run as tr
 from toyworld import world as tw
-from synvita import disk, video_io, video_llm
+from synvita import disk, tasks, video_io, video_llm, vqa
 
 
 def scenes(n=300, seed=0):
@@ -217,7 +217,7 @@ def test_world_files_have_the_real_layouts(tmp_path):
     train = disk.read_csv(files["train"])
     assert len(train) == 12 and {"videopath", "caption", "neg_caption", "misalignment"} <= set(train[0])
     assert all(tw.parse_caption(r["caption"]) and tw.parse_caption(r["neg_caption"]) for r in train)
-    rows, _, pairs = evaluate.read_task("ssv2_temporal", files["ssv2_temporal"])
+    rows, _, pairs = tasks.read("ssv2_temporal", files["ssv2_temporal"])
     scores = {(r["videopath"], r["caption"]): float(r["match"]) for r in rows}  # a perfect scorer
     out = evaluate.retrieval(rows, scores, candidates=16)
     assert out["queries"] == 2 * 4 + 2 * 8 and out["queries_dropped"] == 0 and out["mAP"] == 100.0
@@ -227,7 +227,7 @@ def test_world_files_have_the_real_layouts(tmp_path):
     assert all(len(m) == 1 for m in matches.values())
     per_query = {q: sum(m == [q] for m in matches.values()) for q in {r["caption"] for r in rows}}
     assert all(per_query[q] == (4 if len(tw.parse_caption(q).things) == 1 else 2) for q in per_query)
-    atp, _, _ = evaluate.read_task("atphard", files["atphard"])
+    atp, _, _ = tasks.read("atphard", files["atphard"])
     truth = {r["videopath"]: r for r in disk.read_csv(files["atphard"]) if r["option"] == r["answer"]}
     scores = {(r["videopath"], r["caption"]): float(r["caption"] == truth[r["videopath"]]["caption"]) for r in atp}
     types = {(r["video"], r["question"]): r["type"] for r in disk.read_csv(str(tmp_path / "nextqa-atphard.csv"))}
@@ -334,9 +334,7 @@ def test_committed_toy_models_are_pretrained():
     LM names a mover's direction and whose answer is weak (overall) and at chance on direction edits,
     and three frame VQA members whose VQAScore P(Yes) tells a frame's caption from another clip's
     (random: AUC 0.5)."""
-    import importlib
     from sklearn.metrics import roc_auc_score
-    weight = importlib.import_module("02_weight")
     args = tr.Args()
     base = os.path.join(args.models, "base_video_llava")
     info = json.load(open(os.path.join(base, "pretrain.json")))
@@ -355,8 +353,8 @@ def test_committed_toy_models_are_pretrained():
         member = os.path.join(args.models, f"vqa_{i}")
         info = json.load(open(os.path.join(member, "pretrain.json")))
         assert (info["steps"], info["types"], info["direction_weight"]) == (args.vqa_steps, tm.VQA_TYPES, tm.VQA_DIRECTION_WEIGHT)
-        vqa, vqa_processor = video_llm.load_video_llm(member)
-        p_yes = weight.vqa_scores(vqa, vqa_processor, frames + frames, texts, pairs_per_forward=64).numpy()
+        vqa_model, vqa_processor = video_llm.load_video_llm(member)
+        p_yes = vqa.vqa_scores(vqa_model, vqa_processor, frames + frames, texts, pairs_per_forward=64).numpy()
         # > 0.8: vqa_1, pretrained with direction edits 4x as often, measured 0.84 here (random: 0.5)
         assert roc_auc_score([1] * 32 + [0] * 32, p_yes) > 0.8, (member, p_yes)
 

@@ -15,7 +15,9 @@ import torch
 import common
 import tiny
 import tiny_train
-from synvita import disk, runs, video_io, video_llm
+import synvita.pairs  # as synvita.pairs and synvita.triplets: the tests' own `pairs` and `triplets` are lists
+import synvita.triplets
+from synvita import checkpoints, disk, released_loss, runs, training, video_io, video_llm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("train", os.path.join(ROOT, "03_train.py"))
@@ -79,7 +81,7 @@ def test_packing_keeps_triplets_whole_and_visits_every_item_once():
     for m in (2, 3, 4, 5):
         for seed in range(5):
             order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed)).tolist()
-            batches = train.pack(order, sizes, m)
+            batches = training.pack(order, sizes, m)
             rows = [sum(sizes[i] for i in b) for b in batches]
             assert all(r in (m, m - 1) for r in rows), (m, rows)  # full, or one row short
             seen = sum(batches, [])
@@ -87,23 +89,23 @@ def test_packing_keeps_triplets_whole_and_visits_every_item_once():
             dropped = set(order) - set(seen)
             assert sum(sizes[i] for i in dropped) < m  # only a tail that cannot fill a micro-batch
             assert sum(rows) == 19 - sum(sizes[i] for i in dropped)
-    assert train.pack([0, 1, 2], [2, 2, 2], 4) == [[0, 1]]  # the odd triplet is the dropped tail
+    assert training.pack([0, 1, 2], [2, 2, 2], 4) == [[0, 1]]  # the odd triplet is the dropped tail
 
 
 def test_global_batches_do_not_depend_on_the_number_of_processes():
     items = [dict(rows=2)] * 6 + [dict(rows=1)] * 4  # 16 rows
     args = train.Args(batch_size=8, micro_batch_size=2, seed=3)
-    plan = [train.epoch_micro_batches(items, e, args) for e in range(3)]
+    plan = [training.epoch_micro_batches(items, e, args) for e in range(3)]
     assert all(len(e) == 8 for e in plan)
     for step in range(6):  # 3 epochs of 2 steps
-        one = train.micro_batches(plan, step, 4, runs.Dist())
-        two = [train.micro_batches(plan, step, 2, runs.Dist(rank=r, world_size=2)) for r in (0, 1)]
+        one = training.micro_batches(plan, step, 4, runs.Dist())
+        two = [training.micro_batches(plan, step, 2, runs.Dist(rank=r, world_size=2)) for r in (0, 1)]
         assert one == two[0] + two[1]  # the same micro-batches, rank 0 takes the first half
-    epoch = sum((sum(train.micro_batches(plan, s, 4, runs.Dist()), []) for s in (2, 3)), [])
+    epoch = sum((sum(training.micro_batches(plan, s, 4, runs.Dist()), []) for s in (2, 3)), [])
     assert sorted(epoch) == list(range(10))  # an epoch visits every item once
-    assert epoch != sum((sum(train.micro_batches(plan, s, 4, runs.Dist()), []) for s in (0, 1)), [])
+    assert epoch != sum((sum(training.micro_batches(plan, s, 4, runs.Dist()), []) for s in (0, 1)), [])
     with pytest.raises(IndexError):
-        train.micro_batches(plan, 6, 4, runs.Dist())
+        training.micro_batches(plan, 6, 4, runs.Dist())
 
 
 def test_explanations_are_read_like_videocon_prepares_them(toy, tmp_path):
@@ -112,12 +114,12 @@ def test_explanations_are_read_like_videocon_prepares_them(toy, tmp_path):
     rows[2]["nle"] = " "  # an empty explanation: the reader's bad row, named and counted
     rows[3]["videopath"] = "gone.mp4"
     disk.write_csv(tmp_path / "fb.csv", rows)
-    kept, skipped = train.load_explanations(train.Args(feedback_csv=str(tmp_path / "fb.csv"), video_root=toy[1]))
+    kept, skipped = synvita.triplets.load_explanations(train.Args(feedback_csv=str(tmp_path / "fb.csv"), video_root=toy[1]))
     assert [e["line"] for e in kept] == [2, 6, 7, 8, 9] and all(e["rows"] == 1 and e["kind"] == "nle" for e in kept)
     assert kept[0]["neg"] == rows[0]["neg_caption"] and kept[0]["nle"] == rows[0]["nle"]
     assert [(s["line"], s["reason"]) for s in skipped] == [(4, "empty nle"),  # the reader's skip, listed too
                                                            (5, "video not found: " + os.path.join(toy[1], "gone.mp4"))]
-    assert train.load_explanations(train.Args(feedback_csv="")) == ([], [])
+    assert synvita.triplets.load_explanations(train.Args(feedback_csv="")) == ([], [])
 
 
 def test_no_row_of_another_split_reaches_a_batch(toy, tmp_path, capsys):
@@ -132,21 +134,21 @@ def test_no_row_of_another_split_reaches_a_batch(toy, tmp_path, capsys):
         disk.write_csv(tmp_path / name, rows)
     args = train.Args(train_csv=str(tmp_path / "w.csv"), feedback_csv=str(tmp_path / "fb.csv"), video_root=toy[1],
                       batch_size=4, micro_batch_size=2, num_epochs=3)
-    items = train.load_triplets(args)[0] + train.load_explanations(args)[0]
+    items = synvita.triplets.load_triplets(args)[0] + synvita.triplets.load_explanations(args)[0]
     printed = capsys.readouterr().out
     for name in ("w.csv", "fb.csv"):
         assert f"{tmp_path / name}: 3 row(s) of other splits left out (--split 'train'" in printed
     allowed = {("triplet", 2 + i) for i, s in enumerate(splits) if s.strip().lower() == "train"}
     allowed |= {("nle", 2 + i) for i, s in enumerate(splits[::-1]) if s.strip().lower() == "train"}
     assert {(it["kind"], it["line"]) for it in items} == allowed
-    plan, _, _ = train.micro_batch_plan(items, args, runs.Dist())
+    plan, _, _ = training.micro_batch_plan(items, args, runs.Dist())
     batched = {(items[i]["kind"], items[i]["line"]) for epoch in plan for micro_batch in epoch for i in micro_batch}
     assert batched and batched <= allowed
 
 
 @pytest.mark.parametrize("weighting", sorted(train.WEIGHTINGS) + ["csv"])
 def test_weights_from_the_csv_or_recomputed(toy, weighting):
-    rows, skipped = train.load_triplets(train.Args(train_csv=toy[0], video_root=toy[1], weighting=weighting))
+    rows, skipped = synvita.triplets.load_triplets(train.Args(train_csv=toy[0], video_root=toy[1], weighting=weighting))
     fr = np.array([0.1 * (k % 5) for k in range(8)])  # tiny_train: fbar(Vs,ts) = 0.8, fbar(Vs,tr) = fr
     expected = {"fixed": np.ones(8), "target": np.full(8, 0.8), "target_x_inv_real": 0.8 * (1 - fr),
                 "indicator": np.ones(8), "difference": 0.8 - fr, "csv": 0.8 - fr}.get(weighting)
@@ -166,7 +168,7 @@ def test_rows_without_a_twin_train_on_l_real_and_bad_rows_are_a_counted_skip(toy
     rows[6]["syn_video"] = ""  # 01_generate.py did not render it
     csv = os.path.join(os.path.dirname(toy[0]), "bad.csv")  # syn_video is relative to the CSV's folder
     disk.write_csv(csv, rows)
-    kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+    kept, skipped = synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     assert [r["line"] for r in kept] == [2, 3, 4, 6, 7, 8, 9]  # the file's lines: the header is line 1
     assert [r["line"] for r in kept if r["syn"] is None] == [3, 4, 6, 8]
     assert all(r["w"] == 0.0 for r in kept if r["syn"] is None) and kept[4]["w"] == 0.0
@@ -180,13 +182,13 @@ def test_rows_without_a_twin_train_on_l_real_and_bad_rows_are_a_counted_skip(toy
         r["videopath"] = "nowhere.mp4"
     disk.write_csv(csv, rows)
     with pytest.raises(ValueError, match="bad.csv: no row can be trained on"):
-        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+        synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     with pytest.raises(ValueError, match="--weighting 'nope'"):
-        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], weighting="nope"))
+        synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1], weighting="nope"))
     # the VideoCon baseline needs no synthetic columns at all
     rows = disk.read_csv(toy[0])
     disk.write_csv(csv, [{k: r[k] for k in ("videopath", "caption", "neg_caption")} for r in rows])
-    kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], use_syn=False))
+    kept, skipped = synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1], use_syn=False))
     assert len(kept) == 8 and skipped == [] and all(r["syn"] is None for r in kept)
 
 
@@ -197,7 +199,7 @@ def test_bad_training_rows_are_named_by_line(toy, tmp_path, capsys):
     rows = disk.read_csv(toy[0])
     csv = os.path.join(os.path.dirname(toy[0]), "bad.csv")
     disk.write_csv(csv, rows + [rows[0], {**rows[1], "caption": " "}])  # lines 10 and 11
-    kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+    kept, skipped = synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     assert len(kept) == 8 and sum(r["caption"] == rows[0]["caption"] for r in kept) == 1
     printed = capsys.readouterr().out
     assert f"{csv}: 1 row(s) skipped, exact duplicate of an earlier row: line(s) 10" in printed
@@ -208,27 +210,27 @@ def test_bad_training_rows_are_named_by_line(toy, tmp_path, capsys):
     # the same triplet again with another weight (or twin) is no conflict (MSR-VTT repeats captions
     # of a clip): both rows train, as in the released code, each with its own twin and phi
     disk.write_csv(csv, rows + [{**rows[0], "weight": "0.5", "syn_video": rows[1]["syn_video"]}])
-    kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+    kept, skipped = synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     again = [t for t in kept if (t["caption"], t["neg"]) == (rows[0]["caption"], rows[0]["neg_caption"])]
     assert len(kept) == 9 and skipped == [] and [t["line"] for t in again] == [2, 10]
     assert [t["w"] for t in again] == [float(rows[0]["weight"]), 0.5]
     disk.write_csv(csv, rows[:2] + [{**rows[2], "weight": "7.5"}, {**rows[3], "weight": "2"}])
     with pytest.raises(common.UserError, match=r"bad.csv:4: weight 7.5 outside \[-inf, 1\] \(and 1 more row"):
-        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+        synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     disk.write_csv(csv, rows[:2] + [{**rows[2], "weight": "0,5"}])  # a decimal comma is no missing score
     with pytest.raises(common.UserError, match=r"bad.csv:4: weight '0,5' is not a number$"):
-        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+        synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     disk.write_csv(csv, rows[:2] + [{**rows[2], "score_syn_real": "-0.5"}])
     with pytest.raises(common.UserError, match=r"bad.csv:4: score_syn_real -0.5 outside \[0, 1\]$"):
-        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], weighting="difference"))
+        synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1], weighting="difference"))
     disk.write_csv(csv, rows[:2])
     with open(csv, "ab") as fh:
         fh.write(",".join(rows[2].values()).replace("square", "carr\xe9").encode("latin-1") + b"\r\n")
     with pytest.raises(ValueError, match=r"bad.csv:4: byte 0xe9 is not UTF-8"):
-        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+        synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     disk.write_csv(csv, [], fieldnames=list(rows[0]))
     with pytest.raises(ValueError, match=r"bad.csv: no usable row \(only a header\)"):
-        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+        synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
 
 
 # ---- every pair of a micro-batch in one call, and Eq. (7) -----------------------------------------
@@ -246,9 +248,9 @@ def plain_logits(model, processor, video, question, caption, answer=()):
 def test_one_call_equals_each_pair_scored_alone(video_llava_dir, toy):
     model, processor = video_llm.load_video_llm(video_llava_dir)
     args = train.Args(train_csv=toy[0], video_root=toy[1], feedback_csv=feedback(toy), answer_loss="vocab")
-    triplets, _ = train.load_triplets(args)
+    triplets, _ = synvita.triplets.load_triplets(args)
     triplets[1]["syn"], triplets[1]["w"] = None, 0.0  # a triplet without its twin
-    batch, paths, frames = train.load_videos(triplets[:2] + train.load_explanations(args)[0][:1], args)
+    batch, paths, frames = training.load_videos(triplets[:2] + synvita.triplets.load_explanations(args)[0][:1], args)
     assert len(paths) == len(frames) == 3  # 2 real videos + 1 synthetic, each decoded once
     pairs = train.micro_batch_pairs(model, processor, batch, paths, frames, args)
     assert [(k, name) for k, name, *_ in pairs] == [(0, "rr"), (0, "rs"), (0, "ss"), (0, "sr"), (0, "r'"), (0, "s'"),
@@ -259,10 +261,10 @@ def test_one_call_equals_each_pair_scored_alone(video_llava_dir, toy):
         r = batch[k]
         video = frames[paths.index(r["syn"] if name[0] == "s" else r["real"])]
         if name == "nle":  # the explanation's tokens and the end token, each from the whole text run alone
-            asked = common.entailment_prompt(processor, "video_llava", r["neg"], "llava_v1", train.NLE_QUESTION)[0]
+            asked = common.entailment_prompt(processor, "video_llava", r["neg"], "llava_v1", synvita.pairs.NLE_QUESTION)[0]
             answer = common.answer_ids(tok, asked, r["nle"])
             assert tok.decode(answer).strip() == r["nle"]
-            alone = plain_logits(model, processor, video, train.NLE_QUESTION, r["neg"], answer)
+            alone = plain_logits(model, processor, video, synvita.pairs.NLE_QUESTION, r["neg"], answer)
             torch.testing.assert_close(tokens[0].float(), alone, atol=1e-4, rtol=0)
             assert tokens[1].tolist() == answer + [tok.eos_token_id]
             continue
@@ -321,7 +323,7 @@ def test_objective_by_hand_vocab():
                   ss=(p([0.5, 0.3, 0.2], [0.2, 0.2, 0.6]), torch.tensor(yes)),
                   sr=(p([0.4, 0.4, 0.2], [0.1, 0.1, 0.8]), torch.tensor(no)))
     pairs, batch = by_hand_pairs(tokens)
-    terms = train.released_objective(pairs, batch, train.Args(lambda_scr=2.0, answer_loss="vocab"))
+    terms = released_loss.released_objective(pairs, batch, train.Args(lambda_scr=2.0, answer_loss="vocab"))
     n = 4 * 2 + 2 * 2 + 2  # triplet 0: 4 pairs x 2 tokens; triplet 1: 2 x 2; the explanation: 2
 
     def ce(a, b):  # the cross-entropy of two answer tokens with probabilities a and b
@@ -481,9 +483,9 @@ def test_a_prompt_past_the_model_positions_is_skipped_named_and_counted(video_ll
             "duplicate of an earlier row: 1, prompt too long: 2); all listed in skipped.csv. 6 steps of 8 rows = "
             "1 process x 2 micro-batches x 4") in printed
     model, processor = video_llm.load_video_llm(video_llava_dir)
-    items = train.load_triplets(train.Args(train_csv=toy[0], video_root=toy[1]))[0][:2]
-    items += train.load_explanations(train.Args(feedback_csv=fb, video_root=toy[1]))[0][:1]
-    two_way, vocab = (train.prompt_positions(model, processor, items, train.Args(answer_loss=loss))
+    items = synvita.triplets.load_triplets(train.Args(train_csv=toy[0], video_root=toy[1]))[0][:2]
+    items += synvita.triplets.load_explanations(train.Args(feedback_csv=fb, video_root=toy[1]))[0][:1]
+    two_way, vocab = (synvita.pairs.prompt_positions(model, processor, items, train.Args(answer_loss=loss))
                       for loss in ("two_way", "vocab"))
     assert [v - t for t, v in zip(two_way, vocab)] == [1, 1, 0] and max(vocab) < 1024  # Yes/No fed; an explanation's always
 
@@ -654,31 +656,31 @@ def test_syn_types_keeps_every_real_triplet_and_the_twins_of_its_types(toy, caps
     csv = os.path.join(os.path.dirname(toy[0]), "types.csv")  # syn_video is relative to the CSV's folder
     disk.write_csv(csv, rows)
     capsys.readouterr()
-    kept, skipped = train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action"]))
+    kept, skipped = synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action"]))
     assert [t["line"] for t in kept] == list(range(2, 10)) and skipped == []  # every triplet, none skipped
     action = [k.strip().lower() == "action" for k in kinds]
     for t, r, is_action in zip(kept, rows, action):
         if is_action:  # its twin, weighted as the CSV says
             assert t["syn"] == os.path.join(os.path.dirname(csv), r["syn_video"]) and t["w"] == float(r["weight"])
         else:  # a triplet without a twin: L_real alone
-            assert t["syn"] is None and t["w"] == 0.0 and train.twins(t) == []
+            assert t["syn"] is None and t["w"] == 0.0 and synvita.triplets.twins(t) == []
     assert sum(t["syn"] is not None for t in kept) == 3
     printed = capsys.readouterr().out
     assert ("--syn_types ['action']: 5 twin(s) of other misalignment types left out (attribute: 2, count: 1, "
             "object: 2); their triplets train on L_real alone (Table 2), not listed in skipped.csv") in printed
     # the pairs of a left-out twin's triplet are those of a triplet without a twin
     processor = types.SimpleNamespace(tokenizer=types.SimpleNamespace(eos_token_id=0))  # all pair_specs reads here
-    specs = train.pair_specs(kept[:2], processor, "video_llava", dict(Yes=1, No=2), train.Args())
+    specs = synvita.pairs.pair_specs(kept[:2], processor, "video_llava", dict(Yes=1, No=2), train.Args())
     assert [(s.item, s.name) for s in specs] == [(0, "rr"), (0, "rs"), (0, "ss"), (0, "sr"), (0, "r'"), (0, "s'"),
                                                  (1, "rr"), (1, "rs")]
     with pytest.raises(ValueError, match=r"--syn_types \['acton'\]: no row of .*types.csv has this misalignment; "
                                          r"its types: \[' Action', 'action', 'attribute', 'count', 'object'\]"):
-        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action", "acton"]))
+        synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action", "acton"]))
     disk.write_csv(csv, [{k: v for k, v in r.items() if k != "misalignment"} for r in rows])
     with pytest.raises(ValueError, match=r"types.csv: missing column\(s\) \['misalignment'\]"):
-        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action"]))
+        synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action"]))
     with pytest.raises(ValueError, match="needs --use_syn"):
-        train.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action"], use_syn=False))
+        synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1], syn_types=["action"], use_syn=False))
     # the flags as typed: lists of names; one CSV is the same Args whether given as a str or a list
     monkeypatch.setitem(sys.modules, "train", train)  # where parse_args reads the fields' --help from
     args = runs.parse_args(train.Args, ["--syn_types", "action", "object", "--train_csv", "a.csv", "b.csv"])
@@ -700,14 +702,14 @@ def test_several_csvs_merge_into_one_triplet_with_a_twin_from_each(toy, second_g
     cannot give, is still one triplet, with the twins that exist."""
     gen = os.path.dirname(toy[0])
     capsys.readouterr()
-    kept, skipped = train.load_triplets(train.Args(train_csv=[toy[0], second_generator], video_root=toy[1]))
+    kept, skipped = synvita.triplets.load_triplets(train.Args(train_csv=[toy[0], second_generator], video_root=toy[1]))
     assert [t["line"] for t in kept] == list(range(2, 10)) and skipped == []
     one, two = disk.read_csv(toy[0]), disk.read_csv(second_generator)
     for t, a, b in zip(kept, one, two):
         assert (t["caption"], t["neg"]) == (a["caption"], a["neg_caption"]) and t["rows"] == 2  # its real part once
-        assert train.twins(t) == [(os.path.join(gen, a["syn_video"]), float(a["weight"])),
+        assert synvita.triplets.twins(t) == [(os.path.join(gen, a["syn_video"]), float(a["weight"])),
                                   (os.path.join(gen, b["syn_video"]), float(b["weight"]))]
-        assert (t["syn"], t["w"]) == train.twins(t)[0] and "gen2_" in train.twins(t)[1][0]
+        assert (t["syn"], t["w"]) == synvita.triplets.twins(t)[0] and "gen2_" in synvita.triplets.twins(t)[1][0]
     assert "2 --train_csv files merged into 8 triplets; twins per triplet: {2: 8}" in capsys.readouterr().out
     # (b) CSV a has triplets 0-5, CSV b triplets 2-7, its row of triplet 3 without a usable twin
     a_csv, b_csv = str(tmp_path / "a.csv"), str(tmp_path / "b.csv")
@@ -716,15 +718,15 @@ def test_several_csvs_merge_into_one_triplet_with_a_twin_from_each(toy, second_g
     rows = disk.read_csv(b_csv)
     rows[1]["weight"] = ""  # triplet 3's twin in b: no weight
     disk.write_csv(b_csv, rows)
-    kept, skipped = train.load_triplets(train.Args(train_csv=[a_csv, b_csv], video_root=toy[1]))
+    kept, skipped = synvita.triplets.load_triplets(train.Args(train_csv=[a_csv, b_csv], video_root=toy[1]))
     assert [t["caption"] for t in kept] == [r["caption"] for r in one]  # a's order, then b's new ones
     assert [t["line"] for t in kept] == [2, 3, 4, 5, 6, 7, 6, 7]  # lines of the first CSV that lists it
-    assert [len(train.twins(t)) for t in kept] == [1, 1, 2, 1, 2, 2, 1, 1]
-    assert "gen2_" in train.twins(kept[6])[0][0] and train.twins(kept[6])[0][1] == 0.6  # b's only
+    assert [len(synvita.triplets.twins(t)) for t in kept] == [1, 1, 2, 1, 2, 2, 1, 1]
+    assert "gen2_" in synvita.triplets.twins(kept[6])[0][0] and synvita.triplets.twins(kept[6])[0][1] == 0.6  # b's only
     assert [(s["file"], s["line"], s["reason"]) for s in skipped] == [
-        (b_csv, 3, train.NO_TWIN + "weight is missing or not a number")]
+        (b_csv, 3, synvita.triplets.NO_TWIN + "weight is missing or not a number")]
     with pytest.raises(ValueError, match="--train_csv: give one CSV, or one per generator"):
-        train.load_triplets(train.Args(train_csv=[], video_root=toy[1]))
+        synvita.triplets.load_triplets(train.Args(train_csv=[], video_root=toy[1]))
 
 
 @torch.no_grad()
@@ -733,12 +735,12 @@ def test_every_twin_is_run_in_the_same_call(video_llava_dir, toy, second_generat
     equal to its pair scored alone; --answer_loss vocab feeds twin 1's answer tokens too."""
     model, processor = video_llm.load_video_llm(video_llava_dir)
     args = train.Args(train_csv=[toy[0], second_generator], video_root=toy[1], answer_loss="vocab")
-    triplets, _ = train.load_triplets(args)
-    batch, paths, frames = train.load_videos(triplets[:1], args)
+    triplets, _ = synvita.triplets.load_triplets(args)
+    batch, paths, frames = training.load_videos(triplets[:1], args)
     assert len(paths) == 3  # V^r and the two twins
     pairs = train.micro_batch_pairs(model, processor, batch, paths, frames, args)
     assert [name for _, name, *_ in pairs] == ["rr", "rs", "ss", "sr", "r'", "s'", "ss1", "sr1", "s'1"]
-    r, (syn1, _) = batch[0], train.twins(batch[0])[1]
+    r, (syn1, _) = batch[0], synvita.triplets.twins(batch[0])[1]
     for name, caption, other in (("ss1", r["neg"], None), ("sr1", r["caption"], None), ("s'1", r["neg"], r["caption"])):
         (a, tokens), = [(a, t) for _, n, a, t in pairs if n == name]
         hidden = [common.hidden_word_spans(caption, other) if other else None]
@@ -805,7 +807,7 @@ def test_objective_by_hand_with_several_twins():
         assert doubled[name].item() == pytest.approx(alone[name].item(), abs=1e-6), name
     # --answer_loss vocab: one sum over every token (each twin's 4, weighted by its phi) / N
     pairs, batch, f = two_twin_pairs(tokens=True)
-    terms = train.released_objective(pairs, batch, train.Args(lambda_scr=2.0, answer_loss="vocab"))
+    terms = released_loss.released_objective(pairs, batch, train.Args(lambda_scr=2.0, answer_loss="vocab"))
     ce = {(k, name): -(math.log(1 - v / 2) + math.log(0.8)) for k, s in f.items() for name, v in s.items()}
     n = 3 * 4 + 3 * 4  # 3 triplets' rr, rs and 3 twins' ss, sr: 2 pairs x 2 tokens each
     assert terms["l_real"].item() == pytest.approx(sum(ce[k, x] for k in f for x in ("rr", "rs")) / n, abs=1e-6)
@@ -835,5 +837,5 @@ def test_several_csvs_train_and_resume_only_with_the_same_list(video_llava_dir, 
     assert json.load(open(out / "args.json"))["train_csv"] == both
     assert json.load(open(tmp_path / "args.json"))["train_csv"] == toy[0]  # one CSV: a path, as before
     # one CSV records its hash as before --train_csv took a list, and no --syn_types: older checkpoints resume
-    settings = train.checkpoint_settings(train.Args(train_csv=toy[0]), [])
+    settings = checkpoints.checkpoint_settings(train.Args(train_csv=toy[0]), [])
     assert settings["train_csv"] == disk.file_hash(toy[0]) and "syn_types" not in settings

@@ -20,7 +20,7 @@ import common
 import tiny
 import tiny_weight
 from common import WEIGHTINGS
-from synvita import disk, video_io, video_llm
+from synvita import clip_t5, disk, parts, score_cache, triplets, video_io, video_llm, vqa
 
 weight = importlib.import_module("02_weight")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +99,7 @@ def test_vqascore_decoder_only_from_the_full_softmax(llava_dir, frames, vqascore
     with torch.no_grad():  # every position computed; the model's loss = mean CE over the answer
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
                     labels=labels)
-    got = weight.vqa_scores(model, processor, [frames[0]], [CAPTION], vqascore=vqascore)
+    got = vqa.vqa_scores(model, processor, [frames[0]], [CAPTION], vqascore=vqascore)
     assert got.item() == pytest.approx(math.exp(-out.loss.item()), rel=1e-5)
     p = out.logits[0, inputs["input_ids"].shape[1] - 1].softmax(-1)  # where the answer starts
     assert got.item() != pytest.approx((p[yes] / (p[yes] + p[no])).item(), rel=1e-2)  # not Eq. (1)'s ratio
@@ -125,7 +125,7 @@ def test_vqascore_encoder_decoder_from_the_decoders_softmax(which, form, vqascor
     labels = [[yes]] if vqascore == "first_token" else [[yes, processor.tokenizer.eos_token_id]]
     with torch.no_grad():  # T5's loss on the answer = mean -log P over its tokens, from the decoder's start
         loss = model(**inputs, labels=torch.tensor(labels)).loss
-    got = weight.vqa_scores(model, processor, [frames[1]], [CAPTION], vqascore=vqascore)
+    got = vqa.vqa_scores(model, processor, [frames[1]], [CAPTION], vqascore=vqascore)
     assert got.item() == pytest.approx(math.exp(-loss.item()), rel=1e-5)
 
 
@@ -170,32 +170,32 @@ def test_clip_flant5_is_a_hand_assembled_forward_of_its_parts(clip_flant5_dir, f
         decoder_input_ids = torch.tensor([[0] + labels[:-1].tolist()])  # T5 starts from <pad>
         logits = t5(inputs_embeds=embeds, decoder_input_ids=decoder_input_ids).logits[0, :, :len(tok)]
         expected = math.exp(-torch.nn.functional.cross_entropy(logits, labels).item())
-    model, processor = weight.load_member(clip_flant5_dir)
+    model, processor = clip_t5.load_member(clip_flant5_dir)
     assert type(model).__name__ == "CLIPFlanT5"
-    got = weight.vqa_scores(model, processor, [frame], [CAPTION], vqascore=vqascore)
+    got = vqa.vqa_scores(model, processor, [frame], [CAPTION], vqascore=vqascore)
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_clip_flant5_takes_a_missing_vision_tower_from_mm_vision_tower(clip_flant5_dir, frames, tmp_path):
     bare = tiny_weight.tiny_clip_flant5(str(tmp_path), with_tower=False)  # same seed: the same weights
-    full, processor = weight.load_member(clip_flant5_dir)
-    model, _ = weight.load_member(bare)
+    full, processor = clip_t5.load_member(clip_flant5_dir)
+    model, _ = clip_t5.load_member(bare)
     a, b = (weight.score_video(m, processor, frames, NEG, CAPTION) for m in (full, model))
     np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5)
 
 
 def test_pad_to_square_centres_the_frame_on_the_colour():
     frame = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 4, 3)  # wide: rows are added above and below
-    out = weight.pad_to_square(frame, [7, 8, 9])
+    out = vqa.pad_to_square(frame, [7, 8, 9])
     assert out.shape == (4, 4, 3) and (out[1:3] == frame).all()
     assert (out[[0, 3]] == [7, 8, 9]).all()
-    assert (weight.pad_to_square(frame.transpose(1, 0, 2), [7, 8, 9])[:, 1:3] == frame.transpose(1, 0, 2)).all()
+    assert (vqa.pad_to_square(frame.transpose(1, 0, 2), [7, 8, 9])[:, 1:3] == frame.transpose(1, 0, 2)).all()
 
 
 @pytest.mark.parametrize("vqascore", ["first_token", "t2v_metrics"])
 @pytest.mark.parametrize("which", ["llava_dir", "instructblip_dir", "blip2_dir", "clip_flant5_dir"])
 def test_batched_equals_one_at_a_time(which, vqascore, frames, request):
-    model, processor = weight.load_member(request.getfixturevalue(which))
+    model, processor = clip_t5.load_member(request.getfixturevalue(which))
     batched = weight.score_video(model, processor, frames, NEG, CAPTION, pairs_per_forward=8, vqascore=vqascore)
     single = weight.score_video(model, processor, frames, NEG, CAPTION, pairs_per_forward=1, vqascore=vqascore)
     np.testing.assert_allclose(np.array(batched), np.array(single), rtol=1e-4)
@@ -209,17 +209,17 @@ def test_each_frame_encoded_once_scores_as_pair_by_pair(which, vqascore, frames,
     """frame_scores (score_video's) = vqa_scores on each pair (t2v_metrics' way) to 1e-5, captions of
     different lengths (padding), 4 frames a call or 3 (a call of 3 frames, then 1); and the image side
     runs on T frames, not 2T pairs: a hook counts the rows its vision tower reads."""
-    model, processor = weight.load_member(request.getfixturevalue(which))
+    model, processor = clip_t5.load_member(request.getfixturevalue(which))
     captions = [NEG, CAPTION + " and then stops"]  # 4 and 11 words
-    pairs = weight.vqa_scores(model, processor, [f for _ in captions for f in frames],
-                              [c for c in captions for _ in frames], 1, vqascore).view(2, 4)  # (caption, frame)
+    pairs = vqa.vqa_scores(model, processor, [f for _ in captions for f in frames],
+                           [c for c in captions for _ in frames], 1, vqascore).view(2, 4)  # (caption, frame)
     tower = model.vision_tower.vision_tower if which == "clip_flant5_dir" else \
         model.vision_model if "blip" in which else model.model.vision_tower
     rows = []
     tower.register_forward_hook(lambda module, args, out: rows.append(len(out[0])))  # rows encoded
     for frames_per_forward in (4, 3):
         rows.clear()
-        shared = weight.frame_scores(model, processor, frames, captions, frames_per_forward, vqascore)
+        shared = vqa.frame_scores(model, processor, frames, captions, frames_per_forward, vqascore)
         np.testing.assert_allclose(shared.numpy(), pairs.numpy(), rtol=1e-5, atol=0)
         assert sum(rows) == len(frames), rows  # each frame once
     assert len(set(pairs[0].tolist())) > 1 and set(pairs[0].tolist()).isdisjoint(pairs[1].tolist())
@@ -228,12 +228,12 @@ def test_each_frame_encoded_once_scores_as_pair_by_pair(which, vqascore, frames,
 def test_llava_runs_the_image_prefix_once_per_frame(llava_dir, frames):
     """LLaVA: the prompt through the image's tokens (the same for both captions) runs once per frame;
     the second call reads its KV and holds only the captions' suffixes."""
-    model, processor = weight.load_member(llava_dir)
+    model, processor = clip_t5.load_member(llava_dir)
     lengths = []
     model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: lengths.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
-    weight.frame_scores(model, processor, frames, [NEG, CAPTION], 4)
-    prompt = processor(images=[frames[0]], text=[weight.vqa_prompt(processor, "llava", CAPTION)[0]])["input_ids"][0]
+    vqa.frame_scores(model, processor, frames, [NEG, CAPTION], 4)
+    prompt = processor(images=[frames[0]], text=[vqa.vqa_prompt(processor, "llava", CAPTION)[0]])["input_ids"][0]
     prefix = max(i for i, t in enumerate(prompt) if t == model.config.image_token_id) + 1
     assert lengths[0] == (4, prefix)  # 4 frames x the prefix
     assert lengths[1][0] == 8 and lengths[1][1] == len(prompt) - prefix  # 8 pairs x the longer suffix
@@ -248,16 +248,16 @@ def test_a_processor_without_num_query_tokens_is_refused(which, frames, request,
     config = json.loads((folder / "processor_config.json").read_text())
     del config["num_query_tokens"]
     (folder / "processor_config.json").write_text(json.dumps(config))
-    model, processor = weight.load_member(str(folder))
+    model, processor = clip_t5.load_member(str(folder))
     with pytest.raises(ValueError, match="num_query_tokens None, the model.s 4"):
-        weight.vqa_scores(model, processor, [frames[0]], [CAPTION])
+        vqa.vqa_scores(model, processor, [frames[0]], [CAPTION])
 
 
 def test_image_tokens_of_another_id_are_refused(blip2_dir, frames):
-    model, processor = weight.load_member(blip2_dir)
+    model, processor = clip_t5.load_member(blip2_dir)
     model.config.image_token_index += 1  # the tokenizer's <image> is not the model's image token
     with pytest.raises(ValueError, match=r"do not hold 4 image tokens"):
-        weight.vqa_scores(model, processor, [frames[0]], [CAPTION])
+        vqa.vqa_scores(model, processor, [frames[0]], [CAPTION])
 
 
 def test_help_lists_the_papers_three_members():
@@ -268,7 +268,7 @@ def test_help_lists_the_papers_three_members():
 
 def test_a_nan_score_is_an_error_not_a_weight(llava_dir, frames, monkeypatch):
     model, processor = video_llm.load_video_llm(llava_dir)
-    monkeypatch.setattr(weight, "frame_scores", lambda *a, **k: torch.tensor([[0.5] * 4, [0.5] * 3 + [float("nan")]]))
+    monkeypatch.setattr(vqa, "frame_scores", lambda *a, **k: torch.tensor([[0.5] * 4, [0.5] * 3 + [float("nan")]]))
     with pytest.raises(ValueError, match="non-finite"):
         weight.score_video(model, processor, frames, NEG, CAPTION)
 
@@ -298,7 +298,7 @@ def hand_made_run(folder, weighting, extra=()):
         os.makedirs(os.path.join(folder, "weighted_cache", name))
         with open(os.path.join(folder, "weighted_cache", name, "rank0.jsonl"), "w") as fh:
             for row, (t, r) in zip(rows, scores):
-                fh.write(json.dumps({"key": weight.row_key(row), "target": t, "real": r}) + "\n")
+                fh.write(json.dumps({"key": score_cache.row_key(row), "target": t, "real": r}) + "\n")
     return run(generated, [os.path.join(folder, "members", m) for m in ("org/m1", "m2")], weighting=weighting)
 
 
@@ -393,7 +393,7 @@ def test_a_video_that_cannot_be_scored_keeps_its_real_triplet(llava_dir, tmp_pat
     spec = importlib.util.spec_from_file_location("train03", os.path.join(ROOT, "03_train.py"))
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
-    kept, skipped = train.load_triplets(train.Args(train_csv=str(tmp_path / "weighted.csv"), video_root=str(tmp_path)))
+    kept, skipped = triplets.load_triplets(train.Args(train_csv=str(tmp_path / "weighted.csv"), video_root=str(tmp_path)))
     assert [t["syn"] is not None for t in kept] == [True, False, True, False]
     assert [(s["line"], s["reason"].split(":")[0]) for s in skipped] == [(3, "trained without a twin"),
                                                                          (5, "trained without a twin")]
@@ -413,7 +413,7 @@ def test_fig2_only_pools_several_runs_without_a_model(tmp_path, capsys, monkeypa
     disk.write_csv(b, [scored_row("flip", 0.2, 0.5), scored_row("object", 0.9, 0.1),
                          scored_row("hallucination", 0.3, 0.4)])
     disk.write_csv(c, [scored_row("flip", 0.6, 0.4), scored_row("action", "", "")])  # the second: no scores
-    monkeypatch.setattr(weight, "load_member", lambda *a, **k: pytest.fail("--fig2_only loaded a model"))
+    monkeypatch.setattr(score_cache, "load_member", lambda *a, **k: pytest.fail("--fig2_only loaded a model"))
     capsys.readouterr()
     out = weight.main(weight.Args(fig2_only=[a, b, c], out_csv=str(tmp_path / "all" / "weighted.csv")))
     assert out == str(tmp_path / "all" / "weighted.json")
@@ -500,7 +500,9 @@ def test_resume_and_two_ranks_give_the_same_csv(llava_dir, instructblip_dir, tmp
     assert open(run(generated, models)).read() == reference
     assert "to score per model: " + f"{os.path.basename(llava_dir)} 1, {os.path.basename(instructblip_dir)} 0" \
         in capsys.readouterr().out  # only the lost video was scored again, and instructblip never loaded
-    assert part.read_text().splitlines()[len(lines) - 1] == lines[-1][:25]  # the cut line was ended, then skipped
+    # the torn line was cut off before the file grew (parts.appending): the lost video's record follows the whole ones
+    now = part.read_text().splitlines(keepends=True)
+    assert now[:-1] == lines[:-1] and len(now) == len(lines) and json.loads(now[-1])["key"] == json.loads(lines[-1])["key"]
     # settings-checked resume (issue 14 item 5): a cache of 4 frames / first_token is not reused for others
     for change in ("num_frames: 4 then, 2 now", "vqascore: 'first_token' then, 't2v_metrics' now"):
         key, value = change.split(": ")[0], 2 if change.startswith("num") else "t2v_metrics"
@@ -524,8 +526,8 @@ def test_every_member_is_found_before_any_is_loaded_or_any_video_read(llava_dir,
     """A member that is not there (the second, or CLIP-FlanT5's vision tower) stops the run before the
     first member loads or a video is read, and before anything is written."""
     generated = make_generated(str(tmp_path), n=1)
-    monkeypatch.setattr(weight, "load_member", lambda *a, **k: pytest.fail("a member was loaded"))
-    monkeypatch.setattr(weight, "read_video", lambda *a, **k: pytest.fail("a video was read"))
+    monkeypatch.setattr(score_cache, "load_member", lambda *a, **k: pytest.fail("a member was loaded"))
+    monkeypatch.setattr(score_cache, "read_video", lambda *a, **k: pytest.fail("a video was read"))
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(common.UserError, match=rf"--models {tmp_path}/no-such-member: no such folder"):
         run(generated, [llava_dir, str(tmp_path / "no-such-member")])
@@ -570,16 +572,16 @@ def test_a_caption_past_a_members_context_is_left_unscored_named_and_counted(
     long = "a red square moves to the right and then " * 150
     models = [llava_dir, instructblip_dir, clip_flant5_dir]
     for member in models:
-        model, processor = weight.load_member(member)
-        assert weight.past_context(model, processor, frames[0], {"neg_caption": NEG, "caption": CAPTION}) is None
-        message = weight.past_context(model, processor, frames[0], {"neg_caption": long, "caption": CAPTION})
+        model, processor = clip_t5.load_member(member)
+        assert vqa.past_context(model, processor, frames[0], {"neg_caption": NEG, "caption": CAPTION}) is None
+        message = vqa.past_context(model, processor, frames[0], {"neg_caption": long, "caption": CAPTION})
         assert message.startswith("its neg_caption makes a prompt of ") and message.endswith(": not scored"), message
     generated = make_generated(str(tmp_path), n=2)
     rows = disk.read_csv(generated)
     rows[1]["neg_caption"] = long
     disk.write_csv(generated, rows)
     written = []
-    monkeypatch.setattr(weight.tqdm, "write", lambda line, *a, **k: written.append(line))
+    monkeypatch.setattr(score_cache.tqdm, "write", lambda line, *a, **k: written.append(line))
     out = read(run(generated, models))
     assert [r["weight"] != "" for r in out] == [True, False]
     for member, limit in zip(models, ["1024 positions", "512 Q-Former positions", "512 text tokens"]):
@@ -607,7 +609,7 @@ def test_a_full_disk_names_the_cache_file_and_the_figure(llava_dir, tmp_path, mo
 
     class FullDisk(io.StringIO):
         write = full
-    monkeypatch.setattr(weight, "open_part", lambda path: FullDisk())
+    monkeypatch.setattr(parts, "open", lambda *a, **k: FullDisk(), raising=False)  # parts.appending's file
     generated = make_generated(str(tmp_path / "b"), n=1)
     part = tmp_path / "b" / "weighted_cache" / os.path.basename(llava_dir) / "rank0.jsonl"
     with pytest.raises(common.UserError, match=rf"{part}: cannot write it: No space left on device"):

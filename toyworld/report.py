@@ -1,19 +1,18 @@
 """The toy experiment's results: each row's metrics from 04_eval.py's outputs (with the column of
 the negative-only concepts), the Fig. 2-style statistics of 02_weight.py's weights, the markdown
 tables and the two figures (the main table, a panel per test set; Fig. 2)."""
-import importlib
 import random
 
 import numpy as np
 
 from synvita.disk import read_csv
+from synvita.fig2 import PAPER_FIG2_MEANS  # the paper's Fig. 2 means per type
 from toyworld.generator import corrupt
 from toyworld.world import TYPES, names_negative_only, parse_caption
 
 # the table's columns: (title, key of row_results)
 COLUMNS = [("VideoCon-like AUC", "auc"), ("negative-only concepts AUC", "negative_only_auc"),
            ("SSv2-T-like mAP", "mAP"), ("ATP-like acc", "accuracy")]
-PAPER_FIG2_MEANS = importlib.import_module("02_weight").PAPER_FIG2_MEANS  # the paper's Fig. 2 means per type
 
 
 def auc(pos, neg):
