@@ -4,10 +4,10 @@ every one of --videos videos (SSv2-Events: 49 x 588).
 
   python tests/bench_eval.py --videos 12
 
-naive      : common.alignment_logits one (video, caption) pair at a time, the whole prompt each time
+naive      : tiny.alignment_logits one (video, caption) pair at a time, the whole prompt each time
              (video encoded, every prompt token run) - how a plain per-pair evaluation loop scores;
 per-pair   : the same, with each video vision-encoded once (features=...), to separate the two savings;
-fast       : 04_eval.py (common.alignment_logits on --video_batch videos at a time): each video encoded once,
+fast       : 04_eval.py (tiny.alignment_logits on --video_batch videos at a time): each video encoded once,
              its prompt prefix run once per row of --batch_size caption suffixes packed after it.
 Frames are decoded before timing (all three paths read the same in-memory frames). Prints the times,
 the speed-ups and the largest |difference| of the alignment logits against the naive path.
