@@ -93,7 +93,9 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping"""
     warmup_steps: int = 200
-    """linear warm-up steps, then cosine decay to 0"""
+    """linear warm-up steps, then --schedule's decay to 0"""
+    schedule: Literal["cosine", "linear"] = "cosine"
+    """the decay after warm-up: cosine (the released Video-LLaVA recipe) or linear (the Trainer's default, mPLUG-Owl's)"""
     num_epochs: int = 1
     """passes over the CSV"""
     # ---- batches and videos ----
@@ -105,8 +107,8 @@ class Args:
     """rows per process per forward pass (the released per-GPU batch); at least 2 (one triplet)"""
     num_frames: int = 8
     """frames per video"""
-    frame_sampling: Literal["uniform", "middle"] = "uniform"
-    """'uniform' (np.linspace, Video-LLaVA) or 'middle' (VideoCon / mPLUG-Owl)"""
+    frame_sampling: Literal["uniform", "middle", "videocon"] = "uniform"
+    """'uniform' (np.linspace, Video-LLaVA), 'middle', or 'videocon' (VideoCon's rule for mPLUG-Owl, 32 frames)"""
     # ---- the run: precision, memory, workers, checkpoints ----
     bf16: bool = True
     """bf16 weights and autocast on GPU (CPU always runs float32); the LoRA weights stay float32"""
@@ -190,7 +192,6 @@ def objective(scored, batch, args):
 # =================================================================================================
 def main(args):
     from peft import LoraConfig, get_peft_model  # heavy imports, loaded only to train
-    from transformers import get_cosine_schedule_with_warmup
 
     dist = runs.setup_distributed()  # torchrun's rank and world size; one process without torchrun
     cuda = dist.device.startswith("cuda")
@@ -219,7 +220,7 @@ def main(args):
                                                  target_modules=LORA_TARGETS)).train()  # freezes every other weight
     params = [p for p in model.parameters() if p.requires_grad]  # the LoRA weights, all that trains
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total)
+    scheduler = training.lr_schedule(optimizer, args, total)  # warm-up, then cosine (or linear) decay to 0
     start = checkpoints.load_checkpoint(args, settings, model, optimizer, scheduler) if args.resume else 0
     checkpoints.start_out_dir(args, skipped, start, dist)
     # `model` is the PeftModel that is saved; forward and backward go through `ddp_model`: under torchrun

@@ -77,8 +77,8 @@ class Args:
     """removed from the start of every videopath before joining --video_root (e.g. /local2/hbansal/nextqa/)"""
     num_frames: int = 8
     """frames per video (Video-LLaVA: 8)"""
-    sampling: Literal["uniform", "middle"] = "uniform"
-    """frame sampling: 'uniform' (Video-LLaVA) or 'middle' (VideoCon / mPLUG-Owl)"""
+    sampling: Literal["uniform", "middle", "videocon"] = "uniform"
+    """frame sampling: 'uniform' (Video-LLaVA), 'middle', or 'videocon' (VideoCon's rule for mPLUG-Owl, 32 frames)"""
     batch_size: int = 64
     """captions packed after one copy of their video's prompt prefix in a row of a forward pass
     (shared_prefix.answer_states)"""

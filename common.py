@@ -186,6 +186,9 @@ PROMPT_FORMATS = {
     "llava_v1": SYSTEM + " USER: <video>\n{question} ASSISTANT:",  # the released code (default)
     "card": "USER: <video>\n{question} ASSISTANT:",  # the transformers model card
 }
+# mPLUG-Owl (VideoCon's Owl-Con): its conversation, as VideoCon's eval CSVs store it in `caption`
+OWL_PROMPT = ("The following is a conversation between a curious human and AI assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions.\nHuman: <|video|>\nHuman: {question}\nAI: ")
 
 
 # ---- the prompt: where the caption sits, which tokens answer -------------------------------------
@@ -198,6 +201,8 @@ def entailment_prompt(processor, model_type, caption, prompt="llava_v1", questio
         if prompt not in PROMPT_FORMATS:
             raise UserError(f"--prompt {prompt!r}: use one of {sorted(PROMPT_FORMATS)}")
         text = PROMPT_FORMATS[prompt].format(question=asked)
+    elif model_type == "mplug-owl":  # VideoCon's conversation; the answer follows "AI: "
+        text = OWL_PROMPT.format(question=asked)
     else:  # the family's own chat template, the video first, as its model card asks
         conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": asked}]}]
         text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)

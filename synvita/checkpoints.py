@@ -26,6 +26,8 @@ def checkpoint_settings(args, items):
                 "feedback_csv": disk.file_hash(args.feedback_csv) if args.feedback_csv else ""}
     if not args.syn_types:  # as a checkpoint written before --syn_types existed records it: absent
         del settings["syn_types"]
+    if args.schedule == "cosine":  # likewise before --schedule (cosine was the only decay)
+        del settings["schedule"]
     return {k: v for k, v in settings.items() if k not in RUN_ONLY}
 
 

@@ -152,6 +152,14 @@ def print_data(items, skipped, total, accum, args, dist):
                 f"{runs.plural(dist.world_size, 'process')} x {runs.plural(accum, 'micro-batch')} x {args.micro_batch_size}")
 
 
+def lr_schedule(optimizer, args, total):
+    """§6's learning rate: --warmup_steps of linear warm-up, then --schedule's decay to 0 at step `total`
+    (cosine: the released Video-LLaVA recipe; linear: the Trainer's default, the released mPLUG-Owl one)."""
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    decay = get_cosine_schedule_with_warmup if args.schedule == "cosine" else get_linear_schedule_with_warmup
+    return decay(optimizer, args.warmup_steps, total)
+
+
 def micro_step(forward, loss_fn, ddp_model, processor, loaded, step, last, accum, args, dist):
     """One micro-batch's forward (every pair in one call: forward, 03_train.py's micro_batch_pairs, then
     loss_fn: its objective, Eq. 7, or the released loss) and backward of loss / accum. loaded:

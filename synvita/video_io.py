@@ -11,13 +11,17 @@ from synvita.runs import UserError
 def frame_indices(num_total, num_frames, sampling="uniform"):
     """Which frames to keep. "uniform": np.linspace over the clip, truncated to integers, as the
     released Video-LLaVA code and the transformers model card do; "middle": the middle frame of each
-    of num_frames equal segments (VideoCon / mPLUG-Owl)."""
+    of num_frames equal segments; "videocon": VideoCon's rule for mPLUG-Owl (its processing_mplug_owl.py
+    get_index): seg = (N - 1) / num_frames, frame int(seg / 2) + round(seg * i)."""
     if sampling == "uniform":
         return np.linspace(0, num_total - 1, num_frames, dtype=int)
     if sampling == "middle":
         edges = np.linspace(0, num_total, num_frames + 1)
         return np.minimum(((edges[:-1] + edges[1:]) / 2).astype(int), num_total - 1)
-    raise UserError(f"unknown frame sampling {sampling!r}: use 'uniform' or 'middle'")
+    if sampling == "videocon":
+        seg = (num_total - 1) / num_frames
+        return np.array([int(seg / 2) + int(np.round(seg * i)) for i in range(num_frames)])
+    raise UserError(f"unknown frame sampling {sampling!r}: use 'uniform', 'middle' or 'videocon'")
 
 def read_video(path, num_frames=8, sampling="uniform"):
     """Decode `num_frames` frames with decord -> uint8 array (num_frames, H, W, 3).

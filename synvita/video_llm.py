@@ -65,10 +65,22 @@ def load_video_llm(name_or_path=DEFAULT_MODEL, dtype=None, device="cpu"):
     name_or_path = resolve_model(name_or_path, "--model")  # a typo or no network: seconds, one line
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)  # bf16 as in §6
     logging.getLogger("transformers.models.auto.image_processing_auto").addFilter(not_a_missing_backend)
+    if is_mplug_owl(name_or_path):  # the paper's second model: in no transformers release, rebuilt in synvita/
+        from synvita import mplug_owl, mplug_owl_processor
+        model = mplug_owl.load(name_or_path, dtype, attn_implementation="sdpa_shared_prefix")
+        processor = mplug_owl_processor.MplugOwlProcessor.from_pretrained(name_or_path, model.config.num_query_tokens + 1)
+        return model.to(device).eval(), processor
     processor = AutoProcessor.from_pretrained(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype,
                                                         attn_implementation="sdpa_shared_prefix")
     return model.to(device).eval(), processor
+
+
+def is_mplug_owl(path):
+    """Whether a model folder holds mPLUG-Owl (its config.json's model_type "mplug-owl")."""
+    import json
+    config = os.path.join(path, "config.json")
+    return os.path.exists(config) and json.load(open(config, encoding="utf-8")).get("model_type") == "mplug-owl"
 
 def load_adapter(model, path, base=""):
     """A LoRA adapter (03_train.py's <out_dir>/adapter) on `model` with peft, checked: every LoRA
@@ -77,6 +89,12 @@ def load_adapter(model, path, base=""):
     another base model then scores as the bare base)."""
     from peft import PeftModel
     from peft.utils import load_peft_weights
+    if unwrap(model).config.model_type == "mplug-owl" and not os.path.exists(os.path.join(path, "adapter_config.json")):
+        from synvita import mplug_owl  # VideoCon's Owl-Con or the released mPLUG checkpoints: a whole state dict
+        try:
+            return mplug_owl.load_owl_con(model, path)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"--adapter {path}: {str(e).splitlines()[0]}") from None
     with warnings.catch_warnings():  # peft 0.21 itself reads transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         model = PeftModel.from_pretrained(model, path).eval()

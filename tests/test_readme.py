@@ -48,7 +48,7 @@ def test_the_cpu_sized_chain_runs_as_printed(tmp_path):
     block = re.search(r"## A CPU-sized chain.*?```bash\n(.*?)```", README, re.S).group(1)
     commands = [line for line in block.splitlines() if line.strip()]
     assert [c.split()[1] for c in commands] == ["tests/tiny_chain.py", "01_generate.py", "02_weight.py",
-                                               "03_train.py", "04_eval.py"]
+                                               "03_train.py", "04_eval.py", "03_train.py", "04_eval.py"]
     for name in os.listdir(ROOT):  # the repository, without its runs/
         if name not in ("runs", ".git") and not name.startswith(".venv"):
             os.symlink(os.path.join(ROOT, name), tmp_path / name)
@@ -64,8 +64,9 @@ def test_the_cpu_sized_chain_runs_as_printed(tmp_path):
     tiny = tmp_path / "runs" / "tiny"
     assert len(open(tiny / "gen" / "generated.csv").readlines()) == 1 + 12  # the 12 rows of split train
     assert (tiny / "gen" / "weighted.csv").exists() and (tiny / "train" / "adapter" / "adapter_config.json").exists()
-    results = json.load(open(tiny / "eval" / "results.json"))["results"]["videocon_llm"]
-    assert results["pairs_scored"] == 8  # the 4 test rows, each with its positive and its negative
+    for name in ("eval", "eval-owl"):  # Video-LLaVA, then mPLUG-Owl
+        results = json.load(open(tiny / name / "results.json"))["results"]["videocon_llm"]
+        assert results["pairs_scored"] == 8  # the 4 test rows, each with its positive and its negative
     # 02's gallery of the tiny run: every V^r and V^s shown (4 frames each), and drawn by a browser
     page = open(tiny / "gen" / "weighted_gallery.html", encoding="utf-8").read()
     entries = page.count('<div class="entry">')  # up to 3 x 3 a type, of the 12 weighted rows

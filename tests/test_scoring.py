@@ -18,7 +18,7 @@ from synvita import shared_prefix, video_llm
 
 one_thread, toy = test_train.one_thread, test_train.toy  # test_train's fixtures: one torch thread, the 8-row toy set
 
-FAMILIES = ["video_llava", "onevision", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["video_llava", "onevision", "qwen2_5_vl", "qwen3_vl", "mplug_owl"]
 CAPTIONS = ["a red square moves to the right", "a dog", "the square moves left and then it stops quickly",
             "Covering [something] with [something]", "a blue square is thrown to the left"]
 
@@ -32,6 +32,8 @@ def family_dir(request, tmp_path_factory):
         if name not in built:
             if name in ("video_llava", "onevision"):
                 built[name] = request.getfixturevalue(f"{name}_dir")
+            elif name == "mplug_owl":  # the paper's second model, rebuilt in synvita/mplug_owl.py
+                built[name] = tiny.tiny_mplug_owl(str(tmp_path_factory.mktemp(name)))
             else:
                 built[name] = tiny.tiny_qwen_vl(str(tmp_path_factory.mktemp(name)), "2.5" if name == "qwen2_5_vl" else "3")
         return built[name]
@@ -71,7 +73,7 @@ def test_packed_scores_equal_a_plain_forward_of_each_prompt(family, per_row, win
     assert a.std() > 1e-3 and abs(a[2] - a[1]) > 1e-4  # the pairs differ; t' hides words (pairs 1, 2: one caption)
 
 
-@pytest.mark.parametrize("family", ["video_llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["video_llava", "qwen2_5_vl", "mplug_owl"])
 @torch.no_grad()
 def test_teacher_forced_answer_logits_equal_a_plain_forward(family, family_dir):
     """Per-pair questions (another template, e.g. an explanation row's) and answer token ids fed after
@@ -91,7 +93,7 @@ def test_teacher_forced_answer_logits_equal_a_plain_forward(family, family_dir):
     assert len(answers[1]) > 5
 
 
-@pytest.mark.parametrize("family", ["video_llava", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["video_llava", "qwen2_5_vl", "qwen3_vl", "mplug_owl"])
 def test_gradients_equal_a_plain_forward_under_activation_checkpointing(family, family_dir):
     """Training mode, checkpointed layers: the gradients of a loss over packed scores are those of the
     same loss over plain forwards, in a layer that only the prefix's keys reach (layer 0) and the LM head."""

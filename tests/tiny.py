@@ -178,6 +178,47 @@ def tiny_onevision(path, frame_size=32, patch=8, seed=0):
     return path
 
 
+MPLUG_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "mplug_owl_videocon.json")
+
+
+def released_mplug_owl_state(fixture, seed=None, vocab=None):
+    """A state dict in mPLUG-Owl's released layout, by the fixture's recipe (tests/fixtures/: every
+    tensor in sorted name order, torch.randn * scale from one seeded generator, + 1 for LayerNorm
+    weights); vocab: another vocabulary size for the LLM's embedding and head (same draws otherwise)."""
+    g = torch.Generator().manual_seed(fixture["weight_seed"] if seed is None else seed)
+    state = {}
+    for name, shape in fixture["keys"]:
+        if vocab and name in ("language_model.lm_head.weight", "language_model.model.embed_tokens.weight"):
+            shape = [vocab, shape[1]]
+        w = torch.randn(shape, generator=g) * fixture["scale"]
+        if name.endswith("weight") and any(k in name.split(".")[-2] for k in ("norm", "ln", "layernorm")):
+            w = w + 1.0
+        state[name] = w
+    return state
+
+
+def tiny_mplug_owl(path, seed=0):
+    """mPLUG-Owl (video) at the fixture's toy size, saved as the released checkpoint is: config.json of
+    model_type "mplug-owl", pytorch_model.bin in mPLUG-Owl's own names, tokenizer.model (a real LLaMA-family
+    SentencePiece model: Mistral-7B-v0.1's, from mistral-common, as llama_tokenizer), preprocessor_config.json
+    (32 x 32 frames, CLIP's mean and std). The stages load it by path as they would load the hub's."""
+    import json
+    import shutil
+    import mistral_common
+    fixture = json.load(open(MPLUG_FIXTURE))
+    config = json.loads(json.dumps(fixture["config"]))
+    config["text_config"]["vocab_size"] = vocab = 32000  # the SentencePiece model's
+    os.makedirs(path, exist_ok=True)
+    json.dump({"model_type": "mplug-owl", **config}, open(os.path.join(path, "config.json"), "w"))
+    torch.save(released_mplug_owl_state(fixture, seed, vocab), os.path.join(path, "pytorch_model.bin"))
+    shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"),
+                os.path.join(path, "tokenizer.model"))
+    size = config["vision_config"]["image_size"]
+    json.dump({"crop_size": size, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+               "image_std": [0.26862954, 0.26130258, 0.27577711]}, open(os.path.join(path, "preprocessor_config.json"), "w"))
+    return path
+
+
 QWEN_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
 QWEN_TEMPLATE = (  # the shape of Qwen2.5-VL's / Qwen3-VL's chat template (default system turn), reduced
     "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"

@@ -5,6 +5,7 @@
 <root>/cogvideox/            a tiny random CogVideoX (01's --pipeline)
 <root>/vqa/{instructblip,clip-flant5,llava}/  three tiny random VQA members (02's --models)
 <root>/video-llava/          a tiny random Video-LLaVA (03's and 04's --model)
+<root>/mplug-owl/            a tiny random mPLUG-Owl (video), in the released checkpoint's layout (the other --model)
 <root>/videos/real_K.mp4     16 real clips: a coloured square moving left or right (the --video_root)
 <root>/videocon.csv          their VideoCon-layout triplets: 12 of split train, 4 of split test
 
@@ -41,6 +42,7 @@ def main(root):
                         ("llava", tiny_weight.tiny_llava)):
         build(os.path.join(root, "vqa", name))
     tiny.tiny_video_llava(os.path.join(root, "video-llava"))
+    tiny.tiny_mplug_owl(os.path.join(root, "mplug-owl"))
     videocon_rows(root)
     print(f"{root}: tiny models, 16 clips and videocon.csv written")
 
