@@ -44,7 +44,7 @@ class MplugOwlConfig(PretrainedConfig):
         self.text_config = CONFIG_MAPPING[text.pop("model_type", "llama")](**text)
         self.num_query_tokens = num_query_tokens
         self.video_token_id = VIDEO_TOKEN_ID  # where the video's num_query_tokens + 1 embeddings go
-        super().__init__(**{k: v for k, v in kwargs.items() if k not in ("video_token_id", "architectures")})
+        super().__init__(**{k: v for k, v in kwargs.items() if k != "video_token_id"})  # ours is VIDEO_TOKEN_ID
 
     def get_text_config(self, *args, **kwargs):
         return self.text_config
