@@ -14,6 +14,7 @@ Launch (one GPU; then 8 GPUs, rows sharded over ranks, rank 0 writes the CSV):
     python 01_generate.py --input_csv data/videocon/videocon_llm_entailment.csv --out_dir runs/generate
     torchrun --standalone --nproc_per_node 8 01_generate.py --input_csv data/videocon/videocon_llm_entailment.csv \
         --out_dir runs/generate
+Preemptible single-GPU jobs: --shard i/n each, then the same flags without --shard (README, "On a cluster").
 On a GPU with less than ~40 GB, add --cpu_offload --vae_tiling (only the running part of G sits
 on the GPU, and the VAE decodes in tiles). ~4x cheaper, not the paper's exact videos: --cache taylorseer.
 A CPU-sized run (a tiny random CogVideoX): README, "A CPU-sized chain"; the toy world's G: toyworld/README.md.
@@ -29,15 +30,15 @@ import torch
 
 from synvita import disk, generator, render_rows, render_writer, runs, video_llm
 
-# G: any diffusers text-to-video pipeline, by hub id or local folder. The default is CogVideoX-5b
-# at its own settings (720x480, 49 frames, 8 fps). The paper names "CogVideoX" without a size or settings;
-# we take 5b, the larger of the two 720x480x49 models, trained in bfloat16 as we run it
-# (THUDM/CogVideoX-2b is the cheaper choice: pass --dtype float16, its training precision).
-# Wan 2.1 and LTX-Video run through the same code with their own defaults.
-# NOTE (deviation): the paper's other two generators, LaVie and VideoCrafter2 (512x320, 32 frames),
-# are not in diffusers, so this script cannot run them.
+# G: the paper's three generators. CogVideoX (the default) is any diffusers text-to-video pipeline, by
+# hub id or local folder, at its own settings (720x480, 49 frames, 8 fps): the paper names "CogVideoX"
+# without a size or settings; we take 5b, the larger of the two 720x480x49 models, trained in bfloat16 as
+# we run it (THUDM/CogVideoX-2b is the cheaper choice: --dtype float16, its training precision). LaVie and
+# VideoCrafter2 are in no diffusers release: rebuilt on its parts (synvita/lavie.py, synvita/videocrafter2.py),
+# they read a folder laid out as their original release, with their original samplers. Wan 2.1 and
+# LTX-Video run through the same code as CogVideoX, with their own defaults.
 #
-# Per-pipeline defaults, keyed by the diffusers class named in the checkpoint's model_index.json.
+# Per-pipeline defaults, keyed by the class G is (a diffusers checkpoint's model_index.json names it).
 # Each is overridden by its flag. A pipeline not listed here needs every flag of generator.SETTINGS.
 PIPELINE_DEFAULTS = {
     # CogVideoX-5b's model card: 720x480, 49 frames at 8 fps, 50 DDIM steps, guidance 6 (§4 gives no settings)
@@ -46,6 +47,12 @@ PIPELINE_DEFAULTS = {
     "WanPipeline": dict(num_inference_steps=50, guidance_scale=5.0, height=480, width=832, num_frames=81, fps=16),
     # LTX-Video (Lightricks/LTX-Video): 704x480, 161 frames, 24 fps, as in its diffusers example
     "LTXPipeline": dict(num_inference_steps=50, guidance_scale=3.0, height=480, width=704, num_frames=161, fps=24),
+    # LaVie's sampling settings (DDPM 50 steps, guidance 7.5, 320x512, 8 fps) at the paper's clips' 32 frames
+    # NOTE (deviation): 32 frames, not LaVie's own 16: the paper's clips on its project page (SPEC)
+    "LaViePipeline": dict(num_inference_steps=50, guidance_scale=7.5, height=320, width=512, num_frames=32, fps=8),
+    # VideoCrafter2's run script (DDIM 50 steps, eta 1, guidance 12, fps condition 28), 320x512, and the paper's
+    # clips' 32 frames at 8 fps. NOTE (deviation): not the model's own 16 frames and 10 fps mp4 (as above)
+    "VideoCrafter2Pipeline": dict(num_inference_steps=50, guidance_scale=12.0, height=320, width=512, num_frames=32, fps=8),
 }
 
 
@@ -104,6 +111,13 @@ class Args:
     prompts_per_call: int = 1
     """rows rendered by one call of G (a batch); each row keeps its own seed's noise. Not with a
     module:Class G, nor with --cache first_block (its skips would depend on the other rows)"""
+    shard: str = ""
+    """i/n: render only G's calls i, i + n, ... in this one process, no torchrun (e.g. a job array's
+    $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT), resumable alone; then the same flags without
+    --shard render what is missing and write generated.csv ("" = every row)"""
+    dist_timeout: int = runs.DIST_TIMEOUT
+    """under torchrun: seconds without progress from another rank (its videos) before rank 0 stops,
+    naming what is missing (a lost node), and torch.distributed's timeout; more than one call of G"""
 
 
 # ---- §4: G's settings, the paper's for CogVideoX unless a flag says otherwise ----
@@ -113,8 +127,9 @@ def resolve_settings(args):
     from diffusers import DiffusionPipeline
     # cls: None for a hub id or a folder; a typo, a missing folder or no network stop here, in seconds
     cls = generator.python_class(args.pipeline)
-    name = cls.__name__ if cls else DiffusionPipeline.load_config(
-        video_llm.resolve_model(args.pipeline, "--pipeline"))["_class_name"]
+    path = None if cls else video_llm.resolve_model(args.pipeline, "--pipeline")
+    release = generator.original_release(path) if path else None  # LaVie's or VideoCrafter2's release folder
+    name = (cls or release).__name__ if cls or release else DiffusionPipeline.load_config(path)["_class_name"]
     # a module:Class brings its own defaults; a flag left at 0 takes the default
     defaults = PIPELINE_DEFAULTS.get(name, getattr(cls, "defaults", {}))
     settings = {k: getattr(args, k) or defaults.get(k) for k in generator.SETTINGS}
@@ -122,6 +137,8 @@ def resolve_settings(args):
     if missing:
         raise runs.UserError(f"{args.pipeline}: no defaults for {name} (known: {sorted(PIPELINE_DEFAULTS)}); "
                              f"pass {' '.join(missing)}")
+    if release and args.cache != "none":  # diffusers' caches hook a transformer; these two denoise with a UNet
+        raise runs.UserError(f"--cache {args.cache}: {name} denoises with a UNet, which diffusers' caches do not hook")
     if name not in generator.CACHE_PIPELINES.get(args.cache, (name,)):  # e.g. FasterCache on Wan: an IndexError mid-run
         raise runs.UserError(f"--cache {args.cache} runs on {', '.join(generator.CACHE_PIPELINES[args.cache])} "
                              f"only, not {name}")
@@ -165,8 +182,9 @@ def render(calls, pipe, settings, out_dir, per_call=1):
 
 def main(args):
     # ---- §4's input: the triplets (V^r, t^r = caption, t^s = neg_caption), bad rows skipped ----
-    dist = runs.setup_distributed()
+    dist = runs.setup_distributed(timeout=args.dist_timeout)
     render_rows.check_flags(args)  # before any work: nothing is read, loaded or written for a flag that is wrong
+    share = render_rows.this_share(args, dist)  # whose calls of G: this rank's of world_size, or --shard i/n's
     rows, todo, lines, counts = render_rows.read(args)  # bad rows named by line; --split, --misalignment, --limit
     for row in todo:  # the two output columns, both functions of the row's identity only
         row["syn_video"] = os.path.join("videos", render_rows.video_name(row))  # relative to out_dir, the CSV's folder
@@ -185,9 +203,9 @@ def main(args):
     # The rows go to G in fixed calls of --prompts_per_call (rows 0-1, 2-3, ... of the whole list), and
     # each rank takes every world_size-th call: a video is rendered beside the same rows (a batch's
     # shape can change a kernel's rounding) whatever the number of GPUs, and names and seeds come from
-    # the rows, so a rerun with any number of GPUs finds what an earlier run finished.
-    calls = runs.shard(render_rows.calls_of_g(todo, args.prompts_per_call), dist)
-    mine, left = render_rows.not_on_disk(calls, args.out_dir)  # rank 0 prints what is left of its share
+    # the rows, so a rerun with any number of GPUs (or --shard n) finds what an earlier run finished.
+    calls = runs.shard(render_rows.calls_of_g(todo, args.prompts_per_call), share)
+    mine, left = render_rows.not_on_disk(calls, args.out_dir, args)  # rank 0 prints what is left of its share
     if os.path.exists(resume):  # a rerun with other settings stops here, before G loads
         disk.check_resume(resume, record, dist)
     pipe = generator.load_generator(args, dist, settings) if mine else None  # G only when there is something to render
@@ -196,12 +214,14 @@ def main(args):
         start = time.time()
         render(mine, pipe, settings, args.out_dir, args.prompts_per_call)
         seconds = time.time() - start
-        runs.print0(f"rank 0: {runs.plural(left, 'video')} in {seconds:.1f} s ({seconds / left:.2f} s per video)")
+        runs.print0(f"{render_rows.who(args)}: {runs.plural(left, 'video')} in {seconds:.1f} s ({seconds / left:.2f} s per video)")
+    if args.shard:  # a shard's rows are on disk: the run without --shard writes generated.csv
+        return render_rows.shard_done(todo, args)
     if not dist.master:  # the other ranks are done: rank 0 alone writes the outputs
         return
 
     # ---- rank 0 writes the CSV once every row's video is on disk (runs.wait_for_files) ----
-    render_rows.wait_for_videos(todo, args.out_dir)  # the other ranks' too, polled with no timeout
+    render_rows.wait_for_videos(todo, args.out_dir, dist)  # the other ranks' too, polled (--dist_timeout)
     # generated.csv, 02_weight.py's input: the selected rows in file order, the input's columns in
     # its order, then ours (syn_video, seed)
     columns = [c for c in dict.fromkeys([*(rows[0] if rows else render_rows.REQUIRED), "syn_video", "seed"])

@@ -79,6 +79,9 @@ class Args:
     fig2_only: list = field(default_factory=list)
     """Fig. 2 alone, no model loaded: the weighted.csv of several runs (e.g. one per generator: the paper's
     Fig. 2 pools three), each row with its own run's scores; needs --out_csv, writes <its stem>_fig2.png, .json"""
+    dist_timeout: int = runs.DIST_TIMEOUT
+    """under torchrun: seconds without progress from another rank (its cache records) before rank 0 stops,
+    naming what is missing (a lost node), and torch.distributed's timeout; more than one member's load"""
 
 
 # ---- §4: the per-frame VQAScores of one synthetic video V^s, against t^s and t^r --------------------
@@ -192,7 +195,7 @@ def main(args):
         scored, stem, files = fig2.pool_runs(args)  # every scored row of every file, each with its run's fbar
         report_fig2(args, scored, stem, {"weighted": len(scored), "files": files})
         return stem + ".json"
-    dist = runs.setup_distributed()
+    dist = runs.setup_distributed(timeout=args.dist_timeout)
     # ---- the flags, the members and the input, all checked before anything is read or written ----
     names = score_cache.check_flags(args)  # each member's score columns and cache folder
     found = clip_t5.find_members(args.models)  # every member found (seconds) before any loads, all missing named

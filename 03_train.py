@@ -129,6 +129,9 @@ class Args:
     """stop after this optimizer step, as if killed there (0 = run to the end); the schedule still spans the full run"""
     seed: int = 0
     """seed of the LoRA initialisation, the epoch shuffles and the LoRA dropout"""
+    dist_timeout: int = runs.DIST_TIMEOUT
+    """under torchrun: torch.distributed's timeout, the seconds a rank waits for another in a collective
+    (the gradients' all-reduce) before it stops: a lost node ends the run; relaunch with --resume"""
 
     def __post_init__(self):
         if isinstance(self.train_csv, str):  # Args(train_csv="w.csv") in Python: one CSV
@@ -193,7 +196,7 @@ def objective(scored, batch, args):
 def main(args):
     from peft import LoraConfig, get_peft_model  # heavy imports, loaded only to train
 
-    dist = runs.setup_distributed()  # torchrun's rank and world size; one process without torchrun
+    dist = runs.setup_distributed(timeout=args.dist_timeout)  # torchrun's ranks, any nodes; or one process
     cuda = dist.device.startswith("cuda")
     # ---- §6 data: the triplets with their twins and weights, and the explanations, in global batches ----
     items, skipped = triplets.load_triplets(args)  # every flag and input is checked before out_dir is touched
@@ -221,7 +224,7 @@ def main(args):
     params = [p for p in model.parameters() if p.requires_grad]  # the LoRA weights, all that trains
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = training.lr_schedule(optimizer, args, total)  # warm-up, then cosine (or linear) decay to 0
-    start = checkpoints.load_checkpoint(args, settings, model, optimizer, scheduler) if args.resume else 0
+    start = checkpoints.load_checkpoint(args, settings, model, optimizer, scheduler, dist) if args.resume else 0
     checkpoints.start_out_dir(args, skipped, start, dist)
     # `model` is the PeftModel that is saved; forward and backward go through `ddp_model`: under torchrun
     # a DDP wrapper of it, which averages the LoRA gradients over the processes; in one process, `model`

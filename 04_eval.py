@@ -86,6 +86,9 @@ class Args:
     """videos vision-encoded and prefixed together (and decoded ahead, in as many threads)"""
     out_dir: str = "runs/eval"
     """score CSVs, results.json"""
+    dist_timeout: int = runs.DIST_TIMEOUT
+    """under torchrun: seconds without progress from another rank (its score records) before rank 0
+    stops, naming what is missing (a lost node), and torch.distributed's timeout"""
 
 # ---- §3 Eq. (1): f(V, t) = sigmoid(logit_Yes - logit_No) for every (video, caption) pair of a task ----
 @torch.no_grad()  # f is only read here: no graph
@@ -210,7 +213,7 @@ def table3(results, label):
 
 def main(args):
     # ---- setup: the tasks asked for, the ranks, f = the video LLM (+ 03_train.py's adapter) ----
-    dist = runs.setup_distributed()
+    dist = runs.setup_distributed(timeout=args.dist_timeout)
     files = tasks.files_given(args, TASKS)  # {task: its file}, in TASKS' order; none, or --scores with two: an error
     scores.clear_finished(args, dist)  # a killed run's "finished" markers go; the one collective, at startup
     # --scores: the metrics of a score file, no model

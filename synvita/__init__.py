@@ -9,10 +9,16 @@ Every stage
   video_io.py       decord reads frames, x264 writes byte-stable mp4s
   video_llm.py      a video LLM f(V, t) by hub id or folder, a LoRA adapter on it
   shared_prefix.py  Eq. (1)'s fast forward: each video's prompt prefix runs once for all its captions
+  mplug_owl.py      mPLUG-Owl 7B (video), the second f(V, t), on transformers' parts; its checkpoints
+  mplug_owl_processor.py  its prompt and frames as VideoCon builds them
 01_generate.py (§4)
   generator.py      G: diffusers pipelines or "module:Class" generators, memory savers, caches
   render_rows.py    which rows to render, their names, seeds and calls of G, the resume record
   render_writer.py  videos encoded on one thread while G renders the next call
+  lavie.py          LaVie, a G of §4: its release folder, SD-1.4's parts, its DDPM sampler
+  lavie_unet.py     LaVie's video UNet on diffusers' parts; its checkpoint converted
+  videocrafter2.py  VideoCrafter2, a G of §4: its model.ckpt converted, its DDIM sampler
+  videocrafter2_unet.py  VideoCrafter2's 3-D UNet on diffusers' blocks; its weight names
 02_weight.py (§4 Fig. 2, §5 Eq. 4)
   vqa.py            VQAScore on image VQA models, each frame encoded once for both captions
   clip_t5.py        CLIP-FlanT5 from transformers' parts; finding and loading the ensemble

@@ -4,6 +4,7 @@ schedule, the step) written atomically and resumed only with the same settings, 
 import glob
 import json
 import os
+import re
 from dataclasses import asdict
 
 import torch
@@ -12,7 +13,7 @@ from synvita import disk, runs
 from synvita.runs import UserError
 
 RUN_ONLY = ("out_dir", "resume", "max_steps", "num_workers", "cache_videos", "save_every",
-            "gradient_checkpointing")  # no effect on weights: a --resume may change them
+            "gradient_checkpointing", "dist_timeout")  # no effect on weights: a --resume may change them
 
 
 # ---- out_dir: settings, checkpoints (LoRA weights, optimizer, scheduler, step), the adapter ----
@@ -92,26 +93,42 @@ def save_checkpoint(args, step, settings, model, optimizer, scheduler):
             os.remove(old)  # only the latest is kept (a LoRA + AdamW state of a 7B model is ~1 GB)
 
 
-def load_checkpoint(args, settings, model, optimizer, scheduler):
-    """Restore the latest checkpoint; returns the step to continue from (0 if there is none).
+def latest_checkpoint(args, dist):
+    """The checkpoint every rank resumes from: the latest that rank 0 sees (None: none), the same path
+    on every rank (a node's stale view of a shared folder would start its ranks at another step, and
+    the collectives would pair different steps); a rank that cannot read it names the folder."""
+    paths = sorted(glob.glob(os.path.join(args.out_dir, "checkpoints", "step_*.pt")))  # the last: the latest step
+    # not step_N.tmp<pid>.pt: a kill while rank 0 wrote a checkpoint leaves that half-written file
+    paths = [p for p in paths if re.fullmatch(r"step_\d+\.pt", os.path.basename(p))]
+    chosen = [paths[-1] if paths else None]
+    if dist.world_size > 1:  # rank 0's choice, on every node
+        torch.distributed.broadcast_object_list(chosen, src=0)
+    if chosen[0] and not os.path.exists(chosen[0]):
+        raise UserError(f"{chosen[0]}: rank {dist.rank} cannot read the checkpoint rank 0 resumes from: "
+                        f"--out_dir must be on a file system that every node shares")
+    return chosen[0]
+
+
+def load_checkpoint(args, settings, model, optimizer, scheduler, dist):
+    """Restore the latest checkpoint (latest_checkpoint: every rank the same); returns the step to
+    continue from (0 if there is none).
 
     No RNG state needs restoring: the only randomness after the LoRA initialisation is the LoRA
     dropout, reseeded at every micro-step from (seed, step, rows), and the epoch shuffles, seeded
     from (seed, epoch); the data position is the step number itself."""
-    paths = sorted(glob.glob(os.path.join(args.out_dir, "checkpoints", "step_*.pt")))  # the last: the latest step
-    if not paths:  # killed before its first checkpoint: the run starts again
+    if not (path := latest_checkpoint(args, dist)):  # killed before its first checkpoint: the run starts again
         runs.print0(f"--resume: no checkpoint in {args.out_dir}/checkpoints, starting from step 0")
         return 0
-    state = torch.load(paths[-1], map_location="cpu", weights_only=True)  # tensors and plain data only
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     if differ := disk.settings_diff(state["plan"], settings):  # else the weights would mix two set-ups
-        raise UserError(f"{paths[-1]}: written with other settings ({differ}); resume with the same settings")
+        raise UserError(f"{path}: written with other settings ({differ}); resume with the same settings")
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:  # only the LoRA weights are saved; the frozen rest comes from --model
                 p.copy_(state["lora"][n])
     optimizer.load_state_dict(state["optimizer"])  # AdamW's moments: the next step as if never stopped
     scheduler.load_state_dict(state["scheduler"])  # the warm-up and cosine decay go on from this step
-    runs.print0(f"resumed from {paths[-1]} (step {state['step']})")
+    runs.print0(f"resumed from {path} (step {state['step']})")
     return state["step"]
 
 

@@ -67,13 +67,23 @@ def load_generator(args, dist, settings):
             return cls(**kwargs)
         except TypeError as e:  # a keyword the class does not take
             raise UserError(f"--pipeline_kwargs {args.pipeline_kwargs}: {args.pipeline}: {e}") from None
-    # auto: bfloat16 on GPU (CogVideoX-5b's training precision), float32 on CPU
-    on_gpu = dist.device.startswith("cuda")
-    dtype = (torch.bfloat16 if on_gpu else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
     path = resolve_model(args.pipeline, "--pipeline")  # a hub id with no network: its cached folder
-    if DiffusionPipeline.load_config(path)["_class_name"] == "WanPipeline":
-        dtype = {"vae": torch.float32, "default": dtype}  # Wan 2.1's model card keeps its VAE in float32
-    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **kwargs)
+    release = original_release(path)
+    # auto: on GPU the precision G was run in (CogVideoX-5b: bfloat16; LaVie: float16; VideoCrafter2:
+    # float32, RELEASE_DTYPE), float32 on CPU
+    on_gpu = dist.device.startswith("cuda")
+    auto = RELEASE_DTYPE.get(release.__name__, torch.bfloat16) if release else torch.bfloat16
+    dtype = (auto if on_gpu else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
+    if release:  # LaVie or VideoCrafter2 from their own release files, converted as they load
+        try:
+            pipe = release.from_pretrained(path, torch_dtype=dtype, **kwargs)
+        except TypeError as e:  # a keyword it does not take
+            raise UserError(f"--pipeline_kwargs {args.pipeline_kwargs}: {release.__name__}: {e}") from None
+    elif DiffusionPipeline.load_config(path)["_class_name"] == "WanPipeline":
+        # Wan 2.1's model card keeps its VAE in float32
+        pipe = DiffusionPipeline.from_pretrained(path, dtype={"vae": torch.float32, "default": dtype}, **kwargs)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **kwargs)
     # the VAE keeps frame 0, then 1 latent per `stride` frames (LTX-Video: vae_temporal_compression_ratio)
     stride = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", 1)
     if (settings["num_frames"] - 1) % stride:
@@ -90,8 +100,8 @@ def load_generator(args, dist, settings):
     config, _ = cache_config(args, settings["num_inference_steps"], lambda: pipe.current_timestep)
     if config:  # diffusers resets the cache's state at the end of each call: no row sees another's
         pipe.transformer.enable_cache(config)
-    if args.compile:
-        pipe.transformer.compile()  # torch.compile, in place: the hooks of a cache stay on the module
+    if args.compile:  # torch.compile, in place: the hooks of a cache stay on the module
+        (pipe.unet if release else pipe.transformer).compile()
     pipe.set_progress_bar_config(disable=True)  # one bar over rows (rank 0), not one per video
     return pipe
 
@@ -136,12 +146,16 @@ def truncated_rows(args, name, todo, lines):
     if python_class(args.pipeline):  # a stand-in G reads the whole caption
         return []
     path = resolve_model(args.pipeline, "--pipeline")
-    if "tokenizer" not in diffusers.DiffusionPipeline.load_config(path) or not hasattr(diffusers, name):
+    if release := original_release(path):  # LaVie's and VideoCrafter2's CLIP tokenizers: 77 tokens, BOS and EOS
+        from transformers import CLIPTokenizer  # the release's files: vocab.json and merges.txt
+        tokenizer, limit = CLIPTokenizer.from_pretrained(release_tokenizer(release, path)), 77
+    elif "tokenizer" not in diffusers.DiffusionPipeline.load_config(path) or not hasattr(diffusers, name):
         return []  # no text tokenizer of its own to count with
-    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")  # the tokenizer alone, no weights
-    # the most tokens G encodes: its pipeline's max_sequence_length (CogVideoX: 226), else its tokenizer's
-    default = inspect.signature(getattr(diffusers, name).__call__).parameters.get("max_sequence_length")
-    limit = default.default if default and isinstance(default.default, int) else tokenizer.model_max_length
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")  # the tokenizer alone, no weights
+        # the most tokens G encodes: its pipeline's max_sequence_length (CogVideoX: 226), else its tokenizer's
+        default = inspect.signature(getattr(diffusers, name).__call__).parameters.get("max_sequence_length")
+        limit = default.default if default and isinstance(default.default, int) else tokenizer.model_max_length
     # truncated, not skipped: the paper's G (diffusers' CogVideoX) renders the first tokens too; the
     # count is of the tokens as G's tokenizer makes them, its end token included
     long = [f"{args.input_csv}:{line}" for row, line in zip(todo, lines)
@@ -151,6 +165,28 @@ def truncated_rows(args, name, todo, lines):
                f"takes, rendered from their first {limit} tokens: line(s) "
                + ", ".join(x.rsplit(":", 1)[1] for x in long))
     return long
+
+
+# ---- the paper's other two generators, read from their original releases (no model_index.json) ----
+# their precision on a GPU with --dtype auto: LaVie's sampling script runs float16, VideoCrafter2's float32
+RELEASE_DTYPE = {"LaViePipeline": torch.float16, "VideoCrafter2Pipeline": torch.float32}
+
+
+def original_release(path):
+    """LaViePipeline or VideoCrafter2Pipeline for a folder laid out as that model's release
+    (synvita/lavie.py, synvita/videocrafter2.py say how to fill it), else None (a diffusers folder)."""
+    if not os.path.isdir(path):
+        return None
+    from synvita import lavie, videocrafter2
+    if lavie.is_lavie_folder(path):
+        return lavie.LaViePipeline
+    return videocrafter2.VideoCrafter2Pipeline if videocrafter2.is_videocrafter2_folder(path) else None
+
+
+def release_tokenizer(release, path):
+    """The folder of a release's CLIP tokenizer (LaVie: SD-1.4's; VideoCrafter2: tokenizer/)."""
+    from synvita import lavie
+    return lavie.tokenizer_folder(path) if release is lavie.LaViePipeline else os.path.join(path, "tokenizer")
 
 
 # ---- "module:Class" generators ----

@@ -5,7 +5,9 @@ goes, so a kill loses at most the record being written. A rerun, with any number
 every rank's complete records and does only the rest: a record counts only if its line is whole,
 and the torn record a kill may leave after the last whole one is cut off before the file grows
 again. When its work is done a rank writes its `finished` marker; rank 0 waits for every marker
-(files, not a collective: ranks may finish hours apart, past any collective's timeout).
+(files, not a collective: ranks may finish hours apart, past any collective's timeout), as long
+as the ranks' part files show progress (--dist_timeout). The part files carry the global rank and
+need only a file system that every node shares.
 """
 import contextlib
 import glob
@@ -67,7 +69,9 @@ def finish(marker, payload=None):
     save_json(marker, payload)
 
 
-def wait_for_all(markers):
-    """Rank 0: wait until every rank's marker exists (polled, no timeout), then their payloads, in order."""
-    wait_for_files(markers)
+def wait_for_all(markers, timeout=None, watch=()):
+    """Rank 0: wait until every rank's marker exists, then their payloads, in order. Polled: ranks may
+    finish hours apart; `timeout` seconds with no new marker and no change to a file of `watch` (glob
+    patterns of the ranks' part files) stop it (runs.wait_for_files: a rank that died on another node)."""
+    wait_for_files(markers, timeout=timeout, watch=watch)
     return [json.load(open(marker, encoding="utf-8")) for marker in markers]

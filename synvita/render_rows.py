@@ -1,7 +1,7 @@
 """The rows of 01_generate.py (§4): the flags checked before any work, which triplets (V^r, t^r, t^s)
 to render, each row's video name (its seed is runs.example_seed's), the settings-checked resume
-record, which videos are on disk already, the calls of G (--prompts_per_call rows each), and rank 0
-waiting for the other ranks' videos."""
+record, which videos are on disk already, the calls of G (--prompts_per_call rows each) and whose they
+are (a rank's, or --shard i/n's), and rank 0 waiting for the other ranks' videos."""
 import hashlib
 import json
 import os
@@ -9,7 +9,7 @@ import re
 
 from synvita import generator
 from synvita.disk import file_hash, keep_split, read_csv
-from synvita.runs import UserError, plural, print0, wait_for_files
+from synvita.runs import Dist, UserError, plural, print0, wait_for_files
 
 REQUIRED = ("videopath", "caption", "neg_caption", "misalignment")  # V^r, t^r, t^s and the type of t^s
 TEXTS = ("videopath", "caption", "neg_caption")  # must not be empty
@@ -133,15 +133,44 @@ def calls_of_g(rows, per_call):
     return [rows[i:i + per_call] for i in range(0, len(rows), per_call)]
 
 
-def not_on_disk(calls, out_dir):
-    """This rank's calls of G that still have a video to write, and the number of those videos; rank 0
-    prints its share (a call with a row on disk runs whole again: its rows keep their companions)."""
+def this_share(args, dist):
+    """Whose calls of G this process renders, as the Dist that runs.shard deals by: torchrun's rank of
+    world_size, or with --shard i/n the calls i, i + n, ... in a process of its own (a job of an array,
+    preemptible: no process group, no rank to wait for; the run without --shard writes the CSV)."""
+    if not args.shard:
+        return dist
+    i, n = map(int, args.shard.split("/")) if re.fullmatch(r"\d+/\d+", args.shard) else (0, 0)
+    if not i < n:  # 3/3 too: SLURM's --array 1-3 counts from 1
+        raise UserError(f"--shard {args.shard!r}: give i/n with 0 <= i < n, e.g. 0/3 (a job array: --array 0-2 "
+                        f"and --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    if dist.world_size > 1:  # torchrun's ranks already split the rows, and rank 0 writes the CSV
+        raise UserError(f"--shard {args.shard}: a shard is one process; run it with python, not torchrun")
+    return Dist(rank=i, world_size=n, master=False)
+
+
+def who(args):
+    """How this process names itself in what it prints: 'rank 0' (torchrun prints rank 0's), or 'shard i/n'."""
+    return f"shard {args.shard}" if args.shard else "rank 0"
+
+
+def shard_done(todo, args):
+    """A shard has rendered its calls: it says how many of all the rows' videos are on disk, and
+    what writes generated.csv (the same flags without --shard, once every shard is done)."""
+    done = sum(on_disk(row, args.out_dir) for row in todo)
+    print0(f"shard {args.shard}: done; {done} of {plural(len(todo), 'video')} on disk. " + (
+        "Every shard is done: " if done == len(todo) else "Once every shard is done, ")
+        + "the same flags without --shard write generated.csv (and render any row still missing)")
+
+
+def not_on_disk(calls, out_dir, args):
+    """This process's calls of G that still have a video to write, and the number of those videos; rank 0
+    (or a shard) prints its share (a call with a row on disk runs whole again: its rows keep their companions)."""
     share = [row for call in calls for row in call]  # this rank's rows, done or not
     # a call runs again if any of its rows is missing: its other rows are rendered, not rewritten
     mine = [call for call in calls if not all(on_disk(row, out_dir) for row in call)]
     left = sum(not on_disk(row, out_dir) for call in mine for row in call)
     done = len(share) - left  # a rerun says how much an earlier run finished
-    print0(f"rank 0: {left} of its {plural(len(share), 'row')} to render" + (f", {done} on disk already" if done else ""))
+    print0(f"{who(args)}: {left} of its {plural(len(share), 'row')} to render" + (f", {done} on disk already" if done else ""))
     return mine, left
 
 
@@ -151,10 +180,11 @@ def on_disk(row, out_dir):
     return os.path.exists(os.path.join(out_dir, row["syn_video"]))  # the name alone: the row's identity, hashed
 
 
-def wait_for_videos(todo, out_dir):
+def wait_for_videos(todo, out_dir, dist):
     """Rank 0 waits until every row's video is on disk, the other ranks' too (runs.wait_for_files)."""
     pending = [row for row in todo if not on_disk(row, out_dir)]  # the rows of the other ranks' calls
     if pending:
         print0(f"waiting for {plural(len(pending), 'video')} from the other ranks")
-    # polled (at most every 5 s) with no timeout: not a collective, so ranks may finish far apart
-    wait_for_files([os.path.join(out_dir, row["syn_video"]) for row in pending], every=5)
+    # polled (at most every 5 s): not a collective, so ranks may finish far apart; stopped only when no
+    # video came for --dist_timeout seconds (a rank died: a lost node does not end this one's torchrun)
+    wait_for_files([os.path.join(out_dir, row["syn_video"]) for row in pending], every=5, timeout=dist.timeout)

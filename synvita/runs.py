@@ -10,8 +10,8 @@ import torch
 
 from common import UserError  # defined beside the prompts that raise it; every stage raises it too
 
-__all__ = ["UserError", "run_stage", "parse_args", "Dist", "setup_distributed", "plural", "print0",
-           "seed_everything", "example_seed", "shard", "progress", "wait_for_files"]
+__all__ = ["UserError", "run_stage", "parse_args", "DIST_TIMEOUT", "Dist", "setup_distributed", "plural", "print0",
+           "seed_everything", "example_seed", "shard", "progress", "wait_for_files", "files_state"]
 
 
 # ---- a user's mistake: one line and exit status 2, no traceback ---------------------------------
@@ -60,20 +60,25 @@ def parse_args(cls, argv=None):
 
 
 # ---- torchrun, seeds, printing -------------------------------------------------------------------
+DIST_TIMEOUT = 1800  # the stages' default --dist_timeout, in seconds: gloo's own default, 3x NCCL's
+
 @dataclass
 class Dist:
-    rank: int = 0
-    local_rank: int = 0
+    rank: int = 0  # global: RANK, over every node
+    local_rank: int = 0  # on this node: LOCAL_RANK, which picks the GPU
     world_size: int = 1
     device: str = "cpu"
-    master: bool = True  # rank 0 prints, merges and saves
+    master: bool = True  # global rank 0 prints, merges and saves: the one writer of shared files
+    timeout: float = DIST_TIMEOUT  # seconds (--dist_timeout): torch.distributed's, and rank 0's wait_for_files
 
-def setup_distributed():
-    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; nccl on GPU, gloo on CPU. Plain `python`
-    (no RANK) gives a single process and no process group."""
+def setup_distributed(timeout=DIST_TIMEOUT):
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; nccl on GPU, gloo on CPU, on one node or
+    several (torchrun's c10d rendezvous). Plain `python` (no RANK) gives a single process and no
+    process group. timeout (seconds, a stage's --dist_timeout): how long a rank waits in a collective
+    for another rank before torch.distributed stops it (a lost node must not hang the others)."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:  # plain `python`: one process, no process group
-        return Dist(device="cuda" if cuda else "cpu")
+        return Dist(device="cuda" if cuda else "cpu", timeout=timeout)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if cuda:
         torch.cuda.set_device(local_rank)  # one GPU per process, by its rank on this node
@@ -86,8 +91,10 @@ def setup_distributed():
                  "torch.distributed.optim"):
         importlib.import_module(name)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
-    return Dist(rank, local_rank, world, f"cuda:{local_rank}" if cuda else "cpu", rank == 0)
+        import datetime  # one value, the flag's, for NCCL (its default: 10 min) and gloo (30 min)
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo",
+                                             timeout=datetime.timedelta(seconds=timeout))
+    return Dist(rank, local_rank, world, f"cuda:{local_rank}" if cuda else "cpu", rank == 0, timeout)
 
 def plural(n, noun):
     """'1 row', '2 rows', '1 process', '2 processes': a count and its noun."""
@@ -123,16 +130,38 @@ def progress(iterable, total=None, desc=""):
     # redirected to a file (a log, CI): a line every 10 s instead of every update
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)
 
-def wait_for_files(paths, every=2.0):
+def wait_for_files(paths, every=2.0, timeout=None, watch=()):
     """Rank 0 waits until every path exists (the other ranks' outputs, or their "finished" markers).
 
     NOTE: it polls the file system instead of calling a barrier: a collective times out (NCCL's
-    default is 10 minutes) while another rank still works on its last items. If a rank dies,
-    torchrun stops this one too."""
+    default is 10 minutes) while another rank still works on its last items. A rank that dies on
+    another node is not seen by this node's torchrun, so the wait is bounded by progress instead:
+    after `timeout` seconds (--dist_timeout) in which no awaited path appeared and no file matching
+    a `watch` pattern (the other ranks' part files) changed, a UserError names what is missing."""
     import time
-    pending, wait = list(paths), 0.05
+    pending, wait, seen, since = list(paths), 0.05, None, time.monotonic()
     while pending:
         pending = [p for p in pending if not os.path.exists(p)]
-        if pending:  # looked at again soon, then less and less often, at most every `every` seconds
-            time.sleep(wait)
-            wait = min(2 * wait, every)
+        if not pending:
+            return
+        now = (len(pending), files_state(watch))  # what the other ranks have done so far
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif timeout and time.monotonic() - since > timeout:
+            raise UserError(f"rank 0 waited {timeout:g} s (--dist_timeout) with no progress from the other ranks for "
+                            f"{plural(len(pending), 'file')}, e.g. {pending[0]}: a rank died (a lost node?) or hangs. "
+                            f"The work on disk is kept: relaunch the same command to resume")
+        time.sleep(wait)  # looked at again soon, then less and less often, at most every `every` seconds
+        wait = min(2 * wait, every)
+
+def files_state(patterns):
+    """(path, size, mtime) of every file matching the glob patterns: it changes when a rank writes."""
+    import glob
+    state = []
+    for path in sorted({p for pattern in patterns for p in glob.glob(pattern)}):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:  # renamed or removed since it was listed (an atomic write's temporary)
+            continue
+        state.append((path, stat.st_size, stat.st_mtime_ns))
+    return state

@@ -4,6 +4,7 @@ scores only what is missing. Also the flags checked before it is touched, the me
 it, its settings-checked resume, the ranks' end, and the removal of a run's cache that holds no score."""
 import contextlib
 import gc
+import glob
 import json
 import os
 import re
@@ -114,8 +115,10 @@ def all_ranks_finished(cache, dist):
         torch.distributed.destroy_process_group()
     if not dist.master:
         return False
-    # not a barrier: a collective would time out while a slow rank still scores its last videos
-    parts.wait_for_all([os.path.join(cache, f"finished.rank{r}") for r in range(dist.world_size)])
+    # not a barrier: a collective would time out while a slow rank still scores its last videos; but
+    # no marker and no record of another rank for --dist_timeout seconds stops it (a lost node)
+    parts.wait_for_all([os.path.join(cache, f"finished.rank{r}") for r in range(dist.world_size)], dist.timeout,
+                       [os.path.join(glob.escape(cache), "*", "rank*.jsonl")])
     return True
 
 

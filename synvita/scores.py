@@ -189,8 +189,10 @@ def merge_parts(name, bad, args, dist):
     parts.finish(finished[dist.rank], bad)  # this rank's part is complete
     if not dist.master:  # rank 0 alone merges
         return final, bad
-    # files, not a barrier: no timeout however far apart the shards finish; payloads in rank order
-    bad = [m for payload in parts.wait_for_all(finished) for m in payload]
+    # files, not a barrier: no timeout however far apart the shards finish, as long as the other ranks'
+    # part files grow (--dist_timeout: a lost node); payloads in rank order
+    watch = [os.path.join(glob.escape(args.out_dir), f"{name}_scores.rank*.jsonl")]
+    bad = [m for payload in parts.wait_for_all(finished, dist.timeout, watch) for m in payload]
     found = part_files(name, args)
     # the rows as read: the earlier runs' merged file first, then each rank's complete records
     merged = (read(final)[1] if os.path.exists(final) else []) + [r for p in found for r in read_part(p)[1]]

@@ -13,7 +13,8 @@ What a tiny random model cannot tell: quality. Its features do not evolve as a t
 so the skips of first_block and magcache (which read the features) and every |dframe| say nothing
 about a real G; the skip schedules of taylorseer, pab and fastercache depend on the step alone, so
 their passes are those of a real-size G. Its wall time is mostly the VAE, the text encoder and
-Python, not the transformer: real-size speedups are nearer the passes ratio.
+Python, not the transformer: real-size speedups are nearer the passes ratio. LaVie and VideoCrafter2
+are UNets, to which none of these caches apply (01 refuses --cache with them): they are not measured.
 
     python tests/bench_generate.py [--repeats 3]
 """

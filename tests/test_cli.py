@@ -22,6 +22,8 @@ def test_help_lists_each_choice_and_no_empty_default(script):
     choices = {"01_generate.py": "{auto,bfloat16,float16,float32}", "02_weight.py": "{first_token,t2v_metrics}",
                "03_train.py": "{llava_v1,card}", "04_eval.py": "{videocon,stable}"}[script]
     assert choices in done.stdout
+    # issue 36: a lost node ends a run after --dist_timeout seconds: the help names the flag and what it bounds
+    assert "--dist_timeout" in done.stdout and "torch.distributed's timeout" in " ".join(done.stdout.split())
     # the docstring line by line, its launch lines' `\` continuations too (issue 32: they were joined)
     source = open(os.path.join(ROOT, script), encoding="utf-8").read()
     doc = source.split('"""')[1]  # as written in the file

@@ -2,9 +2,9 @@
 against the per-pair path, resuming, bad input, a LoRA adapter, and two torchrun ranks."""
 import csv
 import importlib.util
+import json
 import os
 import re
-import subprocess
 import sys
 from collections import defaultdict
 
@@ -14,6 +14,7 @@ import torch
 
 import common
 import tiny
+from test_cluster import assert_ran, torchrun_nodes
 from synvita import disk, runs, shared_prefix, tasks, video_io, video_llm
 from synvita import scores as score_files  # a module: the tests name their score dicts `scores`
 
@@ -404,19 +405,20 @@ def test_lora_adapter_loads_and_changes_scores(video_llava_dir, tmp_path):
         ev.main(ev.Args(**common_args, adapter=str(tmp_path / "other"), out_dir=str(tmp_path / "other_out")))
 
 
-def test_two_torchrun_ranks_give_the_one_rank_scores(video_llava_dir, tmp_path):
+def test_two_torchrun_nodes_give_the_one_rank_scores(video_llava_dir, tmp_path):
+    """Issue 36: two torchrun "nodes" (README's local two-node command): the one process's scores and results."""
     task, root = write_toy_task(tmp_path)
     flags = ["--model", video_llava_dir, "--ssv2_events", task, "--candidates", "3", "--video_root", root]
     ev.main(runs.parse_args(ev.Args, flags + ["--out_dir", str(tmp_path / "one")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "04_eval.py"), *flags, "--out_dir", str(tmp_path / "two")]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    printed = assert_ran(torchrun_nodes(os.path.join(ROOT, "04_eval.py"), *flags, "--out_dir", tmp_path / "two"))
     one = scores_of(str(tmp_path / "one" / "ssv2_events_scores.csv"))
     two = scores_of(str(tmp_path / "two" / "ssv2_events_scores.csv"))
     assert len(one) == 6 and one == pytest.approx(two, abs=1e-6)
-    assert "unreadable video" in run.stdout and "gone.mp4" in run.stdout  # rank 1's failure reaches rank 0
+    assert "unreadable video" in printed and "gone.mp4" in printed  # rank 1's failure reaches rank 0
+    one, two = (json.load(open(tmp_path / d / "results.json"))["results"]["ssv2_events"] for d in ("one", "two"))
+    for results, run in ((one, "one"), (two, "two")):  # the file named is in the run's folder, as its "args"
+        assert results.pop("score_file") == str(tmp_path / run / "ssv2_events_scores.csv")
+    assert one == two  # the same metrics and counts
 
 
 def test_ranks_end_through_files_not_collectives(video_llava_dir, tmp_path, monkeypatch):

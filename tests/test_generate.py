@@ -16,6 +16,7 @@ import torch
 
 import common
 import tiny_generate
+from test_cluster import assert_ran, torchrun_nodes
 from tiny import assert_user_error, run_main
 from synvita import generator, runs, video_io
 
@@ -229,7 +230,7 @@ def test_sharding_and_seeds_do_not_depend_on_the_number_of_ranks(tmp_path, tiny_
     rendered.clear()
     for rank in (1, 0):
         monkeypatch.setenv("RANK", str(rank))  # print0 / progress read RANK
-        monkeypatch.setattr(runs, "setup_distributed", lambda: runs.Dist(rank, rank, 2, "cpu", rank == 0))
+        monkeypatch.setattr(runs, "setup_distributed", lambda **_: runs.Dist(rank, rank, 2, "cpu", rank == 0))
         run(args_for(path, tmp_path / "two", tiny_pipe))
     assert rendered == [GOOD[1][2], GOOD[3][2], GOOD[0][2], GOOD[2][2]]  # rank 1: rows 1, 3; rank 0: rows 0, 2
     one, two = read_out(tmp_path / "one"), read_out(tmp_path / "two")
@@ -239,20 +240,68 @@ def test_sharding_and_seeds_do_not_depend_on_the_number_of_ranks(tmp_path, tiny_
         assert abs(painted.mean() - int(r["seed"]) % 251) < 2  # the video was drawn with the CSV's seed
 
 
-def test_two_process_torchrun_matches_one_process(tmp_path, tiny_pipe, first_run):
-    """A real `torchrun --nproc_per_node 2` (gloo, CPU) over the rows of the first run."""
+DIE_WRITING = """
+import os, runpy, signal, sys
+sys.path[:0] = [{root!r}]
+if os.environ.get("RANK", "1") == "1":  # rank 1, or a process of its own: kill -9 as it starts to write a video
+    from synvita import render_writer
+    render_writer.write_video = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_two_torchrun_nodes_match_one_process_after_a_lost_node(tmp_path, tiny_pipe, first_run):
+    """Issue 36: two torchrun "nodes" (README's local two-node command: c10d rendezvous, one process
+    each, gloo on the CPU) over the rows of the first run. Item 2 in 01, where ranks meet only through
+    files: node 2's worker (rank 1) is killed (SIGKILL) before its video is written. Node 1's torchrun,
+    which hosts the rendezvous, does not see it, so rank 0 waits, and stops after --dist_timeout seconds
+    with no progress, naming the missing video. The same command again renders only that video (rank 0's
+    are on disk): the one process's bytes. (Where the lost node hosts the rendezvous, the other's
+    torchrun stops at once.) One test for both: each two-node launch costs seconds of start-up."""
     args, _ = first_run
-    out = tmp_path / "two"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "01_generate.py"), "--input_csv", args.input_csv, "--out_dir", str(out),
-           "--pipeline", tiny_pipe, *[f"--{k}={v}" for k, v in TINY.items()]]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0: 2 of its 2 rows to render" in done.stdout  # rows 0 and 2 of 3; rank 1 had row 1
+    out, script = tmp_path / "two", tmp_path / "die_writing.py"
+    script.write_text(DIE_WRITING.format(root=ROOT, script=os.path.join(ROOT, "01_generate.py")))
+    # 3 s without a video: enough for the relaunch, where rank 1's video comes ~0.3 s after rank 0 starts to wait
+    flags = ["--input_csv", args.input_csv, "--out_dir", out, "--pipeline", tiny_pipe, "--dist_timeout", "3",
+             *[f"--{k}={v}" for k, v in TINY.items()]]
+    killed = torchrun_nodes(script, *flags, host_first=True)  # the lost node is not the rendezvous' host
+    assert [node.returncode for node in killed] == [1, 1]  # both nodes end, neither hangs
+    assert "rank 0: 2 of its 2 rows to render" in killed[0].stdout  # rows 0 and 2 of 3; rank 1 (node 2) had row 1
+    stderr = "".join(node.stderr for node in killed)
+    assert "exitcode  : -9" in stderr and "error: rank 0 waited 3 s (--dist_timeout) with no progress from the " \
+        f"other ranks for 1 file, e.g. {out}/videos/v2-" in stderr
+    assert len(final_mp4s(out)) == 2 and not (out / "generated.csv").exists()  # rank 0's videos are on disk
+    printed = assert_ran(torchrun_nodes(os.path.join(ROOT, "01_generate.py"), *flags))
+    assert "rank 0: 0 of its 2 rows to render, 2 on disk already" in printed
     one, two = read_out(args.out_dir), read_out(out)
     assert one == two
     assert_same_bytes(args.out_dir, out, one)  # the same rows, the same files, byte for byte
+
+
+def test_three_shards_in_any_order_one_killed_then_the_merge_give_the_same_bytes(tmp_path, tiny_pipe, first_run):
+    """Issue 36 item 3: --shard i/n, preemptible single-GPU jobs with no process group: shards 2, 0
+    (a process of its own, killed with SIGKILL as it writes its video), 1, then 0 again; each renders
+    its call alone and resumes alone; the same flags without --shard then find every video on disk,
+    load no G and write generated.csv: the one process's bytes."""
+    args, _ = first_run
+    out, script = tmp_path / "shards", tmp_path / "die_writing.py"
+    printed = run(args_for(args.input_csv, out, tiny_pipe, shard="2/3"))
+    assert "shard 2/3: 1 of its 1 row to render" in printed and "shard 2/3: done; 1 of 3 videos on disk" in printed
+    script.write_text(DIE_WRITING.format(root=ROOT, script=os.path.join(ROOT, "01_generate.py")))
+    killed = subprocess.run([sys.executable, script, "--input_csv", args.input_csv, "--out_dir", out, "--pipeline",
+                             tiny_pipe, "--shard", "0/3", *[f"--{k}={v}" for k, v in TINY.items()]],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9 and len(final_mp4s(out)) == 1, killed.stderr[-3000:]
+    printed = run(args_for(args.input_csv, out, tiny_pipe, shard="1/3"))  # while shard 0 waits to be run again
+    assert "shard 1/3: done; 2 of 3 videos on disk. Once every shard is done, the same flags without --shard" in printed
+    printed = run(args_for(args.input_csv, out, tiny_pipe, shard="0/3"))  # the killed shard, again
+    assert "shard 0/3: 1 of its 1 row to render" in printed
+    assert "Every shard is done: the same flags without --shard write generated.csv" in printed
+    assert not (out / "generated.csv").exists()  # a shard never writes it: one writer, the merge
+    assert "rank 0: 0 of its 3 rows to render, 3 on disk already" in run(args_for(args.input_csv, out, tiny_pipe))
+    assert (out / "generated.csv").read_bytes() == open(os.path.join(args.out_dir, "generated.csv"), "rb").read()
+    assert_same_bytes(args.out_dir, out, read_out(out))
 
 
 def assert_same_bytes(dir_a, dir_b, rows):
@@ -402,7 +451,7 @@ def test_a_rows_call_of_g_does_not_depend_on_the_gpu_count_or_a_rerun(tmp_path, 
     # two ranks, which meet only through files in 01: rank 1 renders the second call (row 3), then
     # rank 0 the first (rows 1-2) and writes the CSV; the same as torchrun runs them, without its start-up
     for rank in (1, 0):
-        monkeypatch.setattr(runs, "setup_distributed", lambda rank=rank: runs.Dist(rank, rank, 2, "cpu", rank == 0))
+        monkeypatch.setattr(runs, "setup_distributed", lambda rank=rank, **_: runs.Dist(rank, rank, 2, "cpu", rank == 0))
         printed = run(args_for(path, tmp_path / "two", tiny_pipe, **batched))
     assert "rank 0: 2 of its 2 rows to render" in printed and mp4_bytes(tmp_path / "two") == one
     # a kill that left row 2's video unwritten: the rerun renders rows 1-2 together again, writes row 2 only
@@ -457,3 +506,21 @@ def test_fastercache_is_refused_where_it_cannot_run(tmp_path):
     args = gen.Args(pipeline=tiny_generate.tiny_wan(str(tmp_path)), cache="fastercache")
     with pytest.raises(common.UserError, match="--cache fastercache runs on CogVideoXPipeline only, not WanPipeline"):
         gen.resolve_settings(args)
+
+
+# ---- issue 35: the paper's other two generators, from folders laid out as their original releases ----
+@pytest.mark.parametrize("builder", ["tiny_lavie", "tiny_videocrafter2"])
+def test_lavie_and_videocrafter2_render_through_01_the_same_bytes_twice(builder, tmp_path):
+    """01 recognises the release folder (no model_index.json), loads the rebuilt pipeline, renders every
+    row, and a second run writes the same mp4 bytes; a cache is refused (their denoiser is a UNet)."""
+    folder = getattr(importlib.import_module(builder), builder)(str(tmp_path / "g"))
+    path = write_rows(tmp_path / "in.csv", GOOD[:2])
+    size = dict(height=32, width=64, num_frames=4, num_inference_steps=2)
+    for out in ("one", "two"):
+        run(gen.Args(input_csv=path, out_dir=str(tmp_path / out), pipeline=folder, prompts_per_call=2, **size))
+    name = json.loads((tmp_path / "one" / "generate_args.json").read_text())["pipeline_class"]
+    assert name == {"tiny_lavie": "LaViePipeline", "tiny_videocrafter2": "VideoCrafter2Pipeline"}[builder]
+    one = mp4_bytes(tmp_path / "one")
+    assert len(one) == 2 and one == mp4_bytes(tmp_path / "two")
+    with pytest.raises(common.UserError, match="denoises with a UNet"):
+        run(gen.Args(input_csv=path, out_dir=str(tmp_path / "cached"), pipeline=folder, cache="taylorseer", **size))

@@ -16,6 +16,13 @@ def top_level_names(path):
                     for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
 
 
+def test_readme_cluster_line_is_the_one_the_two_node_tests_run():
+    """The command of README's "On a cluster" is torchrun with test_cluster.NODE_FLAGS, which two-node tests launch."""
+    from test_cluster import NODE_FLAGS
+    block = re.search(r"## On a cluster.*?```bash\n(.*?)```", README, re.S).group(1).split()
+    assert block == ["torchrun", *(flag.format(port=29500) for flag in NODE_FLAGS), "04_eval.py", "<flags>"], block
+
+
 def test_ci_runs_the_readme_setup_commands_verbatim():
     block = re.search(r"```bash\n(.*?)```", README, re.S).group(1)  # README's first block: install, test
     commands = [line for line in block.splitlines() if line.strip()]
@@ -48,7 +55,8 @@ def test_the_cpu_sized_chain_runs_as_printed(tmp_path):
     block = re.search(r"## A CPU-sized chain.*?```bash\n(.*?)```", README, re.S).group(1)
     commands = [line for line in block.splitlines() if line.strip()]
     assert [c.split()[1] for c in commands] == ["tests/tiny_chain.py", "01_generate.py", "02_weight.py",
-                                               "03_train.py", "04_eval.py", "03_train.py", "04_eval.py"]
+                                               "03_train.py", "04_eval.py", "03_train.py", "04_eval.py",
+                                               "01_generate.py", "01_generate.py"]
     for name in os.listdir(ROOT):  # the repository, without its runs/
         if name not in ("runs", ".git") and not name.startswith(".venv"):
             os.symlink(os.path.join(ROOT, name), tmp_path / name)
@@ -64,6 +72,8 @@ def test_the_cpu_sized_chain_runs_as_printed(tmp_path):
     tiny = tmp_path / "runs" / "tiny"
     assert len(open(tiny / "gen" / "generated.csv").readlines()) == 1 + 12  # the 12 rows of split train
     assert (tiny / "gen" / "weighted.csv").exists() and (tiny / "train" / "adapter" / "adapter_config.json").exists()
+    for name in ("gen-lavie", "gen-vc2"):  # LaVie's and VideoCrafter2's renders of the first 4 rows
+        assert len(open(tiny / name / "generated.csv").readlines()) == 1 + 4 and len(os.listdir(tiny / name / "videos")) == 4
     for name in ("eval", "eval-owl"):  # Video-LLaVA, then mPLUG-Owl
         results = json.load(open(tiny / name / "results.json"))["results"]["videocon_llm"]
         assert results["pairs_scored"] == 8  # the 4 test rows, each with its positive and its negative

@@ -15,6 +15,7 @@ import torch
 import common
 import tiny
 import tiny_train
+from test_cluster import assert_ran, torchrun_nodes
 import synvita.pairs  # as synvita.pairs and synvita.triplets: the tests' own `pairs` and `triplets` are lists
 import synvita.triplets
 from synvita import checkpoints, disk, released_loss, runs, training, video_io, video_llm
@@ -364,19 +365,20 @@ def test_zero_weights_remove_the_synthetic_terms_exactly(video_llava_dir, toy, t
     assert_same_weights(lora_weights(tmp_path / "w0"), lora_weights(tmp_path / "real"), atol=2e-5)
 
 
-def test_two_processes_match_one(video_llava_dir, toy, reference, tmp_path):
+def test_two_nodes_match_one_process(video_llava_dir, toy, reference, tmp_path):
+    """Issue 36: two torchrun "nodes" (README's local two-node command), DDP's all-reduce between them."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "03_train.py"), "--model", video_llava_dir, "--train_csv", toy[0],
-           "--feedback_csv", feedback(toy), "--video_root", toy[1], "--out_dir", str(out), "--batch_size", "8", "--micro_batch_size", "4",
-           "--num_epochs", "2", "--lr", "1e-2", "--warmup_steps", "1", "--num_workers", "1", "--save_every", "2"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("step 1 ") == 1  # rank 0 alone prints
-    assert "6 steps of 8 rows = 2 processes x 1 micro-batch x 4" in done.stdout  # issue 26: no "1 micro-batches"
+    nodes = torchrun_nodes(
+        os.path.join(ROOT, "03_train.py"), "--model", video_llava_dir, "--train_csv", toy[0], "--feedback_csv",
+        feedback(toy), "--video_root", toy[1], "--out_dir", out, "--batch_size", "8", "--micro_batch_size", "4",
+        "--num_epochs", "2", "--lr", "1e-2", "--warmup_steps", "1", "--num_workers", "1", "--save_every", "2",
+        "--resume", env={"PYTHONPATH": ROOT})  # --resume: as on a cluster, where a requeued job continues
+    printed, stderr = assert_ran(nodes), "".join(node.stderr for node in nodes)
+    assert printed.count("--resume: no checkpoint in") == 1  # rank 0's choice, the same on both nodes
+    assert printed.count("step 1 ") == 1  # rank 0 alone prints
+    assert "6 steps of 8 rows = 2 processes x 1 micro-batch x 4" in printed  # issue 26: no "1 micro-batches"
     # issue 26: neither peft's FutureWarning nor transformers' use_cache line
-    assert "is_gradient_checkpointing" not in done.stderr and "use_cache" not in done.stderr, done.stderr[-3000:]
+    assert "is_gradient_checkpointing" not in stderr and "use_cache" not in stderr, stderr[-3000:]
     # 2 processes x 1 micro-batch == 1 process x 2 accumulated micro-batches, LoRA dropout included
     assert_same_weights(lora_weights(out), lora_weights(reference[0]), atol=1e-5)
     assert len(read_log(out)) == 6 and sum(line["l_nle"] > 0 for line in read_log(out)) >= 3  # explanations trained
@@ -390,6 +392,8 @@ def test_kill_and_resume_reaches_the_same_weights(video_llava_dir, toy, referenc
     train.main(make_args(video_llava_dir, *toy, tmp_path, max_steps=3, feedback_csv=fb))
     assert os.listdir(tmp_path / "checkpoints") == ["step_0000002.pt"]
     assert [line["step"] for line in read_log(tmp_path)] == [1, 2, 3]
+    # issue 36: a kill while rank 0 wrote step 4's checkpoint leaves its temporary file: not a checkpoint
+    (tmp_path / "checkpoints" / "step_0000004.tmp123.pt").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(ValueError, match="resume with the same settings"):
         train.main(make_args(video_llava_dir, *toy, tmp_path, resume=True, batch_size=16, feedback_csv=fb))
     # the rest with decoded videos kept in memory (--cache_videos): epoch 2 reads them from the cache

@@ -9,8 +9,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ import torch
 import common
 import tiny
 import tiny_weight
+from test_cluster import assert_ran, torchrun_nodes
 from common import WEIGHTINGS
 from synvita import clip_t5, disk, parts, score_cache, triplets, video_io, video_llm, vqa
 
@@ -510,14 +509,12 @@ def test_resume_and_two_ranks_give_the_same_csv(llava_dir, instructblip_dir, tmp
                                              rf"made with other settings \({change}\)"):
             run(generated, models, **{key: value})
 
+    # issue 36: two torchrun "nodes" (README's local two-node command), the cache on the folder they share
     two = str(tmp_path / "two" / "weighted.csv")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(ROOT, "02_weight.py"), "--generated_csv", generated, "--out_csv", two,
-                           "--models", *models], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(torchrun_nodes(os.path.join(ROOT, "02_weight.py"), "--generated_csv", generated, "--out_csv", two,
+                              "--models", *models, timeout=600))
     parts = os.listdir(os.path.join(tmp_path, "two", "weighted_cache", os.path.basename(llava_dir)))
-    assert sorted(parts) == ["rank0.jsonl", "rank1.jsonl"]  # both ranks did work
+    assert sorted(parts) == ["rank0.jsonl", "rank1.jsonl"]  # both ranks did work, each in its global rank's file
     assert_same_csv(one, two)
 
 

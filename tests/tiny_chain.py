@@ -3,6 +3,7 @@
     python tests/tiny_chain.py runs/tiny
 
 <root>/cogvideox/            a tiny random CogVideoX (01's --pipeline)
+<root>/{lavie,videocrafter2}/  tiny random LaVie and VideoCrafter2, each in its release's layout (01's other two)
 <root>/vqa/{instructblip,clip-flant5,llava}/  three tiny random VQA members (02's --models)
 <root>/video-llava/          a tiny random Video-LLaVA (03's and 04's --model)
 <root>/mplug-owl/            a tiny random mPLUG-Owl (video), in the released checkpoint's layout (the other --model)
@@ -16,6 +17,8 @@ import sys
 
 import tiny
 import tiny_generate
+import tiny_lavie
+import tiny_videocrafter2
 import tiny_weight
 from synvita import disk, video_io
 
@@ -38,6 +41,8 @@ def videocon_rows(root, n=16, n_test=4):
 
 def main(root):
     tiny_generate.tiny_cogvideox(os.path.join(root, "cogvideox"))
+    tiny_lavie.tiny_lavie(os.path.join(root, "lavie"))
+    tiny_videocrafter2.tiny_videocrafter2(os.path.join(root, "videocrafter2"))
     for name, build in (("instructblip", tiny_weight.tiny_instructblip), ("clip-flant5", tiny_weight.tiny_clip_flant5),
                         ("llava", tiny_weight.tiny_llava)):
         build(os.path.join(root, "vqa", name))

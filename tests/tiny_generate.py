@@ -1,5 +1,6 @@
 """A tiny random CogVideoX text-to-video pipeline (and LTX-Video, Wan 2.1 ones for the loading
-guards), built offline, for the tests of 01_generate.py.
+guards), built offline, for the tests of 01_generate.py. The paper's other two generators, in their
+release folders' layouts: tests/tiny_lavie.py and tests/tiny_videocrafter2.py.
 
 Same classes as THUDM/CogVideoX-5b (CogVideoXTransformer3DModel with rotary positions,
 AutoencoderKLCogVideoX, a T5 encoder and T5 tokenizer, CogVideoXDDIMScheduler), at toy size, saved

@@ -363,7 +363,6 @@ def check_settings(args):
 
 def main(args):
     from concurrent.futures import ThreadPoolExecutor
-    from toyworld import report
     methods = args.rows or [*ROWS, *(TABLE4_ROWS if args.all_rows else []),
                             *(TABLE2_ROWS if args.table2_rows else [])]
     unknown = [m for m in methods if m not in METHODS]
@@ -412,13 +411,18 @@ def main(args):
         workers.pool.shutdown(cancel_futures=True)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    wall = time.time() - start
-    # ---- the tables and figures ----
+    write_report(args, methods, per_seed, time.time() - start, f"{workers.done} of {steps} steps")
+    return per_seed
+
+
+def write_report(args, methods, per_seed, wall, done):
+    """The tables and figures of a run: printed, and table.md, table.png, fig2.png, results.json in out_dir."""
+    from toyworld import report
     fig2s = [report.fig2_stats(os.path.join(args.out_dir, f"seed{s}", "generate", "weighted.csv"), generator_kwargs(args))
              for s in args.seeds]
     header = (f"Toy world ({'biased: no training clip moves up or down' if args.bias else 'control: no bias'}), "
               f"seeds {args.seeds}: {'mean ± std over seeds' if len(args.seeds) > 1 else 'one seed'} (in %; {args.n_train} real triplets per seed; this run: "
-              f"{wall:.0f} s wall on {os.cpu_count()} CPU cores, {workers.done} of {steps} steps done by it, the rest reused)")
+              f"{wall:.0f} s wall on {os.cpu_count()} CPU cores, {done} done by it, the rest reused)")
     differences, per_seed_differences = report.paired_table(comparisons(methods), per_seed)
     table = report.tables(methods, per_seed, fig2s, differences)
     # one gallery to look at (02 writes one per seed): the failed V^s of each type and their weights
@@ -434,7 +438,6 @@ def main(args):
     save_json(os.path.join(args.out_dir, "results.json"), {"args": vars(args), "seconds": wall, "methods": methods,
                                                            "results": per_seed, "fig2": fig2s,
                                                            "paired_differences": per_seed_differences})
-    return per_seed
 
 
 if __name__ == "__main__":
