@@ -8,6 +8,7 @@ never released this stage.
 Reads   --input_csv    VideoCon layout: videopath, caption, neg_caption, misalignment (+ split, source)
 Writes  <out_dir>/videos/<video name>-<row hash>.mp4   one H.264 video per row (written atomically)
         <out_dir>/generated.csv      the input columns + syn_video (relative to <out_dir>) + seed
+        <out_dir>/generated_skipped.csv  each bad row left out once: file, line, videopath, reason
         <out_dir>/generate_args.json the settings this run used (flags and the resolved generator settings)
 
 Launch (one GPU; then 8 GPUs, rows sharded over ranks, rank 0 writes the CSV):
@@ -15,8 +16,7 @@ Launch (one GPU; then 8 GPUs, rows sharded over ranks, rank 0 writes the CSV):
     torchrun --standalone --nproc_per_node 8 01_generate.py --input_csv data/videocon/videocon_llm_entailment.csv \
         --out_dir runs/generate
 Preemptible single-GPU jobs: --shard i/n each, then the same flags without --shard (README, "On a cluster").
-On a GPU with less than ~40 GB, add --cpu_offload --vae_tiling (only the running part of G sits
-on the GPU, and the VAE decodes in tiles). ~4x cheaper, not the paper's exact videos: --cache taylorseer.
+GPUs under ~40 GB: --cpu_offload --vae_tiling. ~4x cheaper, not the paper's exact videos: --cache taylorseer.
 A CPU-sized run (a tiny random CogVideoX): README, "A CPU-sized chain"; the toy world's G: toyworld/README.md.
 """
 import inspect
@@ -98,8 +98,6 @@ class Args:
     vae_tiling: bool = False
     """decode the video in overlapping tiles: far less GPU memory at 720x480, a little slower; the
     tiles' seams move pixels, so it is recorded in resume.json"""
-    vae_slicing: bool = False
-    """decode the videos of one call (--prompts_per_call) one at a time: the VAE's memory of one video"""
     cache: Literal["none", "first_block", "taylorseer", "pab", "fastercache", "magcache"] = "none"
     """reuse G's transformer work between denoising steps (CACHES): none = the paper's exact sampling;
     taylorseer: ~4x less transformer work, the videos move (see the NOTE above CACHES)"""
@@ -118,6 +116,9 @@ class Args:
     dist_timeout: int = runs.DIST_TIMEOUT
     """under torchrun: seconds without progress from another rank (its videos) before rank 0 stops,
     naming what is missing (a lost node), and torch.distributed's timeout; more than one call of G"""
+    # checked before any work (runs.check_numbers): every number above finite and >= 0 (0 as its
+    # --help says), and these above 0
+    POSITIVE = ("prompts_per_call", "dist_timeout")
 
 
 # ---- §4: G's settings, the paper's for CogVideoX unless a flag says otherwise ----
@@ -160,7 +161,10 @@ def generate(pipe, prompts, seeds, settings):
                 num_frames=settings["num_frames"], generator=noise if len(noise) > 1 else noise[0], output_type="np")
     if "frame_rate" in inspect.signature(pipe.__call__).parameters:  # LTX-Video conditions on the frame rate
         call["frame_rate"] = settings["fps"]
-    videos = pipe(**call).frames  # one (T, H, W, 3) array of floats in [0, 1] per prompt
+    try:
+        videos = pipe(**call).frames  # one (T, H, W, 3) array of floats in [0, 1] per prompt
+    except ValueError as e:  # G's own check of its inputs (e.g. a module:Class G's size or caption): one line
+        raise runs.UserError(f"{type(pipe).__name__}: {str(e).strip().splitlines()[0]} (G's call with {settings})") from e
     expected = (settings["num_frames"], settings["height"], settings["width"], 3)
     if videos[0].shape != expected:  # refused: generate_args.json would record another size
         raise runs.UserError(f"{type(pipe).__name__} returned frames of shape {videos[0].shape}, not {expected}: "
@@ -185,7 +189,7 @@ def main(args):
     dist = runs.setup_distributed(timeout=args.dist_timeout)
     render_rows.check_flags(args)  # before any work: nothing is read, loaded or written for a flag that is wrong
     share = render_rows.this_share(args, dist)  # whose calls of G: this rank's of world_size, or --shard i/n's
-    rows, todo, lines, counts = render_rows.read(args)  # bad rows named by line; --split, --misalignment, --limit
+    rows, todo, lines, counts, skipped = render_rows.read(args)  # bad rows named by line; --split, --misalignment, --limit
     for row in todo:  # the two output columns, both functions of the row's identity only
         row["syn_video"] = os.path.join("videos", render_rows.video_name(row))  # relative to out_dir, the CSV's folder
         # the seed of the row's noise: the same row gets the same frames whatever the number of
@@ -200,16 +204,16 @@ def main(args):
     resume, record = os.path.join(args.out_dir, "resume.json"), render_rows.resume_record(args, settings)
 
     # ---- §4: V^s = G(t^s, noise), Eq. (3)'s synthetic video, for this rank's calls of G not yet on disk ----
-    # The rows go to G in fixed calls of --prompts_per_call (rows 0-1, 2-3, ... of the whole list), and
-    # each rank takes every world_size-th call: a video is rendered beside the same rows (a batch's
-    # shape can change a kernel's rounding) whatever the number of GPUs, and names and seeds come from
-    # the rows, so a rerun with any number of GPUs (or --shard n) finds what an earlier run finished.
+    # The rows go to G in fixed calls of --prompts_per_call (rows 0-1, 2-3, ...), each rank takes every
+    # world_size-th call: a video is rendered beside the same rows (a batch's shape can change a kernel's
+    # rounding) whatever the GPU count; names and seeds come from the rows: a rerun on any GPU count (or
+    # --shard n) finds what an earlier run finished.
     calls = runs.shard(render_rows.calls_of_g(todo, args.prompts_per_call), share)
     mine, left = render_rows.not_on_disk(calls, args.out_dir, args)  # rank 0 prints what is left of its share
-    if os.path.exists(resume):  # a rerun with other settings stops here, before G loads
-        disk.check_resume(resume, record, dist)
+    if os.path.exists(resume):  # other settings stop here, before G loads, unless no video is on disk yet
+        disk.check_resume(resume, record, dist, kept=render_rows.videos_kept(args.out_dir))
     pipe = generator.load_generator(args, dist, settings) if mine else None  # G only when there is something to render
-    disk.check_resume(resume, record, dist)  # written once G has loaded: a frame count it refused leaves no record
+    disk.check_resume(resume, record, dist, kept=render_rows.videos_kept(args.out_dir))  # once G has loaded: a size it refused leaves no record
     if mine:
         start = time.time()
         render(mine, pipe, settings, args.out_dir, args.prompts_per_call)
@@ -222,16 +226,16 @@ def main(args):
 
     # ---- rank 0 writes the CSV once every row's video is on disk (runs.wait_for_files) ----
     render_rows.wait_for_videos(todo, args.out_dir, dist)  # the other ranks' too, polled (--dist_timeout)
-    # generated.csv, 02_weight.py's input: the selected rows in file order, the input's columns in
-    # its order, then ours (syn_video, seed)
+    # generated.csv, 02_weight.py's input: the selected rows in file order, the input's columns, then ours
     columns = [c for c in dict.fromkeys([*(rows[0] if rows else render_rows.REQUIRED), "syn_video", "seed"])
                if c is not None]
     disk.write_csv(os.path.join(args.out_dir, "generated.csv"), todo, fieldnames=columns)
+    listed = render_rows.write_skipped(args.out_dir, skipped)  # its rows: the summary's bad rows, each once
     # the counts printed: bad rows skipped, rows of other splits or not selected, t^s truncated (file:line)
     disk.save_json(os.path.join(args.out_dir, "generate_args.json"),
                    {**asdict(args), "pipeline_class": name, "resolved": settings, "rows": len(todo), **counts})
     runs.print0(f"wrote {os.path.join(args.out_dir, 'generated.csv')}: {runs.plural(len(todo), 'row')}; "
-                f"{render_rows.summary(counts)}")
+                f"{render_rows.summary(counts)}" + (f", each listed in {listed}" if skipped else ""))
 
 
 if __name__ == "__main__":

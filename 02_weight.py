@@ -82,6 +82,9 @@ class Args:
     dist_timeout: int = runs.DIST_TIMEOUT
     """under torchrun: seconds without progress from another rank (its cache records) before rank 0 stops,
     naming what is missing (a lost node), and torch.distributed's timeout; more than one member's load"""
+    # checked before any work (runs.check_numbers): every number above finite and >= 0 (0 as its
+    # --help says), and these above 0
+    POSITIVE = ("num_frames", "pairs_per_forward", "dist_timeout")
 
 
 # ---- §4: the per-frame VQAScores of one synthetic video V^s, against t^s and t^r --------------------
@@ -137,9 +140,9 @@ def weigh(rows, keys, names, caches, weighting):
     weights = phi(np.array([r["score_syn_target"] for r in scored]), np.array([r["score_syn_real"] for r in scored]))
     # a phi that returns a scalar (a constant) gives that weight to every row
     weights = np.broadcast_to(np.asarray(weights, dtype=float), (len(scored),))
-    if not np.isfinite(weights).all():
-        bad = [r["syn_video"] for r, w in zip(scored, weights) if not np.isfinite(w)]
-        raise ValueError(f"weighting {weighting!r} gave a non-finite weight for {bad[:5]}")
+    if bad := [(r["syn_video"], w) for r, w in zip(scored, weights) if not 0 <= w <= 1]:  # nan too: 03 refuses them
+        raise runs.UserError(f"--weighting {weighting}: phi = {bad[0][1]:.3g} for {bad[0][0]} ({len(bad)} row(s)); Eq. (5) "
+                        f"weighs L_syn by a phi in [0, 1]: clip it in common.WEIGHTINGS")
     for r, w in zip(scored, weights):
         r["weight"] = float(w)  # w in Eq. (5)'s weighted L_syn (03_train.py)
     return out, skipped
@@ -197,13 +200,12 @@ def main(args):
         return stem + ".json"
     dist = runs.setup_distributed(timeout=args.dist_timeout)
     # ---- the flags, the members and the input, all checked before anything is read or written ----
-    names = score_cache.check_flags(args)  # each member's score columns and cache folder
+    names, out_csv = score_cache.check_flags(args)  # members' columns; no output is an input, however named
     found = clip_t5.find_members(args.models)  # every member found (seconds) before any loads, all missing named
-    # one row per V^s (syn_video), with t^s (neg_caption) and t^r (caption)
+    # one row per V^s (syn_video), with t^s (neg_caption) and t^r (caption); an older 02 output's scores dropped
     rows = disk.read_csv(args.generated_csv, required=REQUIRED, texts=("caption", "neg_caption", "syn_video"))
-    rows = disk.keep_split(rows, args.split, args.generated_csv)  # never the rows 04 evaluates on
+    rows = score_cache.without_old_scores(disk.keep_split(rows, args.split, args.generated_csv), args.generated_csv)
     root = os.path.dirname(os.path.abspath(args.generated_csv))  # syn_video is relative to the CSV's folder
-    out_csv = args.out_csv or os.path.join(root, "weighted.csv")
     stem = os.path.splitext(out_csv)[0]  # <dir>/weighted: the JSON, figure, skip list and cache share it
     cache = stem + "_cache"
     keys, first = score_cache.row_keys(rows)  # (V^s, t^s, t^r) of each row; the first row of each: scored once

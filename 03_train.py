@@ -104,7 +104,7 @@ class Args:
     1 row) per optimizer step over all processes and accumulation steps: 16 = the released 4 GPUs x 4,
     so one epoch is (2 x triplets + explanations) / 16 steps, as released"""
     micro_batch_size: int = 4
-    """rows per process per forward pass (the released per-GPU batch); at least 2 (one triplet)"""
+    """rows per process per forward pass (the released per-GPU batch); even: a triplet's 2 rows stay together"""
     num_frames: int = 8
     """frames per video"""
     frame_sampling: Literal["uniform", "middle", "videocon"] = "uniform"
@@ -132,6 +132,10 @@ class Args:
     dist_timeout: int = runs.DIST_TIMEOUT
     """under torchrun: torch.distributed's timeout, the seconds a rank waits for another in a collective
     (the gradients' all-reduce) before it stops: a lost node ends the run; relaunch with --resume"""
+    # checked before any work (runs.check_numbers): every number above finite and >= 0 (0 as its
+    # --help says), and these above 0
+    POSITIVE = ("lora_r", "lora_alpha", "lr", "max_grad_norm", "num_epochs", "batch_size", "micro_batch_size",
+                "num_frames", "save_every", "dist_timeout")
 
     def __post_init__(self):
         if isinstance(self.train_csv, str):  # Args(train_csv="w.csv") in Python: one CSV
@@ -255,4 +259,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    runs.run_stage(main, Args)  # a user's mistake: `error: ...`, exit 2
+    runs.run_stage(main, Args, resume_flag="--resume")  # a mistake: `error: ...`, exit 2; Ctrl-C: rerun with --resume

@@ -89,6 +89,9 @@ class Args:
     dist_timeout: int = runs.DIST_TIMEOUT
     """under torchrun: seconds without progress from another rank (its score records) before rank 0
     stops, naming what is missing (a lost node), and torch.distributed's timeout"""
+    # checked before any work (runs.check_numbers): every number above finite and >= 0 (0 as its
+    # --help says), and these above 0
+    POSITIVE = ("num_frames", "batch_size", "video_batch", "dist_timeout")
 
 # ---- §3 Eq. (1): f(V, t) = sigmoid(logit_Yes - logit_No) for every (video, caption) pair of a task ----
 @torch.no_grad()  # f is only read here: no graph
@@ -215,6 +218,7 @@ def main(args):
     # ---- setup: the tasks asked for, the ranks, f = the video LLM (+ 03_train.py's adapter) ----
     dist = runs.setup_distributed(timeout=args.dist_timeout)
     files = tasks.files_given(args, TASKS)  # {task: its file}, in TASKS' order; none, or --scores with two: an error
+    scores.check_paths(args, files)  # --out_dir: not through a file, and none of its outputs an input
     scores.clear_finished(args, dist)  # a killed run's "finished" markers go; the one collective, at startup
     # --scores: the metrics of a score file, no model
     model, processor = (None, None) if args.scores else video_llm.load_video_llm(args.model, device=dist.device)

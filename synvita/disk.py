@@ -45,6 +45,10 @@ def read_csv(path, required=(), texts=()):
         raise UserError(f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8; save the file as UTF-8") from None
     reader = csv.reader(io.StringIO(text, newline=""))  # newline="": quoted captions may span lines
     header = next(reader, None)
+    named = [c.strip() for c in header or []]
+    if twice := sorted({c for c in named if named.count(c) > 1}):  # a dict row keeps the last, the checks read the first
+        raise UserError(f"{path}:1: the header names {', '.join(map(repr, twice))} more than once "
+                        f"(columns {', '.join(str(i + 1) for i, c in enumerate(named) if c in twice)}); keep one of each")
     missing = [c for c in required if c not in (header or [])]
     if missing:
         raise UserError(f"{path}: missing column(s) {missing}; found {header}")
@@ -94,7 +98,10 @@ def keep_split(rows, split, path):
 
 
 # ---- atomic writes out, named when they fail -------------------------------------------------------
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+# a full disk or quota, a read-only or forbidden folder, a file too big, and a path through a file
+# (ENOTDIR) or onto one where a folder goes (EEXIST): a user's output path, named
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                errno.ENOTDIR, errno.EEXIST}
 
 # how torch.save's zip writer and safetensors say that the disk is full (no errno to read)
 FULL_DISK_WORDS = ("inline_container", "PytorchStreamWriter", "No space left")
@@ -134,6 +141,26 @@ def atomic_path(path):
         elif os.path.exists(tmp):
             os.remove(tmp)
 
+def check_outputs(outputs, inputs):
+    """Before any work: {flag: path} of what a stage writes against {flag: path} of what it reads.
+    An output whose folder is an existing file, or that is an input however it is named (a symlink,
+    `./`, another spelling of the same file), is a UserError naming both flags: it would be replaced
+    mid-run, and the rerun would read its own output as its input."""
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        # a flag (or its note, "--out_csv (cache_dir)") that ends in _dir names a folder; others a file
+        folder = path if flag.rstrip(")").endswith("_dir") else os.path.dirname(path) or "."
+        while not os.path.exists(folder) and os.path.dirname(folder) not in ("", folder):
+            folder = os.path.dirname(folder)  # up to the nearest part of the path that exists
+        if os.path.exists(folder) and not os.path.isdir(folder):  # makedirs would stop mid-run
+            raise UserError(f"{flag} {path}: {folder} is a file, not a folder")
+        for name, given in inputs.items():
+            for one in given if isinstance(given, (list, tuple)) else [given]:
+                if one and os.path.realpath(one) == os.path.realpath(path):
+                    raise UserError(f"{flag} {path} is {name} {one}: an output never replaces an input; "
+                                    f"pass another {flag.split()[0]}")  # "--out_csv (.json)": the flag
+
 def write_csv(path, rows, fieldnames=None):
     """Write rows (dicts) atomically; columns default to the union of keys in first-seen order."""
     fieldnames = fieldnames or list(dict.fromkeys(k for r in rows for k in r))
@@ -162,16 +189,21 @@ def settings_diff(old, new):
     return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
                      if old.get(k) != new.get(k))
 
-def check_resume(path, record, dist=None):
+def check_resume(path, record, dist=None, kept=True):
     """Settings-checked resume. `record` (the inputs' content hashes and every setting that changes
     the results) describes the work kept next to `path`: the first run writes it there (rank 0), a
     rerun with the same record continues that work, and a rerun with another one stops, naming each
-    setting that differs, before it deletes or reuses anything."""
+    setting that differs, before it deletes or reuses anything. kept=False: no work made under the
+    old record is on disk (a first run stopped by a bad setting before its first result), so there
+    is nothing to protect and the corrected command's record replaces it."""
     record = json.loads(json.dumps(record, default=str))  # as it reads back (tuples -> lists, ...)
     if os.path.exists(path):  # a rerun: its settings must be the first run's
         with open(path, encoding="utf-8") as fh:
             old = json.load(fh)
-        if differ := settings_diff(old, record):
+        if (differ := settings_diff(old, record)) and not kept:
+            if dist is None or dist.master:
+                save_json(path, record)
+        elif differ:
             raise UserError(f"{path}: the work here was made with other settings ({differ}); "
                              f"rerun with the same settings to resume, or pass another output folder "
                              f"(or delete this one) to start again")

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from synvita.disk import atomic_path, read_csv, save_json
+from synvita.disk import atomic_path, check_outputs, read_csv, save_json
 from synvita.runs import UserError, print0
 
 # Fig. 2's mean of fbar(V^s,t^s) - fbar(V^s,t^r) per misalignment type, printed beside ours (02_weight.py
@@ -69,17 +69,33 @@ def fig2_scores(path, line, row):
     return {"misalignment": row["misalignment"], "score_syn_target": ft, "score_syn_real": fr}
 
 
+def check_pool(args):
+    """--fig2_only's files, before any is read: each run once (by its real path: a symlink or ./x.csv is
+    the same run, whose rows would count twice), and the pooled figure and JSON never written over a
+    file given nor over a run's own (its weighted_fig2.png, weighted.json, however the path is spelled).
+    -> the stem of --out_csv."""
+    seen = {}  # real path -> the argument that named it first
+    for path in args.fig2_only:
+        if (first := seen.get(os.path.realpath(path))) is not None:
+            raise UserError(f"--fig2_only {first} and {path} are the same file ({os.path.realpath(path)}): its rows "
+                            "would count twice in Fig. 2; give each run's weighted.csv once")
+        seen[os.path.realpath(path)] = path
+    stem = os.path.splitext(args.out_csv)[0]
+    # each run's own figure and JSON, beside the CSV as given and beside the file a symlink points to
+    runs_stems = [os.path.splitext(p)[0] for path in args.fig2_only for p in (path, os.path.realpath(path))]
+    check_outputs({"--out_csv (.json)": stem + ".json", "--out_csv (_fig2.png)": stem + "_fig2.png"},
+                  {"--fig2_only": args.fig2_only, "--fig2_only (a run's .json)": [s + ".json" for s in runs_stems],
+                   "--fig2_only (a run's _fig2.png)": [s + "_fig2.png" for s in runs_stems]})
+    return stem
+
+
 def pool_runs(args):
     """--fig2_only: the rows of Fig. 2 over the union of several runs' weighted.csv (e.g. one per
     generator), each row with its own run's scores; rows without scores are left out and counted.
     -> (the scored rows, <--out_csv stem>, where its _fig2.png and .json go, {file: counts})."""
     if not args.out_csv or args.generated_csv:
         raise UserError("--fig2_only needs --out_csv (the figure and JSON go beside it) and no --generated_csv")
-    stem = os.path.splitext(args.out_csv)[0]
-    # a run's own weighted_fig2.png and weighted.json are never overwritten by the pooled ones
-    if any(os.path.abspath(os.path.splitext(p)[0]) == os.path.abspath(stem) for p in args.fig2_only):
-        raise UserError(f"--out_csv {args.out_csv}: a file of --fig2_only; its run's figure and JSON would be "
-                        "overwritten: pass another --out_csv")
+    stem = check_pool(args)
     scored, files = [], {}
     for path in args.fig2_only:
         rows = read_csv(path, required=FIG2_COLUMNS)  # a file without the score columns: an error naming it

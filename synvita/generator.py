@@ -4,6 +4,7 @@ Python generator, the caches of --cache and their diffusers config, and the capt
 G's text encoder reads."""
 import inspect
 import json
+import math
 import os
 import re
 
@@ -84,19 +85,17 @@ def load_generator(args, dist, settings):
         pipe = DiffusionPipeline.from_pretrained(path, dtype={"vae": torch.float32, "default": dtype}, **kwargs)
     else:
         pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **kwargs)
-    # the VAE keeps frame 0, then 1 latent per `stride` frames (LTX-Video: vae_temporal_compression_ratio)
-    stride = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", 1)
-    if (settings["num_frames"] - 1) % stride:
-        raise UserError(f"--num_frames {settings['num_frames']}: {type(pipe).__name__} renders 1 + a multiple of "
-                        f"{stride} frames, e.g. {(settings['num_frames'] - 1) // stride * stride + 1}")
+    check_size(pipe, release, settings)  # before any record or video is written: a size G cannot render
     if args.cpu_offload:  # only the running part of G sits on the GPU
         pipe.enable_model_cpu_offload(gpu_id=dist.local_rank)
     else:
         pipe.to(dist.device)
     if args.vae_tiling:
         pipe.vae.enable_tiling()
-    if args.vae_slicing:  # a batch of videos decoded one by one
-        pipe.vae.enable_slicing()
+    # each video (LaVie: each frame) decoded alone, whatever --prompts_per_call: a batched decode rounds
+    # by its batch and, on the CPU, by the thread count (torchrun's workers get OMP_NUM_THREADS=1, a
+    # plain `python` every core), so V^s would depend on the rows beside it and on the launcher
+    pipe.vae.enable_slicing()
     config, _ = cache_config(args, settings["num_inference_steps"], lambda: pipe.current_timestep)
     if config:  # diffusers resets the cache's state at the end of each call: no row sees another's
         pipe.transformer.enable_cache(config)
@@ -106,11 +105,46 @@ def load_generator(args, dist, settings):
     return pipe
 
 
+def check_size(pipe, release, settings):
+    """A frame count, height or width that G cannot render: a UserError as G loads, before any
+    record or video is written (diffusers checks them only in G's first call, or not at all)."""
+    name = type(pipe).__name__
+    # the VAE keeps frame 0, then 1 latent per `stride` frames (LTX-Video: vae_temporal_compression_ratio)
+    stride = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", 1)
+    if (settings["num_frames"] - 1) % stride:
+        raise UserError(f"--num_frames {settings['num_frames']}: {name} renders 1 + a multiple of "
+                        f"{stride} frames, e.g. {(settings['num_frames'] - 1) // stride * stride + 1}")
+    multiple = spatial_multiple(pipe, release)
+    height, width = settings["height"], settings["width"]
+    if height % multiple or width % multiple:
+        raise UserError(f"--height {height} --width {width}: {name} renders heights and widths that are "
+                        f"multiples of {multiple}, e.g. {max(multiple, height // multiple * multiple)}x"
+                        f"{max(multiple, width // multiple * multiple)}")
+
+
+def spatial_multiple(pipe, release):
+    """The multiple of pixels G's height and width must be: LaVie's own check (8, pipeline_videogen);
+    VideoCrafter2's (the VAE's factor, halved by each UNet level but the last); a diffusers pipeline's
+    VAE factor times its transformer's patch (CogVideoX 8 x 2: diffusers checks 8, and 40 fails in the
+    transformer; Wan 8 x 2; LTX-Video 32 x 1)."""
+    from synvita import lavie, videocrafter2
+    if release is lavie.LaViePipeline:
+        return 8
+    if release is videocrafter2.VideoCrafter2Pipeline:
+        return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    vae = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_spatial_compression_ratio", None) or 1
+    patch = getattr(getattr(pipe, "transformer", None), "config", {}).get("patch_size") or 1
+    return vae * (patch[-1] if isinstance(patch, (list, tuple)) else patch)  # Wan: (t, h, w)
+
+
 def cache_config(args, steps, timestep):
     """--cache and --cache_kwargs -> (the diffusers config that pipe.transformer.enable_cache takes, or
     None for none; its settings as resume.json records them). steps: num_inference_steps (MagCache
-    spreads its ratios over them); timestep: the pipeline's current t (PAB and FasterCache read it)."""
+    spreads its ratios over them); timestep: the pipeline's current t (PAB and FasterCache read it).
+    Every key and value is checked here, before any work (check_cache_value): diffusers checks few
+    of them, and those only mid-run (a cache_interval of 0 divides by zero at the first step)."""
     import dataclasses
+    import typing
     import diffusers
     if args.cache == "none":
         return None, {}
@@ -120,20 +154,93 @@ def cache_config(args, steps, timestep):
         given = json.loads(args.cache_kwargs or "{}")
     except json.JSONDecodeError as e:
         raise UserError(f"--cache_kwargs {args.cache_kwargs!r}: not JSON ({e})") from None
-    fields = {f.name: f.default for f in dataclasses.fields(cls)}
-    unknown = sorted(set(given) - set(fields) | set(given) & SET_HERE) if isinstance(given, dict) else None
+    hints = typing.get_type_hints(cls)  # each field's annotation: what its value must be
+    offered = sorted(f.name for f in dataclasses.fields(cls) if f.name not in SET_HERE and not f.name.startswith("_"))
+    unknown = sorted(set(given) - set(offered)) if isinstance(given, dict) else None
     if unknown or unknown is None:  # a misspelt key would be silently ignored by nothing: refused
         raise UserError(f"--cache_kwargs {args.cache_kwargs!r}: {class_name} takes a JSON object of "
-                        f"{sorted(set(fields) - SET_HERE)}" + (f", not {unknown}" if unknown else ""))
+                        f"{offered}" + (f", not {unknown}" if unknown else ""))
     settings = {**ours, **given}  # recorded as given: JSON lists and dtype names
+    for key, value in settings.items():
+        check_cache_value(f"--cache_kwargs {args.cache_kwargs!r}: {class_name}'s {key}", key, value, hints[key])
+    kwargs = {k: config_value(v, hints[k]) for k, v in settings.items()}  # JSON lists as tuples, dtypes by name
+    kwargs.update({k: v for k, v in dict(current_timestep_callback=timestep, num_inference_steps=steps).items()
+                   if k in hints})
     try:
-        kwargs = {k: tuple(v) if isinstance(fields[k], tuple) and isinstance(v, list)  # (low, high) ranges
-                  else getattr(torch, v) if isinstance(fields[k], torch.dtype) else v for k, v in settings.items()}
-        kwargs.update({k: v for k, v in dict(current_timestep_callback=timestep, num_inference_steps=steps).items()
-                       if k in fields})
         return cls(**kwargs), settings
     except (TypeError, ValueError, AttributeError) as e:  # e.g. MagCache without mag_ratios: its first line
         raise UserError(f"--cache {args.cache} --cache_kwargs {args.cache_kwargs!r}: {str(e).strip().splitlines()[0]}") from None
+
+
+# a setting that runs something once every N steps or calls (diffusers takes the step modulo N): N >= 1
+EVERY_NTH = re.compile(r"(cache_interval|block_skip_range|batch_skip_range)$")
+CHOICES = {"tensor_format": ("BCFHW", "BFCHW", "BCHW")}  # FasterCache's, checked by diffusers once G has loaded
+
+
+def check_cache_value(where, key, value, hint):
+    """A --cache_kwargs value (as JSON gives it) against its config field's annotation `hint`: a
+    UserError "`where` takes ..., not ..." when it is not what the field takes, or is out of the range
+    that diffusers would find out about only mid-run (a step modulo 0, a negative count)."""
+    import types
+    import typing
+    arms = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # e.g. int | None, Tensor | list[float] | None
+        if value is None and len(arms) < len(typing.get_args(hint)):
+            return
+        # JSON never gives a tensor: MagCache's ratios are its list arm
+        return check_cache_value(where, key, value, next(a for a in arms if a is not torch.Tensor))
+    origin = typing.get_origin(hint) or hint
+    low = 1 if EVERY_NTH.search(key) else 0
+    if hint is bool:
+        fits, wanted = isinstance(value, bool), "true or false"
+    elif hint is int:
+        fits, wanted = is_number(value) and isinstance(value, int) and value >= low, f"an integer >= {low}"
+    elif hint is float:
+        fits, wanted = is_number(value) and value >= 0, "a number >= 0"
+    elif hint is str:
+        choices = CHOICES.get(key)
+        fits = isinstance(value, str) and (choices is None or value in choices)
+        wanted = f"one of {list(choices)}" if choices else "a string"
+    elif hint is torch.dtype:
+        fits, wanted = isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype), \
+            'a torch dtype\'s name, e.g. "float32"'
+    elif origin in (tuple, list) and arms and arms[0] is str:  # module-name patterns: regular expressions
+        fits = isinstance(value, list) and all(isinstance(p, str) and compiles(p) for p in value)
+        wanted = "a list of regular expressions"
+    elif origin is tuple:  # a timestep range (low, high); FasterCache's start at -1
+        fits = isinstance(value, list) and len(value) == 2 and all(map(is_number, value)) and value[0] <= value[1]
+        wanted = "[low, high]: two numbers, low <= high"
+    elif origin is list:  # MagCache's calibrated ratios, one per step (spread over the steps)
+        fits = isinstance(value, list) and len(value) > 0 and all(is_number(v) and v > 0 for v in value)
+        wanted = "a list of numbers > 0"
+    else:  # a callback: 01 sets those (SET_HERE), JSON cannot give one
+        fits, wanted = True, ""
+    if not fits:
+        raise UserError(f"{where} takes {wanted}, not {json.dumps(value)}")
+
+
+def is_number(value):
+    """A finite JSON number (not true/false, which Python counts as ints; not NaN, which json reads)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def config_value(value, hint):
+    """A checked JSON value as the config field wants it: a (low, high) list as a tuple, a dtype's name
+    as the torch dtype."""
+    import typing
+    arms = [hint, *typing.get_args(hint)]
+    if isinstance(value, list) and any(typing.get_origin(a) is tuple for a in arms):
+        return tuple(value)
+    return getattr(torch, value) if isinstance(value, str) and torch.dtype in arms else value
+
+
+def compiles(pattern):
+    """Whether `pattern` is a regular expression (diffusers matches module names with it)."""
+    try:
+        re.compile(pattern)
+        return True
+    except re.error:
+        return False
 
 
 # ---- G's text encoder: the t^s it reads only in part ----

@@ -136,7 +136,7 @@ class LaViePipeline(DiffusionPipeline):
         b, _, f = latents.shape[:3]
         latents = 1 / LATENT_SCALE * latents  # the original multiplies by the reciprocal
         frames = latents.transpose(1, 2).flatten(0, 1)  # ((b f), 4, h, w)
-        video = self.vae.decode(frames.to(self.vae.dtype)).sample  # in [-1, 1]; --vae_slicing: frame by frame
+        video = self.vae.decode(frames.to(self.vae.dtype)).sample  # in [-1, 1]; sliced (01 always): frame by frame
         # NOTE (deviation): the original rounds to uint8 here (x * 255 + 0.5, truncated); we return
         # floats, which 01 rounds half to even: only a value exactly half-way between levels differs
         return (video / 2 + 0.5).clamp(0, 1).unflatten(0, (b, f)).permute(0, 1, 3, 4, 2)  # (b, f, H, W, 3)

@@ -184,20 +184,25 @@ def scr_logits(t):
 def drop_long_prompts(model, processor, items, skipped, args):
     """Leave out every triplet or explanation one of whose prompts runs past the LLM's positions
     (video_llm.max_positions): past them f(V, t) runs on positions the model never saw, and its scores and
-    gradients are silently wrong. Each is named (file:line) in one printed line, listed in skipped.csv
-    and counted in the summary. Returns (items, skipped)."""
+    gradients are silently wrong. Each of its rows (a merged triplet's rows of the later --train_csv
+    files too) is named (file:line) in one printed line, listed in skipped.csv once with this reason (an
+    earlier "trained without a twin" entry of the row is replaced: it is not trained at all) and counted
+    in the summary. Returns (items, skipped)."""
     limit = video_llm.max_positions(model)
     if not math.isfinite(limit):  # a config that states no limit
         return items, skipped
     longest = prompt_positions(model, processor, items, args)  # (items,)
-    over = [(it, n) for it, n in zip(items, longest) if n > limit]
+    over = [(it, n, where) for it, n in zip(items, longest) if n > limit
+            for where in [(it["file"], it["line"]), *it.get("more_rows", [])]]  # each row of the item
     if over:  # one line, as disk.read_csv names its skipped rows
         runs.print0(f"{len(over)} row(s) skipped, prompt too long (past the model's {limit} positions): "
-                      + ", ".join(f"{it['file']}:{it['line']}" for it, _ in over[:20])
+                      + ", ".join(f"{file}:{line}" for _, _, (file, line) in over[:20])
                       + (", ..." if len(over) > 20 else ""))
-    skipped = skipped + [dict(file=it["file"], line=it["line"], videopath=os.path.relpath(it["real"], args.video_root),
+    gone = {where for _, _, where in over}  # a dropped row is listed once, for this reason alone
+    skipped = [s for s in skipped if not (s["reason"].startswith(triplets.NO_TWIN) and (s["file"], s["line"]) in gone)]
+    skipped = skipped + [dict(file=file, line=line, videopath=os.path.relpath(it["real"], args.video_root),
                               reason=f"prompt too long: {n} positions, the model has {limit}")
-                         for it, n in over]
+                         for it, n, (file, line) in over]
     return [it for it, n in zip(items, longest) if n <= limit], skipped
 
 

@@ -1,32 +1,37 @@
 """The rows of 01_generate.py (§4): the flags checked before any work, which triplets (V^r, t^r, t^s)
-to render, each row's video name (its seed is runs.example_seed's), the settings-checked resume
-record, which videos are on disk already, the calls of G (--prompts_per_call rows each) and whose they
-are (a rank's, or --shard i/n's), and rank 0 waiting for the other ranks' videos."""
+to render and which bad rows were skipped (generated_skipped.csv), each row's video name (its seed is
+runs.example_seed's), the settings-checked resume record, which videos are on disk already, the calls
+of G (--prompts_per_call rows each) and whose they are (a rank's, or --shard i/n's), and rank 0
+waiting for the other ranks' videos."""
+import glob
 import hashlib
 import json
 import os
 import re
 
 from synvita import generator
-from synvita.disk import file_hash, keep_split, read_csv
+from synvita.disk import check_outputs, file_hash, keep_split, read_csv, write_csv
 from synvita.runs import Dist, UserError, plural, print0, wait_for_files
 
 REQUIRED = ("videopath", "caption", "neg_caption", "misalignment")  # V^r, t^r, t^s and the type of t^s
 TEXTS = ("videopath", "caption", "neg_caption")  # must not be empty
+# what 01 writes in --out_dir beside videos/ (each refused as an input's path before any work)
+OUTPUTS = ("generated.csv", "generated_skipped.csv", "generate_args.json", "resume.json")
+SKIPPED_COLUMNS = ["file", "line", "videopath", "reason"]  # as 03's skipped.csv and 04's <task>_skipped.csv
 
 
 def check_flags(args):
     """The flags that argparse cannot check, before any work: a UserError (`error: ...`, exit 2) names each."""
     if not args.input_csv:  # no default: §4 needs the real triplets
         raise UserError("pass --input_csv, a CSV with columns " + ", ".join(REQUIRED))
-    if args.limit < 0:  # keep[:-1] would silently drop the last row
-        raise UserError(f"--limit {args.limit}: give a number of rows, or 0 for all")
+    # an output that is the input (generated.csv read back as --input_csv would be replaced), or a
+    # --out_dir through a file; numbers (--limit -1, --prompts_per_call 0) were checked with the flags
+    check_outputs({"--out_dir": args.out_dir, **{f"--out_dir ({name})": os.path.join(args.out_dir, name)
+                                                for name in OUTPUTS}}, {"--input_csv": args.input_csv})
     try:  # parsed again when G loads: a typo must stop the run before rows are read, not after
         json.loads(args.pipeline_kwargs or "{}")
     except json.JSONDecodeError as e:
         raise UserError(f"--pipeline_kwargs {args.pipeline_kwargs!r}: not JSON ({e})") from None
-    if args.prompts_per_call < 1:  # calls_of_g would make no call at all
-        raise UserError(f"--prompts_per_call {args.prompts_per_call}: give 1 or more rows a call")
     if args.prompts_per_call > 1 and args.cache == "first_block":  # its skip test reads the whole batch
         raise UserError("--cache first_block decides from all the rows of a call: use --prompts_per_call 1")
     generator.cache_config(args, args.num_inference_steps or 50, lambda: 0)  # its JSON, keys and values, checked here
@@ -40,39 +45,46 @@ def check_flags(args):
 def read(args):
     """§4's triplets (V^r, t^r = caption, t^s = neg_caption) of --input_csv to render -> (rows: those
     of --split, todo: the selected ones in file order, their lines in the file, counts: {skipped,
-    not_selected, other_splits}). A missing column, a non-UTF-8 byte or a header-only file stops the
-    run, naming the file; bad rows are named by line and counted (disk.read_csv, select_rows)."""
+    not_selected, other_splits}, skipped: each bad row once, as generated_skipped.csv lists it). A
+    missing column, a non-UTF-8 byte or a header-only file stops the run, naming the file; bad rows
+    are named by line and counted (disk.read_csv, select_rows)."""
     every = read_csv(args.input_csv, required=REQUIRED, texts=TEXTS)  # bad rows named by line, counted
     rows = keep_split(every, args.split, args.input_csv)  # `Train`, ` train`: train; the others counted
-    todo, lines, counts = select_rows(rows, args)  # a (videopath, t^s) twice, --misalignment, --limit
+    todo, lines, twice, not_selected = select_rows(rows, args)  # a (videopath, t^s) twice, --misalignment, --limit
+    # the reader's bad rows (it keeps no cell of them) and the rows of a (videopath, t^s) seen before,
+    # in file order: the summary's count is this list's length
+    skipped = sorted([dict(file=args.input_csv, line=line, videopath="", reason=problem)
+                      for problem, bad in rows.skipped.items() for line in bad] + twice, key=lambda r: r["line"])
     # counted apart from the bad rows: another split is not a fault of the file
-    counts["other_splits"] = len(every) - len(rows)
-    return rows, todo, lines, counts  # rows too: generated.csv keeps the input's columns in its order
+    counts = {"skipped": len(skipped), "not_selected": not_selected, "other_splits": len(every) - len(rows)}
+    return rows, todo, lines, counts, skipped  # rows too: generated.csv keeps the input's columns in its order
 
 
 def select_rows(rows, args):
-    """The rows to generate, in file order, their lines in the file, and what was left out:
-    {skipped: bad rows, not_selected: rows of other --misalignment types or past --limit}.
+    """The rows to generate, in file order, their lines in the file, the rows skipped here (as
+    generated_skipped.csv lists them) and the number not selected (of other --misalignment types
+    or past --limit).
 
     rows: disk.read_csv's, which already skipped (named by line, counted) rows with a wrong
     number of fields, an empty videopath / caption / neg_caption, and exact duplicates, and kept
     those of --split (disk.keep_split). Here a row with the same (videopath, neg_caption) as an
     earlier one (same identity = same seed = same video) is skipped too. A --misalignment that
     selects no row is an error."""
-    keep, lines, first_line, duplicates = [], [], {}, []  # first_line: (videopath, neg_caption) -> its line
+    keep, lines, first_line, twice = [], [], {}, []  # first_line: (videopath, neg_caption) -> its line
     wanted = {kind.strip().lower() for kind in args.misalignment}  # a type is read without case or spaces
     for line, row in zip(rows.lines, rows):
         if args.misalignment and row["misalignment"].strip().lower() not in wanted:  # "Action " is action
             continue  # not asked for
-        if (row["videopath"], row["neg_caption"]) in first_line:
-            duplicates.append(line)
+        if (first := first_line.get((row["videopath"], row["neg_caption"]))) is not None:
+            twice.append(dict(file=args.input_csv, line=line, videopath=row["videopath"],
+                              reason=f"same videopath and neg_caption as line {first}"))
             continue
         first_line[row["videopath"], row["neg_caption"]] = line
         keep.append(row)
         lines.append(line)
-    if duplicates:
-        print0(f"{args.input_csv}: {len(duplicates)} row(s) skipped, same videopath and neg_caption as an earlier "
-               f"row: line(s) {', '.join(map(str, duplicates))}")
+    if twice:
+        print0(f"{args.input_csv}: {len(twice)} row(s) skipped, same videopath and neg_caption as an earlier "
+               f"row: line(s) {', '.join(str(r['line']) for r in twice)}")
     # a misspelt --misalignment is named, with the types the file has
     types = sorted({r["misalignment"] for r in rows})
     for kind in sorted(wanted - {r["misalignment"].strip().lower() for r in keep}):
@@ -82,8 +94,15 @@ def select_rows(rows, args):
                         f"{args.misalignment}; its types: {types}")
     # --limit comes after the filters: the first N rows of what was asked for
     n = args.limit or len(keep)
-    bad = sum(map(len, rows.skipped.values())) + len(duplicates)
-    return keep[:n], lines[:n], {"skipped": bad, "not_selected": len(rows) - len(duplicates) - len(keep[:n])}
+    return keep[:n], lines[:n], twice, len(rows) - len(twice) - len(keep[:n])
+
+
+def write_skipped(out_dir, skipped):
+    """<out_dir>/generated_skipped.csv: each bad row of --input_csv once (file, line, videopath, reason),
+    in file order, header only when none was (the same bytes on a rerun: written whole, atomically)."""
+    path = os.path.join(out_dir, "generated_skipped.csv")
+    write_csv(path, skipped, SKIPPED_COLUMNS)
+    return path
 
 
 def summary(counts):
@@ -112,7 +131,8 @@ def video_name(row):
 def resume_record(args, settings):
     """What the videos of out_dir are made of (disk.check_resume): the input, the rows, G and every
     setting that moves a pixel. The cache, compile, tiling and batching options enter only when set,
-    so a folder made before them still resumes; --cpu_offload and --vae_slicing move no pixel."""
+    so a folder made before them still resumes; --cpu_offload moves no pixel (and the VAE always decodes
+    one video at a time, generator.load_generator)."""
     record = {"input_csv": file_hash(args.input_csv), "split": args.split, "misalignment": sorted(args.misalignment),
               "seed": args.seed, "pipeline": args.pipeline, "pipeline_kwargs": args.pipeline_kwargs,
               "dtype": args.dtype, **settings}
@@ -178,6 +198,13 @@ def on_disk(row, out_dir):
     """Whether the row's video is done: it exists under its final name. video_io.write_video writes a
     *.tmp<pid>.mp4 and renames it last, so a killed run's partial file never counts as done."""
     return os.path.exists(os.path.join(out_dir, row["syn_video"]))  # the name alone: the row's identity, hashed
+
+
+def videos_kept(out_dir):
+    """Whether any video is in <out_dir>/videos/, done or being written (a *.tmp<pid>.mp4 of a process
+    that may still be running): the work resume.json protects. None (a first run stopped by a setting
+    G refused in its first call, before its first video): the corrected command's record replaces it."""
+    return bool(glob.glob(os.path.join(glob.escape(out_dir), "videos", "*.mp4")))
 
 
 def wait_for_videos(todo, out_dir, dist):

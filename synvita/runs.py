@@ -10,19 +10,26 @@ import torch
 
 from common import UserError  # defined beside the prompts that raise it; every stage raises it too
 
-__all__ = ["UserError", "run_stage", "parse_args", "DIST_TIMEOUT", "Dist", "setup_distributed", "plural", "print0",
+__all__ = ["UserError", "run_stage", "parse_args", "check_numbers", "DIST_TIMEOUT", "Dist", "setup_distributed", "plural", "print0",
            "seed_everything", "example_seed", "shard", "progress", "wait_for_files", "files_state"]
 
 
 # ---- a user's mistake: one line and exit status 2, no traceback ---------------------------------
-def run_stage(main, args_class):
-    """A stage's entry point: parse the flags (choices checked before any work), run main(args), and
-    turn a UserError into one line on stderr and exit status 2."""
+def run_stage(main, args_class, resume_flag=""):
+    """A stage's entry point: parse the flags (choices and numbers checked before any work), run
+    main(args), and turn a UserError into one line on stderr and exit status 2, and Ctrl-C into one
+    line and exit status 130 (the shell's for SIGINT): every stage resumes from what it wrote, with
+    the same command (+ resume_flag, e.g. 03's --resume)."""
     try:
         main(parse_args(args_class))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # a user's Ctrl-C (torchrun passes it to every rank): no traceback
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"stopped: {os.path.basename(sys.argv[0])} was interrupted; the work on disk is kept, "
+                  f"and the same command{' with ' + resume_flag if resume_flag else ''} goes on from it", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 def parse_args(cls, argv=None):
     """Command-line flags from an `Args` dataclass: one `--field` per field, its type from the
@@ -56,7 +63,25 @@ def parse_args(cls, argv=None):
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
             parser.add_argument(f"--{f.name}", type=kind, **({"nargs": "*"} if many else {}), **kw)
-    return cls(**vars(parser.parse_args(argv)))
+    args = cls(**vars(parser.parse_args(argv)))
+    check_numbers(args, getattr(cls, "POSITIVE", ()))
+    return args
+
+def check_numbers(args, positive=()):
+    """Every numeric flag, before any work: a finite number, never negative (no flag of any stage
+    means anything below 0; 0 is "the default" or "none" where its --help says so), and above 0 for
+    those named in the Args' POSITIVE (a count of rows or steps, a rate). A UserError names the flag."""
+    import dataclasses
+    import math
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):  # nan, inf: argparse's float() takes them
+            raise UserError(f"--{f.name} {value}: give a finite number")
+        if value < 0 or (value == 0 and f.name in positive):
+            raise UserError(f"--{f.name} {value}: give a number " + (">= 1" if f.name in positive and isinstance(value, int)
+                                                                     else "> 0" if f.name in positive else ">= 0"))
 
 
 # ---- torchrun, seeds, printing -------------------------------------------------------------------

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from synvita import parts
 from synvita.clip_t5 import load_member
-from synvita.disk import check_resume, file_hash
+from synvita.disk import check_outputs, check_resume, file_hash
 from synvita.runs import UserError, print0, progress, shard
 from synvita.video_io import read_video
 from synvita.vqa import vqa_prompt
@@ -23,16 +23,41 @@ from synvita.vqa import vqa_prompt
 
 # ---- what a user gave, checked before any work: flags, members, and a run that weighed nothing --------
 def check_flags(args):
-    """The flags argparse cannot check (its Literal types refuse a wrong --vqascore or --weighting):
-    a UserError names each. Returns each member's name (member_name)."""
+    """The flags argparse and runs.check_numbers cannot check (its Literal types refuse a wrong --vqascore
+    or --weighting): a UserError names each. Then every path 02 writes against every path it reads
+    (disk.check_outputs), before anything is read. Returns each member's name (member_name) and --out_csv."""
     if not args.generated_csv:  # (--fig2_only, which needs none, never gets here)
         raise UserError("--generated_csv is required: the generated.csv that 01_generate.py wrote")
-    if args.num_frames < 1 or args.pairs_per_forward < 1:
-        raise UserError(f"--num_frames {args.num_frames}, --pairs_per_forward {args.pairs_per_forward}: each at least 1")
     names = [member_name(m) for m in args.models]  # each member's score columns and cache folder
     if len(set(names)) != len(names):
         raise UserError(f"two ensemble members share a name {names}: their score columns would collide")
-    return names
+    out_csv = args.out_csv or os.path.join(os.path.dirname(os.path.abspath(args.generated_csv)), "weighted.csv")
+    stem = os.path.splitext(out_csv)[0]  # <dir>/weighted: the JSON, figure, skip list, gallery and cache share it
+    ends = ["_skipped.csv", ".json", "_fig2.png"] + ["_gallery.html"] * args.gallery  # beside --out_csv
+    writes = {"--out_csv": out_csv, **{f"--out_csv ({end})": stem + end for end in ends},
+              "--out_csv (cache_dir)": stem + "_cache"}  # "_dir)": a folder, to check_outputs
+    # a member or --video_root given as a local folder is read too: never written over
+    check_outputs(writes, {"--generated_csv": args.generated_csv, "--video_root": args.video_root,
+                           "--models": [m for m in args.models if os.path.exists(m)]})
+    return names, out_csv
+
+
+# ---- an older 02 output as input: its scores and weight are dropped, this run's replace them ---------
+# the columns 02 appends (02_weight.write_weighted): each member's VQAScores, fbar twice, phi
+OWN_COLUMNS, OWN_PREFIXES = ("score_syn_target", "score_syn_real", "weight"), ("vqascore_target_", "vqascore_real_")
+
+
+def without_old_scores(rows, path):
+    """read_csv's rows without the columns an earlier 02 run wrote (re-weighing its weighted.csv, e.g.
+    with another --weighting): a stale fbar or phi would make a row that this run cannot score look
+    scored, and its header would name them twice. One printed line names what is dropped."""
+    old = [c for c in rows[0] if c in OWN_COLUMNS or c.startswith(OWN_PREFIXES)]
+    if old:
+        for r in rows:  # in place: rows keeps its lines and skipped counts
+            for c in old:
+                del r[c]
+        print0(f"{path}: already has 02's output columns {old}: dropped; every score and weight written is this run's")
+    return rows
 
 
 def refuse_empty_run(args, names, cache, caches, skipped):

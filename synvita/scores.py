@@ -6,7 +6,8 @@
   earlier run with the same settings scored (pairs_left);
 - the per-rank part files of synvita/parts.py: <task>_scores.rank<r>.jsonl, one record
   [videopath, caption, f, a] a line, and <task>_finished.rank<r>.json, whose payload is the rank's
-  unreadable videos; rank 0 merges the parts into <task>_scores.csv (merge_parts);
+  unreadable videos; rank 0 merges the parts into <task>_scores.csv (merge_parts), each pair once
+  (merged_rows: a merge killed before it removed the parts is merged again to the same bytes);
 - the videos decoded in threads, the next --video_batch while f runs on this one (pair_batches);
 - <task>_skipped.csv, every row, video and pair left out, and the counts of results.json (tally).
 """
@@ -22,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from synvita import disk, parts, runs, shared_prefix, video_io, video_llm
+from synvita import disk, parts, runs, shared_prefix, tasks, video_io, video_llm
 from synvita.runs import UserError
 from synvita.tasks import description
 
@@ -79,6 +80,22 @@ def collect(path, numbered):
     return scores, rows, {"duplicates": duplicates, "malformed": len(malformed)}
 
 
+# ---- what 04 writes against what it reads, before any work ----------------------------------------
+def check_paths(args, files):
+    """Before anything is read, loaded or written (the startup's clear_finished removes files): every file
+    04 writes in --out_dir, and the folder itself, against every path it reads (disk.check_outputs), so
+    that --out_dir through a file, or an output that is one of the inputs however named, stops with one
+    line instead of replacing an input or failing hours later. `files`: {task: its file}."""
+    writes = {"--out_dir": args.out_dir, "--out_dir (results.json)": os.path.join(args.out_dir, "results.json")}
+    ends = ["_skipped.csv"] + ([] if args.scores else ["_scores.csv", "_settings.json"])  # --scores: no model run
+    writes.update({f"--out_dir ({name}{end})": os.path.join(args.out_dir, name + end) for name in files for end in ends})
+    reads = {f"--{name}": path for name, path in files.items()}
+    reads.update({"--atphard_types": tasks.types_file(args) if "atphard" in files else "", "--scores": args.scores,
+                  "--video_root": args.video_root, "--adapter": args.adapter,
+                  "--model": args.model if os.path.exists(args.model) else ""})  # a local folder, not a hub id
+    disk.check_outputs(writes, reads)
+
+
 # ---- a task's pairs left to score -----------------------------------------------------------------
 def prompts_too_long(path, pairs, model, processor, args):
     """f(V, t) (Eq. 1) read at positions the LLM never saw would be silently wrong: {pair: why} for
@@ -108,14 +125,17 @@ def pairs_left(name, pairs, args, dist):
     is opened again (appending)."""
     final = os.path.join(args.out_dir, f"{name}_scores.csv")
     adapter = [os.path.join(args.adapter, f) for f in ("adapter_config.json", "adapter_model.safetensors")]
-    # scores already in out_dir count only if made with the same task file, model and frames
+    # done: every pair in the merged file or in any rank's part (a rerun may use another rank count);
+    # read before the settings check, which protects them only if there are any
+    done = set(read(final)[0]) if os.path.exists(final) else set()
+    done = done.union(*(read_part(p)[0] for p in part_files(name, args)))
+    # scores already in out_dir count only if made with the same task file, model and frames; a run that
+    # stopped before its first score (a full disk) left only its settings: the corrected command's replace them
     disk.check_resume(os.path.join(args.out_dir, f"{name}_settings.json"), {  # the scores here are of this
         "task_file": disk.file_hash(getattr(args, name)), "model": args.model, "prompt": args.prompt,
         "adapter": [disk.file_hash(f) for f in adapter if os.path.exists(f)] if args.adapter else "",
-        **{k: getattr(args, k) for k in ("video_root", "strip_prefix", "num_frames", "sampling")}}, dist)
-    # done: every pair in the merged file or in any rank's part (a rerun may use another rank count)
-    done = set(read(final)[0]) if os.path.exists(final) else set()
-    done = done.union(*(read_part(p)[0] for p in part_files(name, args)))
+        **{k: getattr(args, k) for k in ("video_root", "strip_prefix", "num_frames", "sampling")}}, dist,
+        kept=bool(done))
     videos = set(runs.shard(sorted({v for v, _ in pairs}), dist))  # by video, before the scan
     todo = defaultdict(list)  # videopath -> captions still to score on it (this rank's videos only)
     for video, caption in sorted(set(pairs) - done):
@@ -129,7 +149,8 @@ def pairs_left(name, pairs, args, dist):
 # ---- the per-rank part files (synvita/parts.py) and their merge -----------------------------------
 # Each rank appends its scores to <task>_scores.rank<r>.jsonl and, once done, writes
 # <task>_finished.rank<r>.json (its unreadable videos); rank 0 then merges every part into
-# <task>_scores.csv and removes the parts. A rerun reads all of these, scores only what is missing.
+# <task>_scores.csv and removes the parts. A rerun reads all of these, scores only what is missing,
+# and merges a pair that <task>_scores.csv already holds never again (a kill between write and removal).
 def part_path(name, args, rank):
     """<out_dir>/<task>_scores.rank<r>.jsonl: the part file that rank r appends its scores to."""
     return os.path.join(args.out_dir, f"{name}_scores.rank{rank}.jsonl")
@@ -194,11 +215,28 @@ def merge_parts(name, bad, args, dist):
     watch = [os.path.join(glob.escape(args.out_dir), f"{name}_scores.rank*.jsonl")]
     bad = [m for payload in parts.wait_for_all(finished, dist.timeout, watch) for m in payload]
     found = part_files(name, args)
-    # the rows as read: the earlier runs' merged file first, then each rank's complete records
-    merged = (read(final)[1] if os.path.exists(final) else []) + [r for p in found for r in read_part(p)[1]]
-    disk.write_csv(final, [dict(zip(SCORE_COLUMNS, r)) for r in merged], SCORE_COLUMNS)
+    disk.write_csv(final, [dict(zip(SCORE_COLUMNS, r)) for r in merged_rows(final, found)], SCORE_COLUMNS)
+    # a kill from here on leaves parts that <task>_scores.csv already holds: the rerun's merge skips them
     list(map(os.remove, found + finished))  # merged: a rerun reads <task>_scores.csv alone
     return final, bad
+
+
+def merged_rows(final, found):
+    """The rows of <task>_scores.csv after a merge, as read: the earlier runs' merged file first, then each
+    part's complete records of the pairs not yet in it. Idempotent: a run killed between writing
+    <task>_scores.csv and removing its parts leaves records that the file already holds, and its rerun's
+    merge must not add them again (each pair once: the same bytes as a run never killed). One pair with
+    two different f(V, t) is an error naming both files, never a silent choice."""
+    sources = ([(final, read(final)[1])] if os.path.exists(final) else []) + [(p, read_part(p)[1]) for p in found]
+    rows, first = [], {}  # first: (videopath, description) -> (the file that gave it, its f(V, t))
+    for path, records in sources:
+        for row in records:
+            key, score = (row[0].strip(), description(row[1])), float(row[2])  # as read() keys them
+            if (old := first.setdefault(key, (path, score))) == (path, score):
+                rows.append(row)
+            elif old[1] != score:
+                raise UserError(f"{old[0]} and {path} score {key} as {old[1]} and {score}")
+    return rows
 
 
 # ---- decoding videos in threads -------------------------------------------------------------------

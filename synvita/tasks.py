@@ -9,17 +9,23 @@ import os
 import re
 from collections import defaultdict
 
+import common
 from synvita import disk, runs
 from synvita.runs import UserError
 
 # ---- the task flags and their files ---------------------------------------------------------------
-# VideoCon's `caption` columns may hold mPLUG-Owl's whole prompt: the description is in its quotes
-PROMPT = re.compile(r'description: "(.*)"\?', re.S)
+# VideoCon's `caption` columns may hold mPLUG-Owl's whole prompt (common.OWL_PROMPT around
+# common.QUESTION): the description t is what fills its {caption}. Only a cell that IS that prompt, as
+# a whole, is unwrapped: a caption that merely quotes `description: "..."?` is a caption (issue 37).
+HEAD, TAIL = common.OWL_PROMPT.format(question=common.QUESTION).split("{caption}")
+# its line ends as \n or \r\n (a CSV saved on Windows keeps \r\n inside quoted cells); any spaces after "AI:"
+PROMPT = re.compile(r"\r?\n".join(map(re.escape, HEAD.split("\n"))) + "(.*)"
+                    + r"\r?\n".join(map(re.escape, TAIL.rstrip().split("\n"))) + r"\s*", re.S)
 
 
 def description(caption):
-    """The description inside an mPLUG-Owl prompt; a plain caption is returned as it is."""
-    return match.group(1) if (match := PROMPT.search(caption)) else caption
+    """The description t inside a cell that is mPLUG-Owl's whole prompt; any other caption as it is."""
+    return match.group(1) if (match := PROMPT.fullmatch(caption)) else caption
 
 
 def files_given(args, names):
@@ -206,9 +212,14 @@ def question_types(args):
     """ATP-Hard's question types, {(video id, question): type}: they are in NExT-QA's own file, not in
     the statements file. Read before any scoring; ids and questions stripped, the type's case ignored
     (its first letter is the split: C causal, T temporal)."""
-    path = args.atphard_types or os.path.join(os.path.dirname(args.atphard), "nextqa-atphard.csv")
+    path = types_file(args)
     rows = disk.read_csv(path, ["video", "question", "type"], texts=("video", "question", "type"))
     return {(r["video"].strip(), r["question"].strip()): r["type"].strip().upper() for r in rows}
+
+
+def types_file(args):
+    """The NExT-QA file of ATP-Hard's question types: --atphard_types, or nextqa-atphard.csv beside --atphard."""
+    return args.atphard_types or os.path.join(os.path.dirname(args.atphard), "nextqa-atphard.csv")
 
 
 def match_groups(rows):

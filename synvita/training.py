@@ -21,11 +21,8 @@ def micro_batch_plan(items, args, dist):
     """Every epoch's micro-batches (the plan), the micro-batches each process accumulates per optimizer
     step (accum), and the number of optimizer steps (total). Refuses settings that cannot make
     --batch_size, or that leave nothing to train."""
-    # --batch_size = world_size x accum x --micro_batch_size released rows: accum follows from the rest
-    accum, rest = divmod(args.batch_size, max(args.micro_batch_size, 1) * dist.world_size)
-    if rest or not accum or args.micro_batch_size < 2:  # a triplet's Yes and No rows never part
-        raise UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
-                        f"{args.micro_batch_size} (at least 2: a triplet is 2 rows) x {runs.plural(dist.world_size, 'process')}")
+    check_batch(args, dist)
+    accum = args.batch_size // (args.micro_batch_size * dist.world_size)  # --batch_size = world x accum x micro
     plan = [epoch_micro_batches(items, e, args) for e in range(args.num_epochs)]  # every epoch, drawn up front
     per_global = accum * dist.world_size  # micro-batches in one global batch
     total = sum(len(e) // per_global for e in plan)  # each epoch's tail that fills no global batch is dropped
@@ -38,13 +35,31 @@ def micro_batch_plan(items, args, dist):
     return plan, accum, total
 
 
+def check_batch(args, dist):
+    """--batch_size = processes x accum x --micro_batch_size released rows, and a micro-batch holds
+    whole triplets (a triplet's Yes and No rows share its two videos: 2 rows) and explanations (1
+    row): an odd --micro_batch_size could not be filled by triplets, and its steps would train fewer
+    rows than the plan and log.jsonl say. Refused before any work, naming the sizes that work."""
+    b, m, n = args.batch_size, args.micro_batch_size, dist.world_size
+    if m % 2 == 0 and b % (m * n) == 0:
+        return
+    fits = [str(k) for k in range(2, b // n + 1, 2) if b % (k * n) == 0]  # even sizes that make --batch_size
+    said = " or ".join([", ".join(fits[:-1]), fits[-1]] if len(fits) > 1 else fits)  # "2, 4 or 8"
+    works = f"--micro_batch_size {said} works" if fits else f"none can: give a --batch_size that is a multiple of 2 x {n}"
+    why = "is odd (a triplet is 2 rows, kept together)" if m % 2 else f"x {n} does not divide {b}"
+    raise UserError(f"--batch_size {b}, --micro_batch_size {m}, {runs.plural(n, 'process')}: {m} {why}; {works}")
+
+
 def pack(order, sizes, m):
-    """Cut a shuffled `order` of items into micro-batches of m released rows: a triplet counts 2 (its
-    Yes and No rows, kept together so that they share their two videos), an explanation 1. An item
-    that does not fit what is left of a micro-batch waits for the next one, and the next item that
-    fits fills the gap; if none is left (an odd m, no explanation left) the micro-batch is one row
-    short. The tail that cannot fill m - 1 rows is dropped."""
-    queue, left, out = deque(order), Counter(sizes[i] for i in order), []  # left: items per size still queued
+    """Cut a shuffled `order` of items into micro-batches of exactly m released rows (m even: check_batch):
+    a triplet counts 2 (its Yes and No rows, kept together so that they share their two videos), an
+    explanation 1. An item that does not fit what is left of a micro-batch waits for the next one, and
+    the next item that fits fills the gap. An odd count of explanations leaves the order's last one
+    out (with it every micro-batch uses an even count, so none is one row short: each step trains the
+    rows it logs); the tail that fills no micro-batch is dropped too (drop_last)."""
+    ones = [i for i in order if sizes[i] == 1]  # the explanations, in the shuffled order
+    queue = deque(i for i in order if len(ones) % 2 == 0 or i != ones[-1])  # an even count of them
+    left, out = Counter(sizes[i] for i in queue), []  # left: items per size still queued
     while queue:
         batch, free, k = [], m, 0  # free: rows left in this micro-batch; k: the queue position looked at
         while free and k < len(queue) and any(left[size] for size in range(1, free + 1)):
@@ -56,7 +71,7 @@ def pack(order, sizes, m):
             left[sizes[item]] -= 1
             batch.append(item)
             free -= sizes[item]  # 2 rows for a triplet, 1 for an explanation
-        if free > 1:  # the queue ran out: the tail is dropped (drop_last)
+        if free:  # the queue ran out: the tail is dropped (drop_last)
             break
         out.append(batch)
     return out
@@ -138,18 +153,20 @@ def die_with(parent, worker_id):
 
 # ---- the training loop's steps ----
 def print_data(items, skipped, total, accum, args, dist):
-    """One printed line: what trains (triplets, those without a twin, explanations), what is skipped,
-    by problem (each row once: the reader's, a missing video, a prompt too long), and the global
-    batches. skipped: the rows not trained on and the triplets without a twin, as skipped.csv lists them."""
-    kept = [r for r in items if r["kind"] == "triplet"]  # the triplets
-    no_twin = sum(r["syn"] is None for r in kept) if args.use_syn else 0  # listed in skipped.csv too
+    """One printed line: what trains (triplets, explanations), what skipped.csv lists (each row once)
+    by problem (the reader's, a missing video, a prompt too long) and the rows whose twin is not
+    used, the same counts as the file; and the global batches."""
+    kept = sum(r["kind"] == "triplet" for r in items)  # the triplets
+    no_twin = sum(s["reason"].startswith(triplets.NO_TWIN) for s in skipped)  # trained, their twin V^s not
     problems = Counter(s["reason"].split(":")[0] for s in skipped if not s["reason"].startswith(triplets.NO_TWIN))
     by_problem = f" ({', '.join(f'{k}: {n}' for k, n in sorted(problems.items()))})" if problems else ""
-    but = " but the twins --syn_types leaves out" if args.syn_types else ""  # Table 2's are not skipped
-    runs.print0(f"{len(kept)} triplets ({no_twin} without a twin, trained on L_real alone) and "
-                f"{len(items) - len(kept)} explanations; {sum(problems.values())} rows skipped{by_problem}"
-                f"; all listed in skipped.csv{but}. {runs.plural(total, 'step')} of {args.batch_size} rows = "
-                f"{runs.plural(dist.world_size, 'process')} x {runs.plural(accum, 'micro-batch')} x {args.micro_batch_size}")
+    alone = " (on L_real alone)" if len(args.train_csv) == 1 else ""  # else a twin of another CSV may train
+    but = " (not the twins --syn_types leaves out, counted above)" if args.syn_types else ""  # Table 2's
+    runs.print0(f"{runs.plural(kept, 'triplet')} and {runs.plural(len(items) - kept, 'explanation')} train; "
+                f"skipped.csv lists {runs.plural(len(skipped), 'row')}: {sum(problems.values())} skipped{by_problem}, "
+                f"{no_twin} trained without their twin V^s{alone}{but}. "
+                f"{runs.plural(total, 'step')} of {args.batch_size} rows = {runs.plural(dist.world_size, 'process')} "
+                f"x {runs.plural(accum, 'micro-batch')} x {args.micro_batch_size}")
 
 
 def lr_schedule(optimizer, args, total):

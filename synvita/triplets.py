@@ -1,5 +1,5 @@
 """The training items of 03_train.py (§6 data): the triplets (V^r, t^r, t^s) of --train_csv with their
-synthetic twins V^s = G(t^s) and weights w = phi (§5 Eq. 4 / Table 4, clamped at 0), Table 2's
+synthetic twins V^s = G(t^s) and weights w = phi (§5 Eq. 4 / Table 4, in [0, 1]), Table 2's
 --syn_types, Table 5's "ALL" (several CSVs merged by the real triplet, a twin from each), and
 VideoCon's explanation (NLE) rows; every flag and input checked before anything is loaded or written."""
 import math
@@ -17,7 +17,8 @@ from synvita.runs import UserError
 # A training item is a dict. A triplet: kind "triplet", line (its line in the first CSV that lists
 # it), real (V^r's path), caption (t^r), neg (t^s), syn (V^s's path; None: trained without a twin),
 # w (phi; 0 without a twin), rows = 2, and, only where later --train_csv files add twins (Table 5's
-# "ALL"), more_twins = [(V^s's path, phi), ...] (twins() lists them all). An explanation: kind "nle",
+# "ALL"), more_twins = [(V^s's path, phi), ...] (twins() lists them all) and more_rows = [(file,
+# line), ...], the later CSVs' rows merged into it (each skipped with it). An explanation: kind "nle",
 # line, real, neg (the t^s it explains), nle (its text), rows = 1. Rows are counted as the released
 # code counts them: a triplet is TWO rows, its Yes row (V^r, t^r) and its No row (V^r, t^s), each
 # with its twin; an explanation is ONE. --batch_size and --micro_batch_size count these rows. A
@@ -26,20 +27,23 @@ NO_TWIN = "trained without a twin: "  # skipped.csv's reason for a row whose twi
 
 
 def number(cell):
-    """A CSV cell as a float: NaN if empty or "nan" (02's unscored V^s: the triplet trains without its
-    twin, counted); None if it is no number at all ("0,5", "high": phi_weights names it)."""
+    """A CSV cell as a float: NaN if empty (02's unscored V^s: the triplet trains without its twin,
+    counted); None if it is no number ("0,5", "high", and "nan", which 02 never writes: phi_weights
+    names it)."""
     try:
-        return float(cell) if cell.strip() else float("nan")
+        value = float(cell) if cell.strip() else float("nan")
     except ValueError:
         return None
+    return None if cell.strip() and math.isnan(value) else value
 
 
 def load_triplets(args):
-    """The CSV rows as triplets with absolute video paths and the weight w (phi clamped at 0, as in the
-    released code). A row whose real video is missing is a counted skip. A row whose twin cannot be
-    used (no syn_video, its file missing, a missing/NaN weight or score) trains on L_real alone, its
-    synthetic terms 0, as the released code trains such rows; it is counted and listed too. Both go
-    to skipped.csv with the reason. A video that exists but cannot be decoded stops the run.
+    """The CSV rows as triplets with absolute video paths and the weight w = phi in [0, 1]. A row
+    whose real video is missing is a counted skip. A row whose twin cannot be used (no syn_video,
+    its file missing, an empty weight or score) trains on L_real alone, its synthetic terms 0, as
+    the released code trains such rows; it is counted and listed too. Both go to skipped.csv with the
+    reason. A weight outside [0, 1] and one V^s with two weights stop the run (phi_weights,
+    refuse_two_weights), as a video that exists but cannot be decoded does later.
     Several --train_csv files (Table 5's "ALL", one per generator) are merged by the real triplet
     (videopath, caption, neg_caption; the n-th such row of one CSV with the n-th of another): it is
     ONE triplet, in the order the CSVs first list it, with a twin from each CSV that has a usable one. The reader's skipped
@@ -64,6 +68,8 @@ def load_triplets(args):
             if key not in by_key:  # the first CSV that lists it: its real part, once
                 by_key[key] = new_triplet(r, path, rows.lines[i], args)  # None: V^r is missing
                 keep += [by_key[key]] if by_key[key] else []
+            elif by_key[key]:  # a later CSV's row of it: skipped with it if its prompt is too long
+                by_key[key].setdefault("more_rows", []).append((path, rows.lines[i]))
             types.add(r.get("misalignment", ""))  # the file's types, for an unknown --syn_types
             if by_key[key] is None:  # no V^r: nothing of the triplet can be trained
                 skipped.append({**where, "reason": f"video not found: {os.path.join(args.video_root, r['videopath'])}"})
@@ -91,13 +97,19 @@ def load_triplets(args):
 
 
 def check_data_flags(args):
-    """Refuse flag values that cannot work (every choice flag: argparse refuses them on the command
-    line, this check when main(args) is called from Python), before anything is loaded or written;
-    returns the columns that phi is read from: 02_weight.py's `weight`, none for w = 1, or the two
-    VQAScores it is computed from."""
+    """Refuse flag values that cannot work (every choice flag and number: argparse and
+    runs.check_numbers refuse them on the command line, this check when main(args) is called from
+    Python) and an --out_dir that is an input or runs through a file, before anything is loaded or
+    written; returns the columns that phi is read from: 02_weight.py's `weight`, none for w = 1, or
+    the two VQAScores it is computed from."""
     for f in fields(args):  # --prompt, --answer_loss, --weighting, --frame_sampling
         if get_origin(f.type) is Literal and getattr(args, f.name) not in get_args(f.type):
             raise UserError(f"--{f.name} {getattr(args, f.name)!r}: use one of {list(get_args(f.type))}")
+    runs.check_numbers(args, type(args).POSITIVE)  # finite, >= 0, and > 0 where a count or a rate
+    if args.lora_dropout >= 1:  # nn.Dropout(p=1) zeroes every LoRA input: nothing would train
+        raise UserError(f"--lora_dropout {args.lora_dropout}: give a probability below 1 (the paper's: 0.05)")
+    disk.check_outputs({"--out_dir": args.out_dir}, {"--train_csv": args.train_csv, "--feedback_csv": args.feedback_csv,
+                                                     "--video_root": args.video_root, "--model": args.model})
     if not args.train_csv:  # `--train_csv` with no file after it
         raise UserError("--train_csv: give one CSV, or one per generator (Table 5's \"ALL\")")
     if args.syn_types and not args.use_syn:  # the VideoCon baseline has no twin to pick
@@ -114,7 +126,26 @@ def read_train_csv(path, scores, args):
     texts = ["videopath", "caption", "neg_caption"]  # an empty syn_video is a triplet without a twin
     columns = texts + (["syn_video"] + scores if args.use_syn else []) + (["misalignment"] if args.syn_types else [])
     rows = disk.keep_split(disk.read_csv(path, columns, texts=texts), args.split, path)
-    return rows, phi_weights(rows, scores, args, path)
+    w = phi_weights(rows, scores, args, path)
+    if args.use_syn:
+        refuse_two_weights(rows, w, path)
+    return rows, w
+
+
+def refuse_two_weights(rows, w, path):
+    """One V^s has one phi: the same triplet (videopath, caption, neg_caption) with the same syn_video
+    on two rows of one CSV with different weights (an empty one included) is a contradiction, not a
+    repeated caption; which phi is right is not ours to guess, so the run stops, naming both lines.
+    The same twin with the same weight trains on each row, as a repeated caption does."""
+    first = {}  # (triplet, syn_video) -> (its first line, its phi)
+    for line, r, phi in zip(rows.lines, rows, w):
+        if not r["syn_video"]:  # no twin: no weight is read
+            continue
+        seen, phi0 = first.setdefault((r["videopath"], r["caption"], r["neg_caption"], r["syn_video"]), (line, phi))
+        if phi != phi0 and not (math.isnan(phi) and math.isnan(phi0)):
+            here, there = ("empty" if math.isnan(v) else f"{v:g}" for v in (phi, phi0))
+            raise UserError(f"{path}:{line}: the triplet and syn_video of line {seen} with another weight "
+                            f"({here} here, {there} there): one V^s has one phi; keep one of the two rows")
 
 
 def reader_skips(rows, path):
@@ -161,19 +192,19 @@ def csv_names(args):
 
 
 def phi_weights(rows, scores, args, path):
-    """§5 Eq. (4) / Table 4: each row's weight w = phi(V^s, t^s, t^r), clamped at 0 (NaN where a
-    needed cell is missing or not a number). --weighting csv reads 02_weight.py's `weight`; a
-    WEIGHTINGS name recomputes it from fbar(V^s, t^s) and fbar(V^s, t^r); 'fixed' (and --no-use_syn)
-    is w = 1. A value outside [0, 1] stops the run, naming its lines."""
+    """§5 Eq. (4) / Table 4: each row's weight w = phi(V^s, t^s, t^r) (NaN where a needed cell is
+    empty). --weighting csv reads 02_weight.py's `weight`; a WEIGHTINGS name recomputes it from
+    fbar(V^s, t^s) and fbar(V^s, t^r), clamped at 0; 'fixed' (and --no-use_syn) is w = 1. A cell
+    that is no number ("0,5", "nan") or lies outside [0, 1] (-0.5, -inf, 2) stops the run, naming
+    its line: every phi of 02 and every VQAScore lies in [0, 1]."""
     for c in scores:  # a cell that is no number is a mistake, not a missing score
         if bad := next((line for line, r in zip(rows.lines, rows) if number(r[c]) is None), None):
             raise UserError(f"{path}:{bad}: {c} {rows[rows.lines.index(bad)][c]!r} is not a number")
     column = {c: np.array([number(r[c]) for r in rows]) for c in scores}  # (rows,) each
-    for c in scores:  # VQAScores lie in [0, 1], phi <= 1 (a NaN is a counted skip in load_triplets)
-        low = 0 if c.startswith("score") else -math.inf  # a negative weight is clamped at 0 below
+    for c in scores:  # VQAScores and phi lie in [0, 1] (an empty cell, NaN, is a counted skip in load_triplets)
         if bad := [(line, r[c]) for line, r, v in zip(rows.lines, rows, column[c])
-                   if not low <= v <= 1 and not math.isnan(v)]:  # the first named, the others counted
-            raise UserError(f"{path}:{bad[0][0]}: {c} {bad[0][1]} outside [{low}, 1]"
+                   if not 0 <= v <= 1 and not math.isnan(v)]:  # the first named, the others counted
+            raise UserError(f"{path}:{bad[0][0]}: {c} {bad[0][1]} outside [0, 1]"
                             + (f" (and {len(bad) - 1} more row(s))" if len(bad) > 1 else ""))
     if not args.use_syn or args.weighting == "fixed":
         w = np.ones(len(rows))  # Eq. (3), unweighted
@@ -182,7 +213,8 @@ def phi_weights(rows, scores, args, path):
     else:
         ft, fr = column["score_syn_target"], column["score_syn_real"]  # fbar(V^s, t^s), fbar(V^s, t^r)
         w = np.where(np.isfinite(ft) & np.isfinite(fr), WEIGHTINGS[args.weighting](ft, fr), np.nan)
-    return np.maximum(w, 0.0)  # phi >= 0 (NaN stays NaN)
+        w = np.maximum(w, 0.0)  # a student's WEIGHTINGS entry below 0: phi >= 0 (NaN stays NaN)
+    return w
 
 
 def why_no_twin(syn, w):
@@ -192,8 +224,8 @@ def why_no_twin(syn, w):
         return "no syn_video"
     if not os.path.isfile(syn):
         return f"synthetic video not found: {syn}"
-    if not math.isfinite(w):
-        return "weight is missing or not a number"
+    if not math.isfinite(w):  # an empty weight (or score) cell: 02 could not weigh V^s
+        return "weight is missing"
     return ""
 
 

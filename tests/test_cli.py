@@ -127,3 +127,57 @@ def test_a_bug_keeps_its_traceback(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" in done.stderr and "KeyError: 'bug'" in done.stderr
     assert tiny.ROOT == ROOT
+
+
+def numeric_flags(script):
+    """(flag, value type, must it be above 0) of every int and float flag of a stage's Args."""
+    import dataclasses
+    import importlib
+    stage = importlib.import_module(os.path.splitext(script)[0])
+    return [(f.name, type(f.default), f.name in stage.Args.POSITIVE) for f in dataclasses.fields(stage.Args)
+            if type(f.default) in (int, float)]
+
+
+@pytest.mark.parametrize("script", STAGES)
+def test_every_numeric_flag_is_checked_before_any_work(script, tmp_path):
+    """Issue 37: a negative, zero (where a count or a rate must be above 0), nan or inf value of any
+    numeric flag is one line naming it, before anything is read, looked up or written; a stage's
+    POSITIVE names only its own flags."""
+    flags = numeric_flags(script)
+    assert len(flags) >= 4 and {name for name, _, positive in flags if positive} >= {"dist_timeout"}
+    for name, kind, positive in flags:
+        bad = ["-1"] + (["0"] if positive else []) + (["nan", "inf", "-inf"] if kind is float else [])
+        for value in bad:
+            done = run_main(script, f"--{name}={value}", cwd=tmp_path)  # "=": argparse reads -inf as a flag
+            wanted = "give a finite number" if value in ("nan", "inf", "-inf") else \
+                "give a number >= 0" if not positive else "give a number >= 1" if kind is int else "give a number > 0"
+            assert_user_error(done, f"--{name} {float(value) if kind is float else int(value)}: {wanted}")
+    assert os.listdir(tmp_path) == []  # nothing written, not even settings
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("01_generate.py", ["--input_csv", "in.csv", "--out_dir", "a_file/gen"]),
+    ("02_weight.py", ["--generated_csv", "in.csv", "--out_csv", "a_file/weighted.csv"]),
+    ("03_train.py", ["--train_csv", "in.csv", "--out_dir", "a_file"]),
+    ("04_eval.py", ["--videocon_llm", "in.csv", "--out_dir", "a_file/eval"])])
+def test_an_output_path_through_a_file_is_named_before_any_work(script, argv, tmp_path):
+    """Issue 37: an --out_dir (or --out_csv's folder) that is an existing file stops the stage in one
+    line naming it, before any input is read (today: FileExistsError / NotADirectoryError mid-run)."""
+    (tmp_path / "a_file").write_text("not a folder")
+    done = run_main(script, *argv, cwd=tmp_path)
+    assert_user_error(done, "a_file is a file, not a folder")
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_a_header_that_names_a_column_twice_stops_before_any_row_is_used(tmp_path):
+    """Issue 37 item 1: with `neg_caption` twice a row's dict kept the last cell while the checks
+    read the first: an empty t^s was rendered. The shared reader refuses the header, naming both."""
+    path = tmp_path / "in.csv"
+    path.write_text("videopath,caption,neg_caption,misalignment,split,neg_caption\n"
+                    "v.mp4,a cat sits,a cat stands,action,train,\n")
+    done = run_main("01_generate.py", "--input_csv", path, "--out_dir", tmp_path / "gen", cwd=tmp_path)
+    assert_user_error(done, f"{path}:1: the header names 'neg_caption' more than once (columns 3, 6)")
+    assert sorted(os.listdir(tmp_path)) == ["in.csv"]
+    (tmp_path / "spaced.csv").write_text("a,b, a\n1,2,3\n")  # a name and the same name with a space: twice too
+    with pytest.raises(common.UserError, match=r"spaced.csv:1: the header names 'a' more than once \(columns 1, 3\)"):
+        disk.read_csv(str(tmp_path / "spaced.csv"))

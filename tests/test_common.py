@@ -1,6 +1,8 @@
 """common.py: every equation against numbers worked by hand, then the plumbing and the model."""
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -503,3 +505,31 @@ def test_prompt_lengths_count_the_video_tokens_and_the_caption(video_llava_dir):
     prefix = shared_prefix.video_prefixes(model, processor, [video], *shared_prefix.prompt_suffixes(
         processor, model, ["x"], None, "llava_v1", None, None)[:2])[2][0]  # where the text after the video starts
     assert prefix < short < video_llm.max_positions(model) == 1024 < long
+
+
+def test_check_outputs_refuses_an_output_that_is_an_input_however_named(tmp_path, monkeypatch):
+    """Issue 37 item 4: an output is compared with each input by its real path (a symlink, `./`, a
+    relative or absolute spelling), and a folder through an existing file is named."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.csv").write_text("a\n1\n")
+    os.symlink(tmp_path / "in.csv", tmp_path / "link.csv")
+    for output in ("in.csv", "./in.csv", str(tmp_path / "in.csv"), "link.csv", "sub/../in.csv"):
+        with pytest.raises(common.UserError, match=f"--out_csv {re.escape(output)} is --generated_csv in.csv: an output never"):
+            disk.check_outputs({"--out_csv": output}, {"--generated_csv": "in.csv"})
+    with pytest.raises(common.UserError, match="--out_csv link.csv is --fig2_only in.csv"):  # a list of inputs
+        disk.check_outputs({"--out_csv": "link.csv"}, {"--fig2_only": ["other.csv", "in.csv"]})
+    with pytest.raises(common.UserError, match="--out_dir in.csv/runs: .*in.csv is a file, not a folder"):
+        disk.check_outputs({"--out_dir": "in.csv/runs"}, {})
+    disk.check_outputs({"--out_csv": "new/out.csv", "--out_dir": "new/run"}, {"--generated_csv": "in.csv"})  # fine
+    assert sorted(os.listdir(tmp_path)) == ["in.csv", "link.csv"]  # a check writes nothing
+
+
+def test_a_record_with_no_work_beside_it_does_not_refuse_the_corrected_command(tmp_path):
+    """Issue 37: a first run stopped by a bad setting before its first result leaves its record; with
+    kept=False (no work on disk) the corrected command's record replaces it, with work it refuses."""
+    path = str(tmp_path / "resume.json")
+    disk.check_resume(path, {"cache_interval": 0})
+    with pytest.raises(common.UserError, match="cache_interval: 0 then, 4 now"):
+        disk.check_resume(path, {"cache_interval": 4})  # kept=True: work made under the old record
+    disk.check_resume(path, {"cache_interval": 4}, kept=False)
+    assert json.load(open(path)) == {"cache_interval": 4}

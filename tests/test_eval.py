@@ -1,7 +1,9 @@
 """04_eval.py: the metrics by hand and on VideoCon's released score files, the fast scoring path
 against the per-pair path, resuming, bad input, a LoRA adapter, and two torchrun ranks."""
 import csv
+import functools
 import importlib.util
+import io
 import json
 import os
 import re
@@ -26,7 +28,7 @@ need = tiny.videocon_file  # VideoCon's released files, or the test is skipped s
 
 
 def prompt(caption):  # the mPLUG-Owl prompt VideoCon stores in its `caption` columns
-    return f'The following ...\nHuman: <|video|>\nHuman: Does this video entail the description: "{caption}"?\nAI: '
+    return common.OWL_PROMPT.format(question=common.QUESTION.format(caption=caption))
 
 
 # ---- captions and score files -------------------------------------------------------------------
@@ -578,3 +580,114 @@ def test_help_shows_the_atphard_types_default_once(capsys):
         runs.parse_args(ev.Args, ["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
     assert text.count("(default: nextqa-atphard.csv beside --atphard)") == 1 and "(default: )" not in text
+
+
+# ---- issue 37: a kill anywhere, a full disk at the part file, captions that quote the prompt, --out_dir --
+def toy_run(video_llava_dir, tmp_path, *more):
+    """04 on the toy SSv2 task as a user runs it (in-process): the CompletedProcess, and the bytes of every
+    file it left in <tmp_path>/out."""
+    task, root = str(tmp_path / "events.csv"), str(tmp_path / "videos")
+    if not os.path.exists(task):  # made once a test
+        write_toy_task(tmp_path)
+    out = tmp_path / "out"
+    done = tiny.run_main("04_eval.py", "--model", video_llava_dir, "--ssv2_events", task, "--candidates", 3,
+                         "--video_root", root, "--out_dir", out, "--video_batch", 1, *more)
+    return done, {f: (out / f).read_bytes() for f in sorted(os.listdir(out))} if out.exists() else {}
+
+
+def clean_run(video_llava_dir, tmp_path, *more):
+    """The files of an uninterrupted run in <tmp_path>/out, which is then removed for the run under test."""
+    import shutil
+    done, clean = toy_run(video_llava_dir, tmp_path, *more)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.rmtree(tmp_path / "out")
+    return clean
+
+
+@pytest.mark.parametrize("point", ["after the merged file", "after the finished marker"])
+def test_a_kill_at_the_merge_and_a_rerun_give_the_uninterrupted_bytes(video_llava_dir, tmp_path, monkeypatch, point):
+    """Issue 37 case 1: killed after <task>_scores.csv was written but before the parts were removed,
+    the rerun merged the parts a second time (6 duplicate rows, results.json `duplicates: 6`)."""
+    from synvita import parts
+    clean = clean_run(video_llava_dir, tmp_path)
+    module, function = (disk, "write_csv") if point == "after the merged file" else (parts, "finish")
+    real = getattr(module, function)
+
+    def then_killed(path, *a, **k):  # the step is done, then Ctrl-C (KeyboardInterrupt) before the next
+        real(path, *a, **k)
+        if path.endswith(("_scores.csv", "_finished.rank0.json")):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(module, function, then_killed)
+    done, left = toy_run(video_llava_dir, tmp_path)
+    assert done.returncode == 130 and "ssv2_events_scores.rank0.jsonl" in left, (done.returncode, sorted(left))
+    assert ("ssv2_events_scores.csv" in left) == (point == "after the merged file")
+    monkeypatch.setattr(module, function, real)
+    done, rerun = toy_run(video_llava_dir, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert rerun == clean and b'"duplicates": 0' in rerun["results.json"]
+
+
+@pytest.mark.parametrize("where", ["empty", "torn"])  # nothing written yet, or half of the first record
+def test_a_full_disk_at_the_part_file_is_one_line_and_the_rerun_gives_the_clean_bytes(video_llava_dir, tmp_path,
+                                                                                      monkeypatch, where):
+    """Issue 37 case 2: ENOSPC where score_task writes its part file: one line naming the part file; the empty or
+    torn part file and the settings file it leaves refuse neither the same command once the disk is freed (the
+    clean run's bytes) nor a corrected one with other settings (no score was kept under the old ones)."""
+    import errno
+    import shutil
+    clean = clean_run(video_llava_dir, tmp_path)
+    real = score_files.write_records
+
+    def full_disk(fh, records):
+        real(text := io.StringIO(), records)  # the records' true bytes, of which the first half record fits
+        first = text.getvalue().split("\n")[0]
+        fh.write(first[:len(first) // 2] if where == "torn" else "")  # what reached the disk before it was full
+        fh.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    for more in ([], ["--num_frames", 4]):  # the same command, then a corrected one
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        monkeypatch.setattr(score_files, "write_records", full_disk)
+        done, left = toy_run(video_llava_dir, tmp_path)
+        part = tmp_path / "out" / "ssv2_events_scores.rank0.jsonl"
+        assert done.stderr.strip().splitlines()[-1] == f"error: {part}: cannot write it: No space left on device"
+        tiny.assert_user_error(done)
+        assert sorted(left) == ["ssv2_events_scores.rank0.jsonl", "ssv2_events_settings.json"]
+        monkeypatch.setattr(score_files, "write_records", real)
+        done, rerun = toy_run(video_llava_dir, tmp_path, *more)
+        assert done.returncode == 0, done.stderr[-3000:]
+        if not more:
+            assert rerun == clean
+        else:  # its own settings replace those of the run that scored nothing
+            assert json.loads(rerun["ssv2_events_settings.json"])["num_frames"] == 4
+            assert rerun == clean_run(video_llava_dir, tmp_path, *more)
+
+
+def test_a_caption_that_quotes_the_prompts_question_is_kept_whole(tmp_path):
+    """Issue 37 case 3: only a cell that IS VideoCon's mPLUG-Owl prompt is unwrapped to its description."""
+    quoting = ['the sign asks description: "open"?', 'He said description: "hi"? and left',
+               prompt("a dog") + " and more", "Human: Does this video entail the description: \"a cat\"?"]
+    for caption in quoting:
+        assert ev.description(caption) == caption
+    assert ev.description(prompt('a "quoted" word').replace("\n", "\r\n").rstrip()) == 'a "quoted" word'
+    task = str(tmp_path / "t.csv")
+    disk.write_csv(task, [{"videopath": "a", "caption": quoting[0], "match": 1},
+                          {"videopath": "b", "caption": prompt("open"), "match": 0}])
+    assert list(tasks.read("ssv2_events", task)[2]) == [("a", quoting[0]), ("b", "open")]  # two captions, not one
+
+
+def test_out_dir_is_checked_against_every_input_before_any_work(tmp_path):
+    """Issue 37 case 4: --out_dir through a file, or an output of 04 that is one of its inputs however named,
+    stops before the model is loaded (--model names no folder here) and before anything is written."""
+    task, root = write_toy_task(tmp_path)
+    run = functools.partial(tiny.run_main, "04_eval.py", "--model", tmp_path / "no-model", "--ssv2_events", task,
+                            "--video_root", root)
+    tiny.assert_user_error(run("--out_dir", task), f"--out_dir {task}: {task} is a file, not a folder")
+    tiny.assert_user_error(run("--out_dir", os.path.join(task, "out")), f"{task} is a file, not a folder")
+    tiny.assert_user_error(run("--out_dir", os.path.join(root, ".")), "--out_dir", "is --video_root")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ssv2_events_skipped.csv").write_text("videopath,caption,score\n0.mp4,q,0.5\n")
+    done = tiny.run_main("04_eval.py", "--ssv2_events", task, "--scores", out / "ssv2_events_skipped.csv",
+                         "--out_dir", out)  # 04 would rewrite (or remove) the very file it reads
+    tiny.assert_user_error(done, "--out_dir (ssv2_events_skipped.csv)", "is --scores")
+    assert sorted(os.listdir(out)) == ["ssv2_events_skipped.csv"]

@@ -108,6 +108,16 @@ def test_bad_rows_are_named_skipped_and_counted(first_run):
     assert f"{args.input_csv}: 1 row(s) skipped, not 5 fields as in the header: line(s) 10" in printed
     assert "3 rows to render" in printed and "5 bad rows skipped" in printed  # split test: not asked for, not bad
     assert "5 bad rows skipped, 1 row of other splits left out (--split)" in printed  # counted, apart from the bad
+    # issue 37 item 4: each listed once, in file order, with its line and reason, as 03's and 04's skip
+    # files (a bad row's cells are not kept: its videopath is empty); the count printed is the file's
+    listed = os.path.join(args.out_dir, "generated_skipped.csv")
+    assert f"5 bad rows skipped, 1 row of other splits left out (--split), each listed in {listed}" in printed
+    with open(listed, newline="", encoding="utf-8") as fh:
+        assert list(csv.reader(fh)) == [["file", "line", "videopath", "reason"]] + [[args.input_csv, *r] for r in [
+            ["5", "act/v1.mp4", "same videopath and neg_caption as line 2"],
+            ["7", "", "exact duplicate of an earlier row"], ["8", "", "empty neg_caption"], ["9", "", "empty caption"],
+            ["10", "", "not 5 fields as in the header"]]]
+    assert json.loads(open(os.path.join(args.out_dir, "generate_args.json")).read())["skipped"] == 5
 
 
 def test_a_rerun_with_another_selection_or_settings_stops_and_keeps_the_csv(first_run, tiny_pipe):
@@ -148,10 +158,12 @@ def test_second_run_generates_nothing_new(first_run, monkeypatch):
     before = {p: os.stat(p).st_mtime_ns for p in final_mp4s(args.out_dir)}
     csv_before = read_out(args.out_dir)
     monkeypatch.setattr(generator, "load_generator", lambda *a: pytest.fail("the generator was loaded again"))
+    skipped_before = open(os.path.join(args.out_dir, "generated_skipped.csv"), "rb").read()
     printed = run(args)
     assert "rank 0: 0 of its 3 rows to render" in printed
     assert {p: os.stat(p).st_mtime_ns for p in final_mp4s(args.out_dir)} == before
     assert read_out(args.out_dir) == csv_before
+    assert open(os.path.join(args.out_dir, "generated_skipped.csv"), "rb").read() == skipped_before  # the same bytes
 
 
 def test_misalignment_and_limit_select_rows(tmp_path, tiny_pipe):
@@ -277,6 +289,7 @@ def test_two_torchrun_nodes_match_one_process_after_a_lost_node(tmp_path, tiny_p
     one, two = read_out(args.out_dir), read_out(out)
     assert one == two
     assert_same_bytes(args.out_dir, out, one)  # the same rows, the same files, byte for byte
+    assert_same_bytes(args.out_dir, out, [dict(syn_video="generated_skipped.csv")])  # rank 0's list of bad rows too
 
 
 def test_three_shards_in_any_order_one_killed_then_the_merge_give_the_same_bytes(tmp_path, tiny_pipe, first_run):
@@ -301,7 +314,7 @@ def test_three_shards_in_any_order_one_killed_then_the_merge_give_the_same_bytes
     assert not (out / "generated.csv").exists()  # a shard never writes it: one writer, the merge
     assert "rank 0: 0 of its 3 rows to render, 3 on disk already" in run(args_for(args.input_csv, out, tiny_pipe))
     assert (out / "generated.csv").read_bytes() == open(os.path.join(args.out_dir, "generated.csv"), "rb").read()
-    assert_same_bytes(args.out_dir, out, read_out(out))
+    assert_same_bytes(args.out_dir, out, read_out(out) + [dict(syn_video="generated_skipped.csv")])  # the merge's
 
 
 def assert_same_bytes(dir_a, dir_b, rows):
@@ -389,7 +402,8 @@ def test_a_neg_caption_past_the_text_encoder_is_truncated_named_and_counted(tmp_
 
 
 @pytest.mark.parametrize("argv, needles", [
-    (["--limit", "-1"], ["--limit -1"]),
+    (["--limit", "-1"], ["--limit -1: give a number >= 0"]),  # keep[:-1] would drop the last row
+    (["--fps", "-1"], ["--fps -1: give a number >= 0"]),  # issue 37 item 3: PyAV's error mid-run, and a record left
     (["--pipeline_kwargs", "{noise: 0}"], ["--pipeline_kwargs '{noise: 0}': not JSON"]),
     (["--pipeline", "toyworld.nowhere:Generator"], ["--pipeline toyworld.nowhere:Generator", "toyworld.nowhere"]),
     (["--misalignment", "acton"], ["in.csv: no usable row with --split 'train' and --misalignment ['acton']"]),
@@ -406,6 +420,9 @@ def test_a_users_mistake_is_one_line_and_writes_nothing(argv, needles, tmp_path)
 
 # ---- issue 27: caches, batching and the memory options of 01 ----
 CACHED = dict(num_inference_steps=6, cache="taylorseer")  # full steps 0-2 and 4, forecast steps 3 and 5
+# MagCache's ratios for 6 steps (a checkpoint's own come from a '{"calibrate": true}' run); at threshold 0.5 it
+# reuses the last residual at most steps after the first
+MAG_RATIOS = '{"mag_ratios": [1.0, 1.0, 0.99, 0.99, 0.98, 0.97], "threshold": 0.5}'
 
 
 def mp4_bytes(out_dir):
@@ -437,7 +454,7 @@ def test_a_cached_run_is_recorded_reproducible_and_resumes_to_the_same_bytes(tmp
     assert mp4_bytes(tmp_path / "b") == first
 
 
-@pytest.mark.parametrize("cache", ["none", "taylorseer"])
+@pytest.mark.parametrize("cache", ["none", "taylorseer", "magcache"])
 def test_a_rows_call_of_g_does_not_depend_on_the_gpu_count_or_a_rerun(tmp_path, tiny_pipe, cache, monkeypatch):
     """--prompts_per_call 2: G renders rows 1-2 in one call and row 3 alone, whatever the number of
     ranks, and again after a kill: the same bytes. One torch.Generator per prompt, seeded with the
@@ -445,7 +462,7 @@ def test_a_rows_call_of_g_does_not_depend_on_the_gpu_count_or_a_rerun(tmp_path, 
     rendered beside row 1 gave other bytes than rendered alone), so the calls are fixed by the rows'
     places and the batching is recorded: a rerun with another is refused."""
     path = write_rows(tmp_path / "in.csv", GOOD[:3])
-    batched = dict(CACHED, cache=cache, prompts_per_call=2)
+    batched = dict(CACHED, cache=cache, prompts_per_call=2, cache_kwargs=MAG_RATIOS if cache == "magcache" else "")
     run(args_for(path, tmp_path / "one", tiny_pipe, **batched))
     one = mp4_bytes(tmp_path / "one")
     # two ranks, which meet only through files in 01: rank 1 renders the second call (row 3), then
@@ -460,7 +477,7 @@ def test_a_rows_call_of_g_does_not_depend_on_the_gpu_count_or_a_rerun(tmp_path, 
     assert "rank 0: 1 of its 3 rows to render, 2 on disk already" in run(args_for(path, tmp_path / "one", tiny_pipe, **batched))
     assert mp4_bytes(tmp_path / "one") == one
     with pytest.raises(common.UserError, match=r"prompts_per_call: 2 then, None now"):
-        run(args_for(path, tmp_path / "one", tiny_pipe, **dict(CACHED, cache=cache)))
+        run(args_for(path, tmp_path / "one", tiny_pipe, **dict(batched, prompts_per_call=1)))
 
 
 def test_cache_kwargs_become_the_diffusers_config():
@@ -484,7 +501,21 @@ def test_cache_kwargs_become_the_diffusers_config():
     (["--cache", "magcache", "--cache_kwargs", '{"num_inference_steps": 9}'], ["not ['num_inference_steps']"]),
     (["--cache", "magcache"], ["--cache magcache --cache_kwargs '': ", "mag_ratios"]),
     (["--cache", "first_block", "--prompts_per_call", "2"], ["--cache first_block decides from all the rows"]),
-    (["--prompts_per_call", "0"], ["--prompts_per_call 0"]),
+    (["--prompts_per_call", "0"], ["--prompts_per_call 0: give a number >= 1"]),
+    # issue 37 item 2: each value against its diffusers config field, before any work (not mid-run: a
+    # ZeroDivisionError at the first step, a TypeError, PAB's range read as an int)
+    (["--cache", "taylorseer", "--cache_kwargs", '{"cache_interval": 0}'],
+     ["TaylorSeerCacheConfig's cache_interval takes an integer >= 1, not 0"]),
+    (["--cache", "taylorseer", "--cache_kwargs", '{"cache_interval": "5"}'], ["cache_interval takes an integer >= 1, not \"5\""]),
+    (["--cache", "pab", "--cache_kwargs", '{"spatial_attention_timestep_skip_range": 100}'],
+     ["PyramidAttentionBroadcastConfig's spatial_attention_timestep_skip_range takes [low, high]: two numbers, low <= high, not 100"]),
+    (["--cache", "pab", "--cache_kwargs", '{"spatial_attention_block_skip_range": 0}'], ["block_skip_range takes an integer >= 1"]),
+    (["--cache", "taylorseer", "--cache_kwargs", '{"use_lite_mode": "yes"}'], ["use_lite_mode takes true or false"]),
+    (["--cache", "taylorseer", "--cache_kwargs", '{"taylor_factors_dtype": "float12"}'], ["taylor_factors_dtype takes a torch dtype's"]),
+    (["--cache", "taylorseer", "--cache_kwargs", '{"cache_identifiers": ["blocks.(ff"]}'], ["a list of regular expressions"]),
+    (["--cache", "fastercache", "--cache_kwargs", '{"tensor_format": "BSC"}'], ["tensor_format takes one of ['BCFHW', 'BFCHW', 'BCHW']"]),
+    (["--cache", "magcache", "--cache_kwargs", '{"mag_ratios": []}'], ["mag_ratios takes a list of numbers > 0, not []"]),
+    (["--cache", "magcache", "--cache_kwargs", '{"threshold": NaN, "mag_ratios": [1]}'], ["threshold takes a number >= 0, not NaN"]),
     (["--prompts_per_call", "2"], ["toyworld.generator:ToyGenerator renders one prompt a call"]),
 ])
 def test_a_bad_cache_or_batch_flag_is_one_line_before_any_work(argv, needles, tmp_path):
@@ -524,3 +555,88 @@ def test_lavie_and_videocrafter2_render_through_01_the_same_bytes_twice(builder,
     assert len(one) == 2 and one == mp4_bytes(tmp_path / "two")
     with pytest.raises(common.UserError, match="denoises with a UNet"):
         run(gen.Args(input_csv=path, out_dir=str(tmp_path / "cached"), pipeline=folder, cache="taylorseer", **size))
+
+
+# ---- issue 37: bad input, round 3 ----
+def test_a_batched_call_gives_the_same_bytes_whatever_the_cpu_threads(tmp_path, tiny_pipe):
+    """Item 1: `--cache magcache --prompts_per_call 2` under torchrun (its workers get OMP_NUM_THREADS=1)
+    and under plain python (every core) wrote other bytes for a row: not MagCache (its skips follow the
+    step index and its ratios, and its state is reset after each call: the rank test above passes), but
+    the VAE decoding a call's videos as one batch, whose rounding on the CPU follows the thread count.
+    Each video is now decoded alone, as in a one-prompt call: the same bytes with 1 thread as with 2."""
+    path = write_rows(tmp_path / "in.csv", GOOD[:2])  # one call of G: rows 1-2
+    batched = dict(CACHED, cache="magcache", cache_kwargs=MAG_RATIOS, prompts_per_call=2)
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            run(args_for(path, tmp_path / f"threads{n}", tiny_pipe, **batched))
+    finally:
+        torch.set_num_threads(threads)
+    assert mp4_bytes(tmp_path / "threads1") == mp4_bytes(tmp_path / "threads2")
+
+
+@pytest.mark.parametrize("size, needles", [
+    (["--height", "36"], ["--height 36 --width 64: CogVideoXPipeline renders heights and widths that are multiples "
+                          "of 16, e.g. 32x64"]),  # diffusers' ValueError (not a multiple of 8) in G's first call
+    (["--height", "40"], ["--height 40 --width 64", "multiples of 16"]),  # 8 x the transformer's patch of 2: a RuntimeError
+])
+def test_a_size_g_cannot_render_is_one_line_and_leaves_no_record(size, needles, tmp_path, tiny_pipe):
+    """Item 3: a height or width that is not a multiple of G's VAE factor times its transformer's patch
+    stops as G loads, before resume.json (which refused the corrected command) or any video is written."""
+    path = write_rows(tmp_path / "in.csv", GOOD[:1])
+    flags = [f"--{k}={v}" for k, v in TINY.items() if k != "height"]
+    done = run_main("01_generate.py", "--input_csv", path, "--out_dir", tmp_path / "out", "--pipeline", tiny_pipe,
+                    *flags, *size)
+    assert_user_error(done, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("builder, height, multiple", [
+    ("tiny_ltx", 48, 32), ("tiny_wan", 40, 16), ("tiny_lavie", 36, 8), ("tiny_videocrafter2", 40, 16)])
+def test_each_generators_own_size_multiple_is_checked_as_it_loads(builder, height, multiple, tmp_path):
+    """LTX-Video: its VAE's 32 (x a patch of 1); Wan: 8 x 2; LaVie: its own check's 8; VideoCrafter2: its
+    VAE's 8, halved by its UNet's levels: each the size that G's first call would refuse (a ValueError)."""
+    module = tiny_generate if builder in ("tiny_ltx", "tiny_wan") else importlib.import_module(builder)
+    args = gen.Args(pipeline=getattr(module, builder)(str(tmp_path / "g")), height=height, width=64, num_frames=9,
+                    guidance_scale=2.0, fps=8)
+    settings = gen.resolve_settings(args)[1]
+    with pytest.raises(common.UserError, match=f"--height {height} --width 64: .* multiples of {multiple}, "):
+        generator.load_generator(args, runs.setup_distributed(), settings)
+
+
+def test_a_first_run_stopped_in_gs_first_call_does_not_refuse_the_corrected_command(tmp_path):
+    """Item 3: a setting that only G's first call refuses (a module:Class G has no size to check
+    before: the toy G draws one size) is one line; resume.json was written, but no video of that run
+    is on disk, so the corrected command replaces the record and runs (it was "height: 65 then")."""
+    toy = [["v1.mp4", "three blue triangles move left", "three blue triangles move right", "action", "train"],
+           ["v2.mp4", "a blue triangle moves left above a green circle", "a blue triangle moves left below a green "
+            "circle", "relation", "train"]]  # the toy world's captions: the only ones its G draws
+    flags = ["--input_csv", write_rows(tmp_path / "in.csv", toy), "--out_dir", tmp_path / "out",
+             "--pipeline", "toyworld.generator:ToyGenerator"]
+    assert_user_error(run_main("01_generate.py", *flags, "--height", "65"), "ToyGenerator: ", "not 8 of 65x32",
+                      "(G's call with {")
+    assert json.loads((tmp_path / "out" / "resume.json").read_text())["height"] == 65 and not final_mp4s(tmp_path / "out")
+    done = run_main("01_generate.py", *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(final_mp4s(tmp_path / "out")) == 2
+    # once a video is on disk, other settings are refused again: those videos are protected
+    assert_user_error(run_main("01_generate.py", *flags, "--seed", "1"), "resume.json: the work here was made with "
+                      "other settings (seed: 0 then, 1 now)")
+
+
+def test_an_output_that_is_the_input_or_under_a_file_is_refused_before_any_work(tmp_path):
+    """Item 5 (disk.check_outputs): generated.csv given back as --input_csv (by any name: here a symlink)
+    would be replaced by the run that reads it; an --out_dir through a file cannot be made. Each is one
+    line before anything is read or written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    path = write_rows(out / "generated.csv", GOOD[:2])
+    (tmp_path / "link.csv").symlink_to(path)
+    before = open(path, "rb").read()
+    toy = ["--pipeline", "toyworld.generator:ToyGenerator"]
+    done = run_main("01_generate.py", "--input_csv", tmp_path / "link.csv", "--out_dir", out, *toy)
+    assert_user_error(done, f"--out_dir (generated.csv) {out}/generated.csv is --input_csv {tmp_path}/link.csv")
+    assert open(path, "rb").read() == before and sorted(os.listdir(out)) == ["generated.csv"]
+    done = run_main("01_generate.py", "--input_csv", path, "--out_dir", out / "generated.csv" / "run", *toy)
+    assert_user_error(done, f"--out_dir {out}/generated.csv/run: {out}/generated.csv is a file, not a folder")

@@ -79,16 +79,16 @@ def reference(video_llava_dir, toy, tmp_path_factory):
 # ---- the data plan and the weights --------------------------------------------------------------
 def test_packing_keeps_triplets_whole_and_visits_every_item_once():
     sizes = [2] * 7 + [1] * 5  # 7 triplets (2 rows each) and 5 explanations: 19 rows
-    for m in (2, 3, 4, 5):
+    for m in (2, 4, 6):
         for seed in range(5):
             order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed)).tolist()
             batches = training.pack(order, sizes, m)
             rows = [sum(sizes[i] for i in b) for b in batches]
-            assert all(r in (m, m - 1) for r in rows), (m, rows)  # full, or one row short
+            assert all(r == m for r in rows), (m, rows)  # issue 37: every micro-batch full, none a row short
             seen = sum(batches, [])
             assert len(seen) == len(set(seen))  # nothing twice
             dropped = set(order) - set(seen)
-            assert sum(sizes[i] for i in dropped) < m  # only a tail that cannot fill a micro-batch
+            assert sum(sizes[i] for i in dropped) < m + 1  # a tail that cannot fill one, and the odd explanation
             assert sum(rows) == 19 - sum(sizes[i] for i in dropped)
     assert training.pack([0, 1, 2], [2, 2, 2], 4) == [[0, 1]]  # the odd triplet is the dropped tail
 
@@ -162,20 +162,20 @@ def test_weights_from_the_csv_or_recomputed(toy, weighting):
 def test_rows_without_a_twin_train_on_l_real_and_bad_rows_are_a_counted_skip(toy):
     rows = disk.read_csv(toy[0])
     rows[1]["weight"] = ""  # missing weight: no usable twin
-    rows[2]["weight"] = "nan"
+    rows[2]["score_syn_real"] = ""  # an unread cell: the weight is there
     rows[3]["videopath"] = "nowhere.mp4"  # no real video: skipped
     rows[4]["syn_video"] = "videos/nowhere.mp4"  # the twin's file is missing
-    rows[5]["weight"] = "-0.3"  # phi < 0 is clamped to 0
+    rows[5]["weight"] = "0"  # phi = 0: the twin is used, its terms are 0
     rows[6]["syn_video"] = ""  # 01_generate.py did not render it
     csv = os.path.join(os.path.dirname(toy[0]), "bad.csv")  # syn_video is relative to the CSV's folder
     disk.write_csv(csv, rows)
     kept, skipped = synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     assert [r["line"] for r in kept] == [2, 3, 4, 6, 7, 8, 9]  # the file's lines: the header is line 1
-    assert [r["line"] for r in kept if r["syn"] is None] == [3, 4, 6, 8]
-    assert all(r["w"] == 0.0 for r in kept if r["syn"] is None) and kept[4]["w"] == 0.0
+    assert [r["line"] for r in kept if r["syn"] is None] == [3, 6, 8]
+    assert all(r["w"] == 0.0 for r in kept if r["syn"] is None) and kept[4]["w"] == 0.0 and kept[4]["syn"]
     no_twin = "trained without a twin: "
     assert [(s["line"], s["reason"]) for s in skipped] == [
-        (3, no_twin + "weight is missing or not a number"), (4, no_twin + "weight is missing or not a number"),
+        (3, no_twin + "weight is missing"),
         (5, "video not found: " + os.path.join(toy[1], "nowhere.mp4")),
         (6, no_twin + "synthetic video not found: " + os.path.join(os.path.dirname(toy[0]), "videos", "nowhere.mp4")),
         (8, no_twin + "no syn_video")]
@@ -216,7 +216,7 @@ def test_bad_training_rows_are_named_by_line(toy, tmp_path, capsys):
     assert len(kept) == 9 and skipped == [] and [t["line"] for t in again] == [2, 10]
     assert [t["w"] for t in again] == [float(rows[0]["weight"]), 0.5]
     disk.write_csv(csv, rows[:2] + [{**rows[2], "weight": "7.5"}, {**rows[3], "weight": "2"}])
-    with pytest.raises(common.UserError, match=r"bad.csv:4: weight 7.5 outside \[-inf, 1\] \(and 1 more row"):
+    with pytest.raises(common.UserError, match=r"bad.csv:4: weight 7.5 outside \[0, 1\] \(and 1 more row"):
         synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
     disk.write_csv(csv, rows[:2] + [{**rows[2], "weight": "0,5"}])  # a decimal comma is no missing score
     with pytest.raises(common.UserError, match=r"bad.csv:4: weight '0,5' is not a number$"):
@@ -232,6 +232,46 @@ def test_bad_training_rows_are_named_by_line(toy, tmp_path, capsys):
     disk.write_csv(csv, [], fieldnames=list(rows[0]))
     with pytest.raises(ValueError, match=r"bad.csv: no usable row \(only a header\)"):
         synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+
+
+@pytest.mark.parametrize("weight", ["-0.5", "-inf", "nan"])
+def test_a_weight_outside_0_1_or_nan_stops_the_run(toy, tmp_path, weight):
+    """Issue 37 case 2: a weight below 0 (-0.5, -inf) was clamped to 0 and trained, and "nan" trained
+    as a missing one; every phi of 02 lies in [0, 1], so each stops the run before any work, naming
+    file:line, as 2 and +inf did. An EMPTY weight (02 could not weigh V^s) still trains the real
+    triplet alone (test_rows_without_a_twin_...)."""
+    rows = disk.read_csv(toy[0])
+    csv = os.path.join(os.path.dirname(toy[0]), f"weight_{weight}.csv")
+    disk.write_csv(csv, rows[:3] + [{**rows[3], "weight": weight}] + rows[4:])  # line 5
+    done = tiny.run_main("03_train.py", "--model", tmp_path / "no-model", "--train_csv", csv, "--video_root", toy[1],
+                         "--out_dir", tmp_path / "out")
+    tiny.assert_user_error(done, f"{csv}:5: weight ", "'nan' is not a number" if weight == "nan" else
+                           f"weight {weight} outside [0, 1]")
+    assert not os.path.exists(tmp_path / "out")
+    disk.write_csv(csv, rows[:3] + [{**rows[3], "score_syn_real": weight}] + rows[4:])  # the VQAScores alike
+    with pytest.raises(common.UserError, match=f"weight_{weight}.csv:5: score_syn_real "):
+        synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1], weighting="difference"))
+
+
+def test_one_twin_with_two_weights_is_refused_naming_both_lines(toy, tmp_path):
+    """Issue 37 case 4: the same triplet with the same syn_video on two rows with different weights
+    trained twice, silently, each with its phi. One V^s has one phi: the run stops before any work,
+    naming both lines (an empty weight against a number too). The same twin with the same phi (a
+    row differing elsewhere) trains on each row, as a repeated caption does."""
+    rows = disk.read_csv(toy[0])  # line 4 (rows[2]): phi 0.6
+    csv = os.path.join(os.path.dirname(toy[0]), "two_weights.csv")
+    disk.write_csv(csv, rows + [{**rows[2], "weight": "0.1"}])  # line 10
+    done = tiny.run_main("03_train.py", "--model", tmp_path / "no-model", "--train_csv", csv, "--video_root", toy[1],
+                         "--out_dir", tmp_path / "out")
+    tiny.assert_user_error(done, f"{csv}:10: the triplet and syn_video of line 4 with another weight (0.1 here, "
+                                 "0.6 there): one V^s has one phi")
+    assert not os.path.exists(tmp_path / "out")
+    disk.write_csv(csv, rows + [{**rows[2], "weight": ""}])
+    with pytest.raises(common.UserError, match=r"two_weights.csv:10: .* line 4 with another weight \(empty here, 0.6"):
+        synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+    disk.write_csv(csv, rows + [{**rows[2], "misalignment": "object"}])  # the same twin, the same phi
+    kept, skipped = synvita.triplets.load_triplets(train.Args(train_csv=csv, video_root=toy[1]))
+    assert [t["line"] for t in kept if t["caption"] == rows[2]["caption"]] == [4, 10] and skipped == []
 
 
 # ---- every pair of a micro-batch in one call, and Eq. (7) -----------------------------------------
@@ -455,14 +495,37 @@ def test_a_nan_loss_stops_the_run_naming_step_and_rows(video_llava_dir, toy, tmp
 
 
 def test_settings_that_cannot_make_the_global_batch_are_refused(video_llava_dir, toy, tmp_path):
-    with pytest.raises(ValueError, match="--batch_size 8 is not a multiple of --micro_batch_size 3"):
+    with pytest.raises(ValueError, match="--batch_size 8, --micro_batch_size 3, 1 process: 3 is odd"):
         train.main(make_args(video_llava_dir, *toy, tmp_path, micro_batch_size=3))
-    with pytest.raises(ValueError, match="--micro_batch_size 1 .at least 2"):
+    with pytest.raises(ValueError, match="--micro_batch_size 1, 1 process: 1 is odd .* 2, 4 or 8 works"):
         train.main(make_args(video_llava_dir, *toy, tmp_path, micro_batch_size=1))
+    with pytest.raises(ValueError, match="--micro_batch_size 6, 1 process: 6 x 1 does not divide 8; "):
+        train.main(make_args(video_llava_dir, *toy, tmp_path, micro_batch_size=6))
     with pytest.raises(ValueError, match="16 usable rows, fewer than one --batch_size 32"):
         train.main(make_args(video_llava_dir, *toy, tmp_path, batch_size=32))
     with pytest.raises(ValueError, match="--answer_loss 'nope'"):
         train.main(make_args(video_llava_dir, *toy, tmp_path, answer_loss="nope"))
+
+
+def test_a_micro_batch_no_triplet_fills_is_refused_and_each_step_trains_its_rows(tmp_path):
+    """Issue 37 case 1: on 12 triplets, --batch_size 6 --micro_batch_size 3 printed "6 steps of 6 rows"
+    while each step trained 4 (a triplet's 2 rows never fill 3): refused before any work, naming the
+    sizes that work. With an even size, every step trains exactly --batch_size rows, an odd count of
+    explanations included (the shuffled order's last one waits, as the tail does), on any process count."""
+    csv, video_root = tiny_train.write_toy_set(str(tmp_path), n=12)
+    done = tiny.run_main("03_train.py", "--model", tmp_path / "no-model", "--train_csv", csv, "--video_root",
+                         video_root, "--out_dir", tmp_path / "out", "--batch_size", 6, "--micro_batch_size", 3)
+    tiny.assert_user_error(done, "--batch_size 6, --micro_batch_size 3, 1 process: 3 is odd (a triplet is 2 rows, "
+                                 "kept together); --micro_batch_size 2 or 6 works")
+    assert not os.path.exists(tmp_path / "out")
+    items = [dict(rows=2)] * 12 + [dict(rows=1)] * 3  # 27 rows
+    for m, world in ((2, 1), (2, 3), (6, 1)):
+        args = train.Args(batch_size=6, micro_batch_size=m, num_epochs=3, warmup_steps=0)
+        plan, accum, total = training.micro_batch_plan(items, args, runs.Dist(world_size=world))
+        assert total == 3 * 4  # 26 rows an epoch: 4 steps of 6, the rest dropped
+        for step in range(total):
+            ranks = [training.micro_batches(plan, step, accum, runs.Dist(rank=r, world_size=world)) for r in range(world)]
+            assert sum(items[i]["rows"] for mbs in ranks for mb in mbs for i in mb) == 6, (m, world, step)
 
 
 def test_a_prompt_past_the_model_positions_is_skipped_named_and_counted(video_llava_dir, toy, tmp_path, capsys):
@@ -483,15 +546,40 @@ def test_a_prompt_past_the_model_positions_is_skipped_named_and_counted(video_ll
     assert skipped[1]["reason"].endswith("positions, the model has 1024")
     printed = capsys.readouterr().out
     assert f"2 row(s) skipped, prompt too long (past the model's 1024 positions): {csv}:11, {fb}:10" in printed
-    assert ("8 triplets (0 without a twin, trained on L_real alone) and 8 explanations; 3 rows skipped (exact "
-            "duplicate of an earlier row: 1, prompt too long: 2); all listed in skipped.csv. 6 steps of 8 rows = "
-            "1 process x 2 micro-batches x 4") in printed
+    assert ("8 triplets and 8 explanations train; skipped.csv lists 3 rows: 3 skipped (exact duplicate of an "
+            "earlier row: 1, prompt too long: 2), 0 trained without their twin V^s (on L_real alone). 6 steps of "
+            "8 rows = 1 process x 2 micro-batches x 4") in printed
     model, processor = video_llm.load_video_llm(video_llava_dir)
     items = synvita.triplets.load_triplets(train.Args(train_csv=toy[0], video_root=toy[1]))[0][:2]
     items += synvita.triplets.load_explanations(train.Args(feedback_csv=fb, video_root=toy[1]))[0][:1]
     two_way, vocab = (synvita.pairs.prompt_positions(model, processor, items, train.Args(answer_loss=loss))
                       for loss in ("two_way", "vocab"))
     assert [v - t for t, v in zip(two_way, vocab)] == [1, 1, 0] and max(vocab) < 1024  # Yes/No fed; an explanation's always
+
+
+def test_a_row_dropped_for_its_long_prompt_is_listed_once_with_that_reason(video_llava_dir, toy, second_generator,
+                                                                           capsys):
+    """Issue 37 case 3: a triplet whose prompt runs past the model's positions and whose twin was not
+    usable was listed twice in skipped.csv, once as "trained without a twin", false: it does not
+    train. Each of its rows, in every --train_csv it is merged from, is listed once, as too long; the
+    printed counts are the file's."""
+    gen, words = os.path.dirname(toy[0]), " ".join(["red"] * 5000)
+    one, two = disk.read_csv(toy[0]), disk.read_csv(second_generator)
+    a, b = os.path.join(gen, "long_a.csv"), os.path.join(gen, "long_b.csv")  # syn_video: relative to gen/
+    disk.write_csv(a, [{**one[0], "caption": words, "syn_video": ""}, {**one[1], "weight": ""}] + one[2:])
+    disk.write_csv(b, [{**two[0], "caption": words}] + two[1:])  # the same long triplet, its twin usable
+    args = train.Args(train_csv=[a, b], video_root=toy[1], batch_size=4, micro_batch_size=2)
+    items, skipped = synvita.triplets.load_triplets(args)
+    model, processor = video_llm.load_video_llm(video_llava_dir)
+    items, skipped = synvita.pairs.drop_long_prompts(model, processor, items, skipped, args)
+    too_long = "prompt too long"
+    assert [(s["file"], s["line"], s["reason"][:15]) for s in skipped] == [
+        (a, 3, synvita.triplets.NO_TWIN[:15]), (a, 2, too_long), (b, 2, too_long)]  # a's row 3: b's twin trains
+    assert len(items) == 7 and all(t["caption"] != words for t in items)
+    capsys.readouterr()
+    training.print_data(items, skipped, 3, 1, args, runs.Dist())
+    assert ("7 triplets and 0 explanations train; skipped.csv lists 3 rows: 2 skipped (prompt too long: 2), "
+            "1 trained without their twin V^s.") in capsys.readouterr().out
 
 
 def test_an_undecodable_video_stops_the_run_naming_its_row(video_llava_dir, toy, tmp_path):
@@ -547,12 +635,28 @@ def test_every_check_runs_before_out_dir_is_touched(toy, tmp_path, bad):
     disk.write_csv(csv, {"column": [{k: v for k, v in r.items() if k != "weight"} for r in rows]}.get(bad, rows))
     kw, needle = {"prompt": (dict(prompt="Card"), "--prompt 'Card': use one of"),
                   "syn_types": (dict(syn_types=["acton"]), "--syn_types ['acton']: no row"),
-                  "batch": (dict(micro_batch_size=3), "--batch_size 8 is not a multiple of --micro_batch_size 3"),
+                  "batch": (dict(micro_batch_size=3), "--batch_size 8, --micro_batch_size 3, 1 process: 3 is odd"),
                   "column": ({}, "missing column(s) ['weight']"),
                   "answer_loss": (dict(answer_loss="Vocab"), "--answer_loss 'Vocab': use one of")}[bad]
     with pytest.raises(common.UserError) as e:
         train.main(make_args(str(tmp_path / "no-model"), csv, toy[1], tmp_path / "out", **kw))
     assert needle in str(e.value) and not os.path.exists(tmp_path / "out")
+
+
+def test_lora_dropout_and_out_dir_are_checked_before_any_work(toy, tmp_path):
+    """Issue 37 case 5: --lora_dropout 1 (every LoRA input zeroed) and an --out_dir that runs through a
+    file or is an input (--video_root spelled another way) stop the run in one line before anything is
+    loaded or written."""
+    base = ("03_train.py", "--model", tmp_path / "no-model", "--train_csv", toy[0], "--video_root", toy[1])
+    before = open(toy[0], "rb").read()
+    tiny.assert_user_error(tiny.run_main(*base, "--out_dir", tmp_path / "out", "--lora_dropout", 1),
+                           "--lora_dropout 1.0: give a probability below 1")
+    assert not os.path.exists(tmp_path / "out")
+    tiny.assert_user_error(tiny.run_main(*base, "--out_dir", os.path.join(toy[0], "run")),
+                           f"--out_dir {toy[0]}/run: {toy[0]} is a file, not a folder")
+    tiny.assert_user_error(tiny.run_main(*base, "--out_dir", toy[1] + "/."),
+                           f"--out_dir {toy[1]}/. is --video_root {toy[1]}: an output never replaces an input")
+    assert open(toy[0], "rb").read() == before
 
 
 def test_a_torn_last_log_line_is_dropped_and_a_changed_one_stops(video_llava_dir, toy, two_steps, capsys):
@@ -614,7 +718,7 @@ def test_resume_checks_the_data_and_bad_schedules_are_refused(video_llava_dir, t
         train.main(make_args(video_llava_dir, csv, toy[1], tmp_path, resume=True))
     with pytest.raises(ValueError, match="1 optimizer step with --warmup_steps 1: it runs at lr 0"):
         train.main(make_args(video_llava_dir, *toy, tmp_path / "warm", batch_size=16, num_epochs=1))
-    with pytest.raises(ValueError, match=r"--micro_batch_size 0 \(at least 2"):
+    with pytest.raises(ValueError, match=r"--micro_batch_size 0: give a number >= 1"):
         train.main(make_args(video_llava_dir, *toy, tmp_path / "zero", micro_batch_size=0))
 
 
@@ -728,7 +832,7 @@ def test_several_csvs_merge_into_one_triplet_with_a_twin_from_each(toy, second_g
     assert [len(synvita.triplets.twins(t)) for t in kept] == [1, 1, 2, 1, 2, 2, 1, 1]
     assert "gen2_" in synvita.triplets.twins(kept[6])[0][0] and synvita.triplets.twins(kept[6])[0][1] == 0.6  # b's only
     assert [(s["file"], s["line"], s["reason"]) for s in skipped] == [
-        (b_csv, 3, synvita.triplets.NO_TWIN + "weight is missing or not a number")]
+        (b_csv, 3, synvita.triplets.NO_TWIN + "weight is missing")]
     with pytest.raises(ValueError, match="--train_csv: give one CSV, or one per generator"):
         synvita.triplets.load_triplets(train.Args(train_csv=[], video_root=toy[1]))
 

@@ -220,7 +220,7 @@ def test_01_generates_from_it(tiny_folder):
 
 
 def test_memory_savers_keep_the_frames(tiny_folder):
-    """vae.enable_slicing / enable_tiling (01's --vae_slicing, --vae_tiling) run; at this size no tile
+    """vae.enable_slicing / enable_tiling (01 always slices; --vae_tiling) run; at this size no tile
     is cut, and a batch decoded one video at a time gives the same frames."""
     pipe = load(tiny_folder)
     call = dict(prompt=["A dog runs.", "A cat sleeps."], num_inference_steps=2, **SIZE)

@@ -329,11 +329,15 @@ def test_duplicate_and_empty_rows_are_named_and_not_weighted(tmp_path, capsys):
     assert json.loads((tmp_path / "weighted.json").read_text())["bad_rows_skipped"] == 2
 
 
-def test_a_non_finite_weight_stops_the_run(tmp_path, monkeypatch):
-    monkeypatch.setitem(WEIGHTINGS, "log_ratio", lambda ft, fr: np.log(ft - fr))  # a student's slip: log(<0)
-    message = r"non-finite weight for \['videos/1.mp4', 'videos/2.mp4'\]"
-    with np.errstate(all="ignore"), pytest.raises(ValueError, match=message):
-        hand_made_run(str(tmp_path), "log_ratio")
+@pytest.mark.parametrize("name, phi, message", [
+    ("log_ratio", lambda ft, fr: np.log(ft - fr), "phi = -1.05 for videos/0.mp4 (3 row(s))"),  # log(<1), log(<0)
+    ("raw_difference", lambda ft, fr: ft - fr, "phi = -0.35 for videos/1.mp4 (1 row(s))")])  # Eq. 4 without max(0, .)
+def test_a_weight_outside_0_1_stops_the_run(name, phi, message, tmp_path, monkeypatch):
+    """A student's WEIGHTINGS entry that gives a phi outside [0, 1] (or nan) is named here, in 02, in
+    one line: 03 refuses such a weight (issue 37), so 02 never writes one."""
+    monkeypatch.setitem(WEIGHTINGS, name, phi)
+    with np.errstate(all="ignore"), pytest.raises(common.UserError, match=re.escape(f"--weighting {name}: {message}")):
+        hand_made_run(str(tmp_path), name)
     assert not (tmp_path / "weighted.csv").exists()
 
 
@@ -452,7 +456,7 @@ def test_fig2_only_bad_input_names_the_file(tmp_path):
         weight.main(weight.Args(fig2_only=[good, bad], out_csv=str(tmp_path / "all.csv")))
     with pytest.raises(ValueError, match="needs --out_csv"):
         weight.main(weight.Args(fig2_only=[good]))
-    with pytest.raises(ValueError, match="would be overwritten"):  # a run's own figure and JSON
+    with pytest.raises(ValueError, match="is --fig2_only .a run's .json.*never replaces"):  # a run's own JSON
         weight.main(weight.Args(fig2_only=[good], out_csv=good))
     disk.write_csv(bad, [scored_row("flip", "", "")])
     with pytest.raises(ValueError, match="no row has scores"):
@@ -470,6 +474,61 @@ def test_fig2_only_from_the_command_line(tmp_path):
     assert summary["fig2"]["flip"] == {"n": 3, "mean": pytest.approx(0.1 - 0.5),
                                        "std": pytest.approx(np.std([0, .1, .2]))}
     assert (tmp_path / "all" / "weighted_fig2.png").exists() and not (tmp_path / "all" / "weighted.csv").exists()
+
+
+# ---- issue 37: no output is an input, however named; each run once; an older weighted.csv as input ----
+def test_out_csv_naming_generated_csv_is_refused_before_any_work(llava_dir, tmp_path):
+    """Issue 37 item 1: --out_csv naming --generated_csv (here as ./generated.csv) replaced 01's CSV and then
+    refused its own rerun (a cache made from another CSV). Now one line, nothing written, the same on a rerun."""
+    generated = make_generated(str(tmp_path), n=1)
+    before = open(generated, "rb").read()
+    for _ in range(2):
+        done = tiny.run_main("02_weight.py", "--generated_csv", generated, "--models", llava_dir,
+                             "--out_csv", "./generated.csv", cwd=tmp_path)
+        tiny.assert_user_error(done, f"--out_csv ./generated.csv is --generated_csv {generated}", "pass another --out_csv")
+    assert open(generated, "rb").read() == before and not (tmp_path / "generated_cache").exists()
+
+
+def test_fig2_only_never_writes_over_a_runs_own_json_through_a_symlink(tmp_path):
+    """Issue 37 item 1: the pooled weighted.json went over run a's own when --out_csv's folder, or the
+    --fig2_only file, was a symlink (the guard compared abspath, not the real path)."""
+    run_a = tmp_path / "a"
+    disk.write_csv(str(run_a / "weighted.csv"), [scored_row("flip", 0.2, 0.5)])
+    (run_a / "weighted.json").write_text('{"run": "a"}')
+    os.symlink(run_a, tmp_path / "link")  # the run's folder
+    os.symlink(run_a / "weighted.csv", tmp_path / "link.csv")  # the run's CSV
+    for given, out in ((run_a / "weighted.csv", tmp_path / "link" / "weighted.csv"),
+                       (tmp_path / "link.csv", run_a / "weighted.csv")):
+        done = tiny.run_main("02_weight.py", "--fig2_only", given, "--out_csv", out)
+        tiny.assert_user_error(done, f"--out_csv (.json) {os.path.splitext(out)[0]}.json is --fig2_only (a run's .json)")
+    assert (run_a / "weighted.json").read_text() == '{"run": "a"}' and not (run_a / "weighted_fig2.png").exists()
+
+
+def test_fig2_only_refuses_the_same_run_twice(tmp_path):
+    """Issue 37 item 2: the same weighted.csv given twice counted each of its rows twice in Fig. 2."""
+    disk.write_csv(str(tmp_path / "a" / "weighted.csv"), [scored_row("flip", 0.2, 0.5)])
+    os.symlink(tmp_path / "a" / "weighted.csv", tmp_path / "link.csv")
+    for twice in (["a/weighted.csv", "./a/weighted.csv"], ["a/weighted.csv", "link.csv"]):
+        done = tiny.run_main("02_weight.py", "--fig2_only", *twice, "--out_csv", "all/weighted.csv", cwd=tmp_path)
+        tiny.assert_user_error(done, f"--fig2_only {twice[0]} and {twice[1]} are the same file", "count twice")
+    assert not (tmp_path / "all").exists()
+
+
+def test_an_older_weighted_csv_is_weighed_afresh(llava_dir, tmp_path):
+    """Issue 37 item 3: 02 on its own older weighted.csv (another --weighting), one V^s now undecodable: its
+    stale scores made the row look scored (a traceback on the weighting). 02's columns are dropped, so
+    every row is as a fresh run on generated.csv gives it: the bad row without a weight, once per column."""
+    generated = make_generated(str(tmp_path), n=3)
+    older = run(generated, [llava_dir])  # weighted.csv: every row scored, by the default weighting
+    (tmp_path / "videos" / "1.mp4").write_bytes(b"not an mp4 any more")
+    fresh = read(run(generated, [llava_dir], out_csv=str(tmp_path / "fresh.csv"), weighting="difference"))
+    done = tiny.run_main("02_weight.py", "--generated_csv", older, "--models", llava_dir,
+                         "--out_csv", tmp_path / "again.csv", "--weighting", "difference")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{older}: already has 02's output columns" in done.stdout
+    again = read(str(tmp_path / "again.csv"))
+    assert list(again[0]) == list(fresh[0]) and again == fresh  # every cell, the scored rows' numbers too
+    assert again[1]["weight"] == again[1]["score_syn_target"] == "" and again[0]["weight"] != ""
 
 
 # ---- resume and torchrun ----------------------------------------------------------------------------
@@ -538,8 +597,9 @@ def test_every_member_is_found_before_any_is_loaded_or_any_video_read(llava_dir,
     with pytest.raises(common.UserError, match=rf"--models {tmp_path}/gone-1: no such folder.*; --models "
                                                rf"{towerless}: its mm_vision_tower .*; --models {tmp_path}/gone-2: no such"):
         run(generated, [str(tmp_path / "gone-1"), llava_dir, str(towerless), str(tmp_path / "gone-2")])
-    with pytest.raises(common.UserError, match="--num_frames 0, --pairs_per_forward 8: each at least 1"):
-        run(generated, [llava_dir], num_frames=0)
+    # issue 37: the flags' numbers are runs.check_numbers' (its Args.POSITIVE), from the command line
+    done = tiny.run_main("02_weight.py", "--generated_csv", generated, "--models", llava_dir, "--num_frames", "0")
+    tiny.assert_user_error(done, "--num_frames 0: give a number >= 1")
     assert sorted(os.listdir(tmp_path)) == sorted(before + ["clip-flant5-elsewhere"])  # no cache, no settings record
 
 
