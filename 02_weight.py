@@ -141,8 +141,8 @@ def weigh(rows, keys, names, caches, weighting):
     # a phi that returns a scalar (a constant) gives that weight to every row
     weights = np.broadcast_to(np.asarray(weights, dtype=float), (len(scored),))
     if bad := [(r["syn_video"], w) for r, w in zip(scored, weights) if not 0 <= w <= 1]:  # nan too: 03 refuses them
-        raise runs.UserError(f"--weighting {weighting}: phi = {bad[0][1]:.3g} for {bad[0][0]} ({len(bad)} row(s)); Eq. (5) "
-                        f"weighs L_syn by a phi in [0, 1]: clip it in common.WEIGHTINGS")
+        raise runs.UserError(f"--weighting {weighting}: phi = {bad[0][1]:.3g} for {bad[0][0]} ({len(bad)} row(s)); "
+                             f"Eq. (5) weighs L_syn by a phi in [0, 1]: clip it in common.WEIGHTINGS")
     for r, w in zip(scored, weights):
         r["weight"] = float(w)  # w in Eq. (5)'s weighted L_syn (03_train.py)
     return out, skipped
@@ -202,7 +202,7 @@ def main(args):
     # ---- the flags, the members and the input, all checked before anything is read or written ----
     names, out_csv = score_cache.check_flags(args)  # members' columns; no output is an input, however named
     found = clip_t5.find_members(args.models)  # every member found (seconds) before any loads, all missing named
-    # one row per V^s (syn_video), with t^s (neg_caption) and t^r (caption); an older 02 output's scores dropped
+    # one row per V^s (syn_video), with t^s and t^r; --split's only (never 04's); an older 02 output's scores dropped
     rows = disk.read_csv(args.generated_csv, required=REQUIRED, texts=("caption", "neg_caption", "syn_video"))
     rows = score_cache.without_old_scores(disk.keep_split(rows, args.split, args.generated_csv), args.generated_csv)
     root = os.path.dirname(os.path.abspath(args.generated_csv))  # syn_video is relative to the CSV's folder
